@@ -1,0 +1,242 @@
+"""Oracles for train/heads.py: pytorch-metric-learning's ArcFaceLoss (float64), independent
+formulas for each branch, a brute-force sub-center loop, the dynamic-margin formula."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from train.heads import ArcMarginHead, MultiHeadLoss, class_counts, dynamic_margins
+
+pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+from pytorch_metric_learning.reducers import MeanReducer  # noqa: E402
+
+D, C = 8, 6
+
+
+def _pml_loss_and_logits(
+    weight: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor, m_rad: float, s: float
+):
+    """PML ArcFaceLoss (margin in DEGREES) with our weight; returns (loss, the logits it fed to CE)."""
+    loss_fn = pml_losses.ArcFaceLoss(C, D, margin=math.degrees(m_rad), scale=s, reducer=MeanReducer())
+    loss_fn.W.data = weight.detach().t().clone().to(torch.float64)  # PML stores W as [D, C]
+    seen = {}
+    loss_fn.cross_entropy.register_forward_hook(lambda _mod, inputs, _out: seen.update(logits=inputs[0]))
+    return loss_fn, loss_fn(emb, labels), seen
+
+
+def _head(m=0.5, s=30.0, k=1, n=C, seed=0, **kw) -> ArcMarginHead:
+    torch.manual_seed(seed)
+    return ArcMarginHead(D, n, k=k, s=s, m=m, **kw).double()
+
+
+def _embeddings_hitting_both_branches(head: ArcMarginHead, labels: torch.Tensor) -> torch.Tensor:
+    """Rows alternate between near the target centre (theta small) and near its antipode
+    (theta > pi - m), so both sides of the fallback are exercised."""
+    torch.manual_seed(1)
+    w = F.normalize(head.weight.detach(), dim=1)[labels]
+    sign = torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in range(len(labels))], dtype=torch.float64)
+    return sign[:, None] * w * 3.0 + 0.05 * torch.randn(len(labels), D, dtype=torch.float64)
+
+
+def test_logits_loss_and_grads_equal_pml_float64_both_branches():
+    m, s = 0.5, 30.0
+    head = _head(m=m, s=s)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 0, 3])
+    emb = _embeddings_hitting_both_branches(head, labels).requires_grad_(True)
+    cos_t = F.cosine_similarity(emb.detach(), head.weight.detach()[labels], dim=1)
+    theta = torch.acos(cos_t)
+    assert (theta > math.pi - m).sum() >= 3 and (theta < math.pi - m).sum() >= 3  # both branches hit
+
+    loss_fn, pml_loss, seen = _pml_loss_and_logits(head.weight, emb, labels, m, s)
+    logits = head(emb, labels)
+    ours = F.cross_entropy(logits, labels)
+    torch.testing.assert_close(logits, seen["logits"], rtol=0, atol=1e-10)
+    torch.testing.assert_close(ours, pml_loss, rtol=0, atol=1e-12)
+
+    g_emb, g_w = torch.autograd.grad(ours, [emb, head.weight])
+    p_emb, p_w = torch.autograd.grad(pml_loss, [emb, loss_fn.W])
+    torch.testing.assert_close(g_emb, p_emb, rtol=0, atol=1e-10)
+    torch.testing.assert_close(g_w, p_w.t(), rtol=0, atol=1e-10)
+
+
+def test_each_branch_against_independent_formula():
+    """theta <= pi - m: s*cos(theta + m) (via acos); theta > pi - m: s*(cos(theta) - m*sin(m))."""
+    m, s = 0.7, 16.0
+    head = _head(m=m, s=s)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    emb = _embeddings_hitting_both_branches(head, labels)
+    logits = head(emb, labels)
+    cos = F.normalize(emb, dim=1) @ F.normalize(head.weight.detach(), dim=1).t()
+    for i, y in enumerate(labels.tolist()):
+        theta = math.acos(cos[i, y].item())
+        want = math.cos(theta + m) if theta <= math.pi - m else math.cos(theta) - m * math.sin(m)
+        assert logits[i, y].item() == pytest.approx(s * want, abs=1e-9)
+        others = [j for j in range(C) if j != y]
+        torch.testing.assert_close(logits[i, others], s * cos[i, others])
+    # the margin (either branch) always lowers the target logit
+    target, plain = logits.gather(1, labels[:, None]), s * cos.gather(1, labels[:, None])
+    assert (target < plain).all()
+
+
+def test_easy_margin_formula():
+    m, s = 0.5, 10.0
+    head = _head(m=m, s=s, easy_margin=True)
+    labels = torch.tensor([0, 1, 2, 3])
+    emb = _embeddings_hitting_both_branches(head, labels)
+    logits = head(emb, labels)
+    cos = F.normalize(emb, dim=1) @ F.normalize(head.weight.detach(), dim=1).t()
+    for i, y in enumerate(labels.tolist()):
+        c = cos[i, y].item()
+        want = math.cos(math.acos(c) + m) if c > 0 else c
+        assert logits[i, y].item() == pytest.approx(s * want, abs=1e-9)
+
+
+def test_inference_logits_are_scaled_cosine_without_margin():
+    head = _head(s=20.0)
+    emb = torch.randn(5, D, dtype=torch.float64)
+    cos = F.normalize(emb, dim=1) @ F.normalize(head.weight.detach(), dim=1).t()
+    torch.testing.assert_close(head(emb), 20.0 * cos)
+    torch.testing.assert_close(head.cosine(emb), cos)
+
+
+def test_per_class_margins_match_pml_run_per_margin():
+    """Per-class margins: each row's target logit equals PML's with that row's class margin."""
+    counts = np.array([1, 2, 3, 5, 40, 1000])
+    margins = dynamic_margins(counts)
+    head = _head(m=margins, s=30.0)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 5, 0])
+    emb = _embeddings_hitting_both_branches(head, labels)
+    logits = head(emb, labels)
+    for c in range(C):
+        rows = (labels == c).nonzero().reshape(-1)
+        _, _, seen = _pml_loss_and_logits(head.weight, emb[rows], labels[rows], margins[c].item(), 30.0)
+        torch.testing.assert_close(logits[rows], seen["logits"], rtol=0, atol=1e-10)
+
+
+def test_dynamic_margins_formula_and_errors():
+    counts = [1, 2, 10, 1000]
+    got = dynamic_margins(counts)
+    want = [0.27126 * n**-0.3644 + 0.05 for n in counts]
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-15)
+    assert got[0].item() == pytest.approx(0.32126)  # n = 1: a + c
+    assert (got.diff() < 0).all()  # rarer classes get larger margins
+    np.testing.assert_allclose(dynamic_margins(counts, a=1.0, b=1.0, c=0.0).numpy(), counts)
+    with pytest.raises(ValueError, match="classes \\[1\\]"):
+        dynamic_margins([3, 0, 2])
+    assert class_counts([0, 2, 2, 1, 2], 4).tolist() == [1, 1, 3, 0]
+
+
+def test_subcenter_k1_equals_arcface_and_k_max_matches_brute_force():
+    m, s, k = 0.4, 25.0, 3
+    plain = _head(m=m, s=s, k=1)
+    sub1 = _head(m=m, s=s, k=1, seed=5)
+    sub1.weight.data.copy_(plain.weight.data)
+    labels = torch.tensor([0, 3, 5, 1])
+    emb = torch.randn(4, D, dtype=torch.float64)
+    torch.testing.assert_close(sub1(emb, labels), plain(emb, labels), rtol=0, atol=0)
+
+    sub = _head(m=m, s=s, k=k, seed=3)
+    w = sub.weight.detach()
+    got_cos = sub.cosine(emb)
+    for i in range(len(emb)):
+        for c in range(C):
+            best = max(F.cosine_similarity(emb[i], w[c * k + j], dim=0).item() for j in range(k))
+            assert got_cos[i, c].item() == pytest.approx(best, abs=1e-12)
+    # training logits: the margin applies to the best sub-centre's angle
+    logits = sub(emb, labels)
+    for i, y in enumerate(labels.tolist()):
+        theta = math.acos(got_cos[i, y].item())
+        want = math.cos(theta + m) if theta <= math.pi - m else math.cos(theta) - m * math.sin(m)
+        assert logits[i, y].item() == pytest.approx(s * want, abs=1e-9)
+
+
+def test_class_centres_and_sub_centres():
+    head = _head(k=2)
+    centres, subs = head.class_centres(), head.sub_centres()
+    assert centres.shape == (C, D) and subs.shape == (C, 2, D) and centres.dtype == torch.float32
+    w = F.normalize(head.weight.detach(), dim=1).float()
+    torch.testing.assert_close(subs[2, 1], w[5])  # class 2, sub-centre 1 = row 2*k + 1
+    torch.testing.assert_close(centres[4], F.normalize(w[8] + w[9], dim=0))
+    torch.testing.assert_close(centres.norm(dim=1), torch.ones(C))
+
+
+def test_autocast_bf16_returns_float32_and_matches_fp32():
+    torch.manual_seed(0)
+    head = ArcMarginHead(D, C, k=2, s=30.0, m=dynamic_margins([1, 2, 3, 4, 5, 6]).numpy())
+    emb = torch.randn(4, D)
+    labels = torch.tensor([0, 1, 2, 3])
+    ref = head(emb, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = torch.nn.Linear(D, D).to(emb)(emb)  # a bf16 neck output under autocast
+        assert x.dtype == torch.bfloat16
+        out = head(x, labels)
+        out_same = head(emb, labels)
+        loss, _ = MultiHeadLoss()(out, labels)
+    assert out.dtype == torch.float32 and loss.dtype == torch.float32
+    torch.testing.assert_close(out_same, ref)  # no bf16 rounding inside the head
+    loss.backward()
+    assert head.weight.grad is not None and torch.isfinite(head.weight.grad).all()
+
+
+def test_single_class_and_extreme_cosines_stay_finite():
+    head = ArcMarginHead(D, 1, s=30.0, m=0.5)
+    emb = torch.cat([head.weight.detach(), -head.weight.detach(), torch.randn(2, D)]).requires_grad_(True)
+    labels = torch.zeros(4, dtype=torch.long)
+    logits = head(emb, labels)
+    assert logits.shape == (4, 1)
+    loss, _ = MultiHeadLoss()(logits, labels)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)  # one class: CE is zero
+    (logits.sum()).backward()  # cos = +-1 exactly: clamping keeps the sqrt gradient finite
+    assert torch.isfinite(emb.grad).all() and torch.isfinite(head.weight.grad).all()
+
+
+def test_multihead_loss_weights_species_and_smoothing():
+    torch.manual_seed(0)
+    id_logits, sp_logits = torch.randn(5, 7), torch.randn(5, 3)
+    ids, sps = torch.tensor([0, 1, 2, 3, 6]), torch.tensor([0, 2, -100, 1, 1])
+    loss, parts = MultiHeadLoss(species_weight=0.3, label_smoothing=0.1)(id_logits, ids, sp_logits, sps)
+
+    def smoothed_ce(z, y, eps):  # independent formula: (1-eps)*nll + eps*mean(-log p)
+        logp = torch.log_softmax(z, dim=1)
+        keep = y != -100
+        logp, y = logp[keep], y[keep]
+        per = (1 - eps) * -logp.gather(1, y[:, None]).squeeze(1) + eps * -logp.mean(dim=1)
+        return per.mean()
+
+    want_id, want_sp = smoothed_ce(id_logits, ids, 0.1), smoothed_ce(sp_logits, sps, 0.1)
+    torch.testing.assert_close(parts["loss_id"], want_id)
+    torch.testing.assert_close(parts["loss_species"], want_sp)
+    torch.testing.assert_close(loss, want_id + 0.3 * want_sp)
+    only_id, parts = MultiHeadLoss(species_weight=0.0)(id_logits, ids, sp_logits, sps)
+    assert "loss_species" not in parts and only_id.item() == pytest.approx(
+        F.cross_entropy(id_logits, ids).item()
+    )
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="degrees"):
+        ArcMarginHead(D, C, m=28.6)
+    with pytest.raises(ValueError, match="margins"):
+        ArcMarginHead(D, C, m=[0.1, 0.2])
+    with pytest.raises(ValueError):
+        ArcMarginHead(D, 0)
+
+
+def test_state_dict_roundtrip_keeps_margins_and_init_from_embeddings():
+    head = ArcMarginHead(D, C, k=2, m=dynamic_margins([1, 1, 2, 3, 5, 8]))
+    other = ArcMarginHead(D, C, k=2, m=0.5)
+    other.load_state_dict(head.state_dict())
+    torch.testing.assert_close(other.margins, head.margins)
+    torch.manual_seed(0)
+    emb, labels = torch.randn(10, D), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    before5 = head.weight.detach()[10:12].clone()
+    assert head.init_from_embeddings(emb, labels) == 5
+    mean0 = F.normalize(F.normalize(emb[:2], dim=1).sum(0), dim=0)
+    assert F.cosine_similarity(head.class_centres()[0], mean0, dim=0).item() > 0.999
+    torch.testing.assert_close(head.weight.detach()[10:12], before5)  # class 5 unseen: untouched
