@@ -1,0 +1,287 @@
+"""The competition data contract: ``train.csv``, test listings, box tables and truth files.
+
+Every reader here checks its input and reports *all* problems at once in one
+:class:`~whalesub.errors.DataError` (missing or misspelt columns with the closest expected
+name, duplicate images, empty ids, files missing on disk...), naming the file and the CSV
+line a person sees in an editor (the header is line 1, the first data row line 2).
+
+Robustness a Kaggler expects: UTF-8 with or without a byte-order mark (other encodings fall
+back to Latin-1 with a warning), surrounding whitespace stripped from names and values, blank
+lines ignored, extra columns ignored, ids always read as strings (``"007"`` stays ``"007"``),
+and the usual spellings of a missing value (``""``, ``NaN``, ``None``, ``NULL``...) treated as
+missing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from whalesub.errors import DataError, first_few
+
+log = logging.getLogger(__name__)
+
+NEW_INDIVIDUAL = "new_individual"
+#: The four known typos in Happywhale's ``train.csv`` species column (30 raw strings -> 26 species).
+SPECIES_FIXES: dict[str, str] = {
+    "bottlenose_dolpin": "bottlenose_dolphin",
+    "kiler_whale": "killer_whale",
+    "globis": "short_finned_pilot_whale",
+    "pilot_whale": "short_finned_pilot_whale",
+}
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+#: Spellings of a missing value (compared after stripping whitespace, case-insensitively).
+MISSING_VALUES = frozenset({"", "nan", "-nan", "none", "null", "na", "n/a", "#n/a", "<na>"})
+TRAIN_COLUMNS = ("image", "species", "individual_id")
+TRUTH_COLUMNS = ("image", "individual_id")
+BOX_COLUMNS = ("image", "x1", "y1", "x2", "y2")
+
+
+def read_table(path: str | os.PathLike, required: Iterable[str],
+               what: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """Read a CSV as strings and check that the ``required`` columns exist.
+
+    Returns ``(frame, lines)``: every column as stripped ``str`` (missing cells are ``""``),
+    blank lines dropped, and ``lines[i]`` (int64) the file line of row ``i`` (header = line 1).
+    Column names are stripped; a name that differs from a required one only in case is renamed.
+    A missing required column raises :class:`DataError` listing every missing column with the
+    closest existing name.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{what} file not found: {path}. Check the path.")
+    if path.is_dir():
+        raise DataError(f"{what} path {path} is a folder; expected a CSV file.")
+    try:
+        frame = _read_csv_strings(path, encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        log.warning("%s is not valid UTF-8 (%s); reading it as Latin-1. Re-save it as UTF-8.", path, exc)
+        frame = _read_csv_strings(path, encoding="latin-1")
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{what} file {path} is empty; expected a header line with "
+                        f"{', '.join(required)}.") from None
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{what} file {path} is not a well-formed CSV: {exc}") from None
+
+    frame.columns = [str(c).strip() for c in frame.columns]
+    required = list(required)
+    by_lower = {c.lower(): c for c in frame.columns}
+    renames = {by_lower[r.lower()]: r for r in required if r not in frame.columns and r.lower() in by_lower}
+    if renames:
+        log.info("%s: renamed columns %s", path, renames)
+        frame = frame.rename(columns=renames)
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        problems = []
+        for col in missing:
+            others = [c for c in frame.columns if c not in required]
+            close = difflib.get_close_matches(col, others, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}? Rename it to {col!r}" if close else ""
+            problems.append(f"missing column {col!r}{hint}")
+        raise DataError(
+            f"{what} file {path} does not have the expected columns {', '.join(required)} "
+            f"(found: {', '.join(map(repr, frame.columns)) or 'none'}).",
+            problems,
+        )
+
+    lines = np.arange(len(frame), dtype=np.int64) + 2
+    frame = frame.fillna("")
+    for col in frame.columns:
+        frame[col] = frame[col].astype(str).str.strip()
+    blank = (frame == "").all(axis=1).to_numpy()
+    frame, lines = frame.loc[~blank].reset_index(drop=True), lines[~blank]
+    return frame, lines
+
+
+def _read_csv_strings(path: Path, encoding: str) -> pd.DataFrame:
+    # skip_blank_lines=False keeps row i on file line i + 2, so messages can name real lines.
+    return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False,
+                       encoding=encoding, skipinitialspace=True)
+
+
+def is_missing(values: pd.Series) -> np.ndarray:
+    """Boolean mask of cells that spell a missing value (``""``, ``NaN``, ``None``, ``NULL``...)."""
+    return values.str.lower().isin(MISSING_VALUES).to_numpy()
+
+
+def _describe_lines(lines: np.ndarray, n: int = 5) -> str:
+    shown = ", ".join(str(int(x)) for x in lines[:n])
+    more = len(lines) - n
+    return f"line{'s' if len(lines) > 1 else ''} {shown}" + (f" and {more} more" if more > 0 else "")
+
+
+def find_duplicate_images(images: pd.Series, lines: np.ndarray, column: str = "image") -> list[str]:
+    """One problem line summarising repeated values of ``images`` with their file lines (or [])."""
+    seen: dict[str, list[int]] = defaultdict(list)
+    for name, line in zip(images.tolist(), lines.tolist(), strict=True):
+        seen[name].append(line)
+    dups = {k: v for k, v in seen.items() if len(v) > 1 and k != ""}
+    if not dups:
+        return []
+    shown = "; ".join(f"{k!r} on lines {', '.join(map(str, v))}" for k, v in list(dups.items())[:5])
+    more = f" and {len(dups) - 5} more" if len(dups) > 5 else ""
+    return [f"{len(dups)} duplicate {column} value{'s' if len(dups) > 1 else ''} (each must appear once): "
+            f"{shown}{more}"]
+
+
+def find_missing_files(images: Iterable[str], image_dir: str | os.PathLike) -> list[str]:
+    """Names in ``images`` with no file in ``image_dir`` (order kept). One directory scan, not N stats."""
+    image_dir = Path(image_dir)
+    with os.scandir(image_dir) as it:
+        present = {e.name for e in it}
+    return [n for n in images if n and (n not in present if "/" not in n else not (image_dir / n).is_file())]
+
+
+def _check_image_dir(images: Iterable[str], image_dir, path: Path, what: str) -> list[str]:
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        return [f"image folder {image_dir} does not exist or is not a folder; pass the folder holding the "
+                f"images that {path.name} lists"]
+    missing = find_missing_files(images, image_dir)
+    if not missing:
+        return []
+    return [f"{len(missing)} image{'s' if len(missing) > 1 else ''} listed in {what} not found in "
+            f"{image_dir}: {first_few(missing)}"]
+
+
+def _check_empty(frame: pd.DataFrame, lines: np.ndarray, column: str, fix: str) -> list[str]:
+    mask = is_missing(frame[column])
+    if not mask.any():
+        return []
+    return [f"{int(mask.sum())} empty or NaN {column} value{'s' if mask.sum() > 1 else ''} on "
+            f"{_describe_lines(lines[mask])}; {fix}"]
+
+
+def read_train_csv(path: str | os.PathLike, image_dir: str | os.PathLike | None = None, *,
+                   fix_species: bool = True) -> pd.DataFrame:
+    """Read and check a Happywhale ``train.csv``.
+
+    Returns a frame with columns ``image, species, individual_id`` (all ``str``; extra columns
+    are kept after them). With ``fix_species`` the four known species typos are corrected and
+    the fixes logged with counts. With ``image_dir`` every listed image must exist there.
+    Raises :class:`DataError` listing every problem: missing/misspelt columns, duplicate
+    images, empty or NaN ids or image names, ``new_individual`` used as a label, missing files.
+    """
+    path = Path(path)
+    frame, lines = read_table(path, TRAIN_COLUMNS, "train")
+    problems = []
+    problems += _check_empty(frame, lines, "image", "every row needs an image file name")
+    problems += find_duplicate_images(frame["image"], lines)
+    problems += _check_empty(frame, lines, "individual_id", "label these images or drop their rows")
+    is_new = (frame["individual_id"] == NEW_INDIVIDUAL).to_numpy()
+    if is_new.any():
+        problems.append(f"{int(is_new.sum())} row(s) use {NEW_INDIVIDUAL!r} as a train label on "
+                        f"{_describe_lines(lines[is_new])}; it is a prediction, not an animal: give "
+                        "each animal its own id or drop these rows")
+    if image_dir is not None:
+        problems += _check_image_dir(frame["image"][~is_missing(frame["image"])], image_dir, path, "train")
+    if problems:
+        raise DataError(f"train file {path} has {len(problems)} problem(s):", problems)
+
+    empty_species = is_missing(frame["species"])
+    if empty_species.any():
+        log.warning("%s: %d rows have no species (%s)", path, int(empty_species.sum()),
+                    _describe_lines(lines[empty_species]))
+    if fix_species:
+        counts = frame["species"].value_counts()
+        for wrong, right in SPECIES_FIXES.items():
+            if wrong in counts.index:
+                log.info("%s: species %r -> %r in %d rows", path, wrong, right, int(counts[wrong]))
+        frame["species"] = frame["species"].replace(SPECIES_FIXES)
+    rest = [c for c in frame.columns if c not in TRAIN_COLUMNS]
+    return frame[list(TRAIN_COLUMNS) + rest]
+
+
+def read_test_listing(path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> list[str]:
+    """The test image names: a folder of images (sorted) or a CSV with an ``image`` column (file order).
+
+    A folder lists files whose suffix is one of :data:`IMAGE_SUFFIXES` (any case), hidden files
+    skipped. A CSV (for example ``sample_submission.csv``) must have unique, non-empty names;
+    with ``image_dir`` each must exist there.
+    """
+    path = Path(path)
+    if path.is_dir():
+        names = sorted(p.name for p in path.iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        if not names:
+            raise DataError(f"test folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                            "pass the folder of test images or a CSV with an 'image' column.")
+        return names
+    frame, lines = read_table(path, ("image",), "test listing")
+    problems = _check_empty(frame, lines, "image", "every row needs an image file name")
+    problems += find_duplicate_images(frame["image"], lines)
+    if image_dir is not None:
+        named = frame["image"][~is_missing(frame["image"])]
+        problems += _check_image_dir(named, image_dir, path, "test listing")
+    if len(frame) == 0:
+        problems.append("no rows: the listing names no images")
+    if problems:
+        raise DataError(f"test listing {path} has {len(problems)} problem(s):", problems)
+    return frame["image"].tolist()
+
+
+def read_truth(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a truth file ``image,individual_id`` (extra columns dropped; ids as ``str``).
+
+    New animals carry the label ``new_individual``. Raises :class:`DataError` listing missing
+    columns, empty values and duplicate images.
+    """
+    path = Path(path)
+    frame, lines = read_table(path, TRUTH_COLUMNS, "truth")
+    problems = _check_empty(frame, lines, "image", "every row needs an image file name")
+    problems += find_duplicate_images(frame["image"], lines)
+    problems += _check_empty(frame, lines, "individual_id",
+                             f"use {NEW_INDIVIDUAL!r} for animals absent from train")
+    if len(frame) == 0:
+        problems.append("no rows: nothing to score")
+    if problems:
+        raise DataError(f"truth file {path} has {len(problems)} problem(s):", problems)
+    return frame[list(TRUTH_COLUMNS)].reset_index(drop=True)
+
+
+def read_boxes(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a box table ``image,x1,y1,x2,y2[,conf][,box_type]`` (pixels of the original image).
+
+    Coordinates become float64, ``conf`` float64 in [0, 1], ``box_type`` str (e.g. ``"body"``,
+    ``"fin"``). Each (image, box_type) pair may appear once. Raises :class:`DataError` listing
+    every non-numeric or non-finite value, box with ``x2 <= x1`` or ``y2 <= y1``, ``conf``
+    outside [0, 1] and duplicate, each with its line.
+    """
+    path = Path(path)
+    frame, lines = read_table(path, BOX_COLUMNS, "box")
+    problems = _check_empty(frame, lines, "image", "every row needs an image file name")
+    numeric = list(BOX_COLUMNS[1:]) + (["conf"] if "conf" in frame.columns else [])
+    for col in numeric:
+        values = pd.to_numeric(frame[col], errors="coerce")
+        bad = ~np.isfinite(values.to_numpy(dtype=np.float64))
+        if bad.any():
+            examples = ", ".join(f"{frame[col].iloc[i]!r}" for i in np.flatnonzero(bad)[:3])
+            problems.append(f"column {col!r}: {int(bad.sum())} value(s) not a finite number on "
+                            f"{_describe_lines(lines[bad])} (e.g. {examples})")
+        frame[col] = values.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        for lo, hi in (("x1", "x2"), ("y1", "y2")):
+            bad = (frame[hi] <= frame[lo]).to_numpy()
+            if bad.any():
+                problems.append(f"{int(bad.sum())} box(es) with {hi} <= {lo} (empty or flipped) on "
+                                f"{_describe_lines(lines[bad])}; corners are (x1, y1) top-left, "
+                                "(x2, y2) bottom-right")
+        if "conf" in frame.columns:
+            bad = ((frame["conf"] < 0) | (frame["conf"] > 1)).to_numpy()
+            if bad.any():
+                problems.append(f"{int(bad.sum())} conf value(s) outside [0, 1] on "
+                                f"{_describe_lines(lines[bad])}")
+    has_type = "box_type" in frame.columns
+    key = frame["image"] + (" [" + frame["box_type"] + "]" if has_type else "")
+    problems += find_duplicate_images(key, lines, column="image [box_type]" if has_type else "image")
+    if problems:
+        raise DataError(f"box file {path} has {len(problems)} problem(s):", problems)
+    keep = list(BOX_COLUMNS) + [c for c in ("conf", "box_type") if c in frame.columns]
+    return frame[keep].reset_index(drop=True)
