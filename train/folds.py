@@ -31,12 +31,8 @@ import numpy as np
 import pandas as pd
 
 from whalesub.atomic import atomic_open
+from whalesub.data import NEW_INDIVIDUAL
 from whalesub.errors import ConfigError, DataError, first_few
-
-try:
-    from whalesub.data import NEW_INDIVIDUAL
-except ImportError:  # pragma: no cover - whalesub.data not written yet
-    NEW_INDIVIDUAL = "new_individual"
 
 log = logging.getLogger(__name__)
 
