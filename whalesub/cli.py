@@ -42,6 +42,51 @@ def guarded(fn):
 # --- submit / tune (whalesub.rank, whalesub.threshold) -------------------------------------------
 
 # --- score / validate (whalesub.metric, whalesub.submission) ---------------------------------------
+@app.command("score")
+@guarded
+def score_command(
+    submission: Path = typer.Argument(..., help="Submission CSV: image,predictions (5 labels, best first)."),
+    truth: Path = typer.Option(..., "--truth", help="Truth CSV: image,individual_id (new: new_individual)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Score a submission with MAP@5 (Happywhale semantics), overall and for known and new animals.
+
+    Both files must list the same images. --json prints one object with the keys
+    map5, map5_known, map5_new, n, n_known, n_new, new_precision_at1, new_recall_at1, ...
+    (null where a share has no rows).
+    """
+    import json
+
+    from whalesub.metric import format_breakdown
+    from whalesub.submission import score_submission
+
+    result = score_submission(submission, truth)
+    typer.echo(json.dumps(result) if as_json else format_breakdown(result))
+
+
+@app.command("validate")
+@guarded
+def validate_command(
+    submission: Path = typer.Argument(..., help="Submission CSV to check: image,predictions."),
+    sample: Path = typer.Option(..., "--sample", help="sample_submission.csv (or the test image folder)."),
+    train_csv: Path | None = typer.Option(None, "--train-csv", help="train.csv: every label must be one of "
+                                          "its individual_ids or new_individual."),
+) -> None:
+    """Check a submission before uploading it; print OK and counts, or every problem and exit 2.
+
+    Checks:
+    - the header is image,predictions
+    - every test image has exactly one row
+    - each row has 1-5 distinct space-separated labels
+    - with --train-csv, every label is a train individual_id or new_individual
+    """
+    from whalesub.submission import check_submission_file
+
+    s = check_submission_file(submission, sample, train_csv)
+    typer.echo(f"OK: {submission}: {s['n_rows']} rows, {s['n_labels']} distinct labels, "
+               f"{s['n_full']} rows with 5 labels, new_individual first in {s['n_new_at1']} rows "
+               f"({100 * s['new_share_at1']:.1f}%)")
+
 
 # --- synth (whalesub.synth) ------------------------------------------------------------------------
 

@@ -117,7 +117,8 @@ def _describe_lines(lines: np.ndarray, n: int = 5) -> str:
     return f"line{'s' if len(lines) > 1 else ''} {shown}" + (f" and {more} more" if more > 0 else "")
 
 
-def find_duplicate_images(images: pd.Series, lines: np.ndarray, column: str = "image") -> list[str]:
+def find_duplicate_images(images: pd.Series, lines: np.ndarray, column: str = "image",
+                          unit: str = "lines") -> list[str]:
     """One problem line summarising repeated values of ``images`` with their file lines (or [])."""
     seen: dict[str, list[int]] = defaultdict(list)
     for name, line in zip(images.tolist(), lines.tolist(), strict=True):
@@ -125,7 +126,7 @@ def find_duplicate_images(images: pd.Series, lines: np.ndarray, column: str = "i
     dups = {k: v for k, v in seen.items() if len(v) > 1 and k != ""}
     if not dups:
         return []
-    shown = "; ".join(f"{k!r} on lines {', '.join(map(str, v))}" for k, v in list(dups.items())[:5])
+    shown = "; ".join(f"{k!r} on {unit} {', '.join(map(str, v))}" for k, v in list(dups.items())[:5])
     more = f" and {len(dups) - 5} more" if len(dups) > 5 else ""
     return [f"{len(dups)} duplicate {column} value{'s' if len(dups) > 1 else ''} (each must appear once): "
             f"{shown}{more}"]
