@@ -166,22 +166,36 @@ def test_class_centres_and_sub_centres():
     torch.testing.assert_close(centres.norm(dim=1), torch.ones(C))
 
 
-def test_autocast_bf16_returns_float32_and_matches_fp32():
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_returns_float32_and_matches_fp32(amp_dtype):
     torch.manual_seed(0)
     head = ArcMarginHead(D, C, k=2, s=30.0, m=dynamic_margins([1, 2, 3, 4, 5, 6]).numpy())
     emb = torch.randn(4, D)
     labels = torch.tensor([0, 1, 2, 3])
     ref = head(emb, labels)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        x = torch.nn.Linear(D, D).to(emb)(emb)  # a bf16 neck output under autocast
-        assert x.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=amp_dtype):
+        x = torch.nn.Linear(D, D).to(emb)(emb)  # a low-precision neck output under autocast
+        assert x.dtype == amp_dtype
         out = head(x, labels)
         out_same = head(emb, labels)
         loss, _ = MultiHeadLoss()(out, labels)
     assert out.dtype == torch.float32 and loss.dtype == torch.float32
-    torch.testing.assert_close(out_same, ref)  # no bf16 rounding inside the head
+    torch.testing.assert_close(out_same, ref)  # no low-precision rounding inside the head
     loss.backward()
     assert head.weight.grad is not None and torch.isfinite(head.weight.grad).all()
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_autocast_matches_cpu():
+    torch.manual_seed(0)
+    head = ArcMarginHead(D, C, k=2, s=64.0, m=dynamic_margins([1, 2, 3, 4, 5, 6]))
+    emb, labels = torch.randn(16, D), torch.randint(0, C, (16,))
+    ref = head(emb, labels)
+    gpu = head.to("cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = gpu(emb.to("cuda").half(), labels.to("cuda"))
+    assert out.dtype == torch.float32 and out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=64 * 2e-3)  # fp16 input rounding only
 
 
 def test_single_class_and_extreme_cosines_stay_finite():
