@@ -214,7 +214,9 @@ def test_multihead_loss_weights_species_and_smoothing():
     torch.manual_seed(0)
     id_logits, sp_logits = torch.randn(5, 7), torch.randn(5, 3)
     ids, sps = torch.tensor([0, 1, 2, 3, 6]), torch.tensor([0, 2, -100, 1, 1])
-    loss, parts = MultiHeadLoss(species_weight=0.3, label_smoothing=0.1)(id_logits, ids, sp_logits, sps)
+    loss, parts = MultiHeadLoss(species_weight=0.3, label_smoothing=0.1, id_weight=0.7)(
+        id_logits, ids, sp_logits, sps
+    )
 
     def smoothed_ce(z, y, eps):  # independent formula: (1-eps)*nll + eps*mean(-log p)
         logp = torch.log_softmax(z, dim=1)
@@ -226,7 +228,7 @@ def test_multihead_loss_weights_species_and_smoothing():
     want_id, want_sp = smoothed_ce(id_logits, ids, 0.1), smoothed_ce(sp_logits, sps, 0.1)
     torch.testing.assert_close(parts["loss_id"], want_id)
     torch.testing.assert_close(parts["loss_species"], want_sp)
-    torch.testing.assert_close(loss, want_id + 0.3 * want_sp)
+    torch.testing.assert_close(loss, 0.7 * want_id + 0.3 * want_sp)
     only_id, parts = MultiHeadLoss(species_weight=0.0)(id_logits, ids, sp_logits, sps)
     assert "loss_species" not in parts and only_id.item() == pytest.approx(
         F.cross_entropy(id_logits, ids).item()
