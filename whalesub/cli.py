@@ -89,6 +89,46 @@ def validate_command(
 
 
 # --- synth (whalesub.synth) ------------------------------------------------------------------------
+@app.command("synth")
+@guarded
+def synth_command(
+    out: Path = typer.Option(..., "--out", help="Folder to create (must be empty unless --overwrite)."),
+    seed: int = typer.Option(0, help="Random seed; the same seed gives byte-identical files."),
+    individuals: int = typer.Option(120, "--individuals", help="Animals in the train catalogue."),
+    species: int = typer.Option(4, "--species", help="Number of species (1-8)."),
+    image_size: str = typer.Option(
+        "small", "--image-size", help="Frame W,H in px or preset: small (256x170), medium, large (3200x2133)."
+    ),
+    large: bool = typer.Option(False, "--large", help="Render every frame at --large-size (a small animal)."),
+    n_large: int = typer.Option(0, "--n-large", help="Render this many random frames at --large-size."),
+    large_size: str = typer.Option("large", "--large-size", help="Size of the large frames (W,H or preset)."),
+    test_images: int | None = typer.Option(None, "--test-images", help="Test images [default: 35% of train]"),
+    new_share: float = typer.Option(0.2, "--new-share", help="Share of test images showing unseen animals."),
+    singleton_share: float = typer.Option(0.55, "--singleton-share", help="Share of animals with one photo."),
+    max_images: int = typer.Option(20, "--max-images", help="Photos of the most photographed animal."),
+    nuisance: float = typer.Option(1.0, "--nuisance", help="Scale of pose/light/background variation (0-3)."),
+    mirror_share: float = typer.Option(0.0, "--mirror-share", help="Share of mirrored sightings."),
+    typo_share: float = typer.Option(
+        0.0, "--typo-share", help="Share of train rows with a competition species typo (e.g. kiler_whale)."
+    ),
+    workers: int = typer.Option(1, "--workers", help="Parallel rendering processes (same output)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous synthetic set in --out."),
+) -> None:
+    """Write a synthetic Happywhale-format data set of marked animals (images, train.csv, truth, boxes)."""
+    import json
+
+    from whalesub.synth import make_dataset, parse_image_size
+
+    size = parse_image_size(large_size, "--large-size") if large else parse_image_size(image_size)
+    stats = make_dataset(
+        out, seed=seed, n_individuals=individuals, n_species=species, image_size=size, n_test=test_images,
+        new_share=new_share, singleton_share=singleton_share, max_images=max_images, n_large=n_large,
+        large_size=large_size, nuisance=nuisance, mirror_share=mirror_share, typo_share=typo_share,
+        workers=workers, overwrite=overwrite,
+    )
+    keys = ("train_images", "train_individuals", "singleton_share", "test_images", "test_new_frac")
+    typer.echo(f"wrote {out}: " + json.dumps({k: stats[k] for k in keys}))
+
 
 # --- export / embed (whalesub.export, whalesub.embed) ----------------------------------------------
 
