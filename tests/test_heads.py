@@ -121,7 +121,7 @@ def test_per_class_margins_match_pml_run_per_margin():
 def test_dynamic_margins_formula_and_errors():
     counts = [1, 2, 10, 1000]
     got = dynamic_margins(counts)
-    want = [0.27126 * n**-0.3644 + 0.05 for n in counts]
+    want = [0.27126 * n**-0.364399 + 0.05 for n in counts]  # 1st-place Happywhale config
     assert got.dtype == torch.float64
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-15)
     assert got[0].item() == pytest.approx(0.32126)  # n = 1: a + c
