@@ -275,7 +275,8 @@ def read_boxes(path: str | os.PathLike) -> pd.DataFrame:
                                 f"{_describe_lines(lines[bad])}; corners are (x1, y1) top-left, "
                                 "(x2, y2) bottom-right")
         if "conf" in frame.columns:
-            bad = ((frame["conf"] < 0) | (frame["conf"] > 1)).to_numpy()
+            conf = frame["conf"].to_numpy()
+            bad = np.isfinite(conf) & ((conf < 0) | (conf > 1))  # non-finite ones are reported above
             if bad.any():
                 problems.append(f"{int(bad.sum())} conf value(s) outside [0, 1] on "
                                 f"{_describe_lines(lines[bad])}")
