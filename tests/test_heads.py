@@ -256,3 +256,36 @@ def test_state_dict_roundtrip_keeps_margins_and_init_from_embeddings():
     mean0 = F.normalize(F.normalize(emb[:2], dim=1).sum(0), dim=0)
     assert F.cosine_similarity(head.class_centres()[0], mean0, dim=0).item() > 0.999
     torch.testing.assert_close(head.weight.detach()[10:12], before5)  # class 5 unseen: untouched
+
+
+def test_subcenter_logits_loss_and_grads_equal_pml_subcenter_arcface():
+    m, s, k = 0.45, 20.0, 3
+    head = _head(m=m, s=s, k=k, seed=4)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 1, 4])
+    torch.manual_seed(2)
+    base = torch.randn(C, 1, D, dtype=torch.float64)  # sub-centres of a class close together, so an
+    head.weight.data = (base + 0.1 * torch.randn(C, k, D, dtype=torch.float64)).reshape(C * k, D)
+    rows = labels * k + torch.randint(0, k, (len(labels),))  # antipode is beyond pi - m from all
+    sign = torch.tensor([1.0, -1.0] * 4, dtype=torch.float64)[:, None]
+    emb = sign * F.normalize(head.weight.detach()[rows], dim=1) * 2 + 0.05 * torch.randn(
+        8, D, dtype=torch.float64
+    )
+    emb.requires_grad_(True)
+    theta = torch.acos(head.cosine(emb.detach()).gather(1, labels[:, None]))
+    assert (theta > math.pi - m).any() and (theta < math.pi - m).any()
+
+    pml = pml_losses.SubCenterArcFaceLoss(
+        num_classes=C, embedding_size=D, margin=math.degrees(m), scale=s, sub_centers=k, reducer=MeanReducer()
+    )
+    pml.W.data = head.weight.detach().t().clone()
+    seen = {}
+    pml.cross_entropy.register_forward_hook(lambda _mod, inputs, _out: seen.update(logits=inputs[0]))
+    pml_loss = pml(emb, labels)
+    logits = head(emb, labels)
+    ours = F.cross_entropy(logits, labels)
+    torch.testing.assert_close(logits, seen["logits"], rtol=0, atol=1e-10)
+    torch.testing.assert_close(ours, pml_loss, rtol=0, atol=1e-12)
+    g_emb, g_w = torch.autograd.grad(ours, [emb, head.weight])
+    p_emb, p_w = torch.autograd.grad(pml_loss, [emb, pml.W])
+    torch.testing.assert_close(g_emb, p_emb, rtol=0, atol=1e-10)
+    torch.testing.assert_close(g_w, p_w.t(), rtol=0, atol=1e-10)
