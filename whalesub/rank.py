@@ -142,7 +142,9 @@ def insert_new_individual(cand_labels: np.ndarray, cand_scores: np.ndarray, thre
     q, m = cand_labels.shape
     if m < top:
         cand_labels = np.pad(cand_labels, ((0, 0), (0, top - m)), constant_values=PAD)
-    pos = (cand_scores >= threshold).sum(axis=1, keepdims=True)  # rank of new_individual, 0-based
+    # Compared in float32, the dtype of the scores, so a threshold typed as 0.7 ties with a 0.7 score.
+    t = np.float32(threshold)
+    pos = (cand_scores.astype(np.float32, copy=False) >= t).sum(axis=1, keepdims=True)  # 0-based rank
     cols = np.arange(top)[None, :]
     src = np.where(cols < pos, cols, cols - 1).clip(0)
     out = np.take_along_axis(cand_labels[:, :top], np.broadcast_to(src, (q, top)), axis=1)
@@ -234,10 +236,8 @@ def submit_files(gallery_path, queries_path, train_csv, threshold: float, out, k
     Rows follow the sample's order when ``sample`` (sample_submission.csv or an image folder) is
     given, else the queries' order. Returns counts: rows, new_first, new_any, individuals, ...
     """
-    import pandas as pd
-
     from whalesub.errors import ConfigError
-    from whalesub.submission import validate_submission, write_submission
+    from whalesub.submission import write_submission
 
     threshold = check_threshold(threshold)
     if k < 1:
@@ -254,10 +254,9 @@ def submit_files(gallery_path, queries_path, train_csv, threshold: float, out, k
     else:
         row_of = {name: r for r, name in enumerate(query_ids.tolist())}
         preds = [preds[row_of[name]] for name in images]
-    if sample is not None:
-        frame = pd.DataFrame({"image": images, "predictions": [" ".join(p) for p in preds]})
-        validate_submission(frame, images, train_ids=data["classes"].tolist())
-    write_submission(out, images, preds)
+    # Checked against the sample and the train ids before anything is written.
+    write_submission(out, images, preds, sample_images=images if sample is not None else None,
+                     train_ids=data["classes"].tolist())
     summary = {"out": str(out), "rows": len(images), "new_first": int((codes[:, 0] == NEW).sum()),
                "new_any": int((codes == NEW).any(axis=1).sum()), "individuals": int(data["classes"].size),
                "gallery_vectors": int(data["gallery"].shape[0]), "threshold": threshold, "k": int(k)}

@@ -1,0 +1,85 @@
+"""Threshold search: closed-form MAP@5 per threshold against whalesub.metric on decoded predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from whalesub.data import NEW_INDIVIDUAL
+from whalesub.errors import ConfigError
+from whalesub.metric import map_at_5
+from whalesub.rank import NEW, decode_labels, insert_new_individual, rank_queries
+from whalesub.threshold import (
+    UNREACHABLE,
+    average_precision_grid,
+    grid_search,
+    parse_grid,
+    threshold_for_new_share,
+    truth_codes,
+)
+
+
+def _unit(rng, n, d):
+    x = rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def ranked():
+    """Random labelled queries: 30 individuals, some queries near a gallery vector, some new."""
+    rng = np.random.default_rng(0)
+    g = _unit(rng, 120, 8)
+    codes = rng.integers(0, 30, size=120)
+    classes = np.array([f"ind{i:02d}" for i in range(30)])
+    near = rng.integers(0, 120, size=60)
+    q = g[near] + 0.6 * rng.standard_normal((60, 8)).astype(np.float32)
+    q = np.vstack([q, _unit(rng, 25, 8)])
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    truth_str = np.concatenate([classes[codes[near]], [NEW_INDIVIDUAL] * 23, ["ghost", "ind05"]])
+    labels, scores = rank_queries(g, codes, q, k=20)
+    return labels, scores, classes, truth_str
+
+
+def test_grid_map5_equals_metric_on_decoded_predictions(ranked):
+    labels, scores, classes, truth_str = ranked
+    truth = truth_codes(truth_str, classes)
+    assert (truth == NEW).sum() == 23 and (truth == UNREACHABLE).sum() == 1
+    grid = np.r_[-1.0, np.quantile(scores[:, :5], np.linspace(0, 1, 15)), scores[3, 2], 1.0]
+    found = grid_search(labels, scores, truth, grid)
+    for t, m, share in zip(grid, found.map5, found.new_share, strict=True):
+        preds = decode_labels(insert_new_individual(labels, scores, t), classes)
+        assert m == pytest.approx(map_at_5(preds, truth_str.tolist()), abs=1e-12)
+        assert share == pytest.approx(np.mean([p[0] == NEW_INDIVIDUAL for p in preds]))
+    known = truth_str != NEW_INDIVIDUAL
+    t = grid[7]
+    preds = decode_labels(insert_new_individual(labels, scores, t), classes)
+    assert found.map5_known[7] == pytest.approx(map_at_5([p for p, k in zip(preds, known, strict=True) if k],
+                                                         truth_str[known].tolist()))
+    assert found.best_map5 == found.map5.max() and found.best_threshold == grid[np.argmax(found.map5)]
+
+
+def test_average_precision_hand_worked():
+    labels = np.array([[0, 1, 2, 3, 4]] * 3)
+    scores = np.tile(np.array([0.9, 0.7, 0.5, 0.3, 0.1], np.float32), (3, 1))
+    truth = np.array([2, NEW, 4])  # known at candidate rank 3, new, known at candidate rank 5
+    ap = average_precision_grid(labels, scores, truth, np.array([1.0, 0.6, 0.2, 0.0]))
+    # t=1.0: new first -> [N,0,1,2,3]; t=0.6: [0,1,N,2,3]; t=0.2: [0,1,2,3,N]; t=0.0: no new
+    np.testing.assert_allclose(ap, [[1 / 4, 1, 0], [1 / 4, 1 / 3, 0], [1 / 3, 1 / 5, 0], [1 / 3, 0, 1 / 5]])
+
+
+def test_threshold_for_new_share_hits_the_share(ranked):
+    _, scores, _, _ = ranked
+    for share in (0.0, 0.165, 0.5, 1.0):
+        t = threshold_for_new_share(scores, share)
+        assert np.mean(scores[:, 0] < t) == pytest.approx(round(share * len(scores)) / len(scores))
+    with pytest.raises(ConfigError, match="within"):
+        threshold_for_new_share(scores, 1.5)
+
+
+def test_parse_grid():
+    np.testing.assert_allclose(parse_grid("0.0:1.0:0.25"), [0, 0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(parse_grid("0.3,0.5"), [0.3, 0.5])
+    assert parse_grid("0.0:1.0:0.02").size == 51
+    for bad in ("0:1:0", "1:0:0.1", "a,b", "0:2:0.5"):
+        with pytest.raises(ConfigError, match="--grid"):
+            parse_grid(bad)

@@ -1,0 +1,181 @@
+"""Choosing the ``new_individual`` threshold on labelled queries (out-of-fold or a held-out split).
+
+The candidates of each query (:func:`whalesub.rank.rank_queries`, five individuals with their
+best cosines) do not depend on the threshold; only the rank of ``new_individual`` does: it is
+the number of candidates scoring >= threshold. So MAP@5 for a whole grid of thresholds comes
+from one ranking, in closed form, as [T, Q] arrays:
+
+- truth is a known individual at candidate rank r (0-based): after the insertion it sits at
+  r + 1 if new_individual went in at or before r, else at r; AP = 1 / (rank + 1) if rank < 5;
+- truth is ``new_individual``: AP = 1 / (p + 1) with p its insertion rank, if p < 5;
+- truth is an individual absent from the gallery (cannot be predicted): AP = 0.
+
+A target new share s picks the threshold at which a fraction s of the queries get
+``new_individual`` first, i.e. whose best candidate scores below it (1st place: s ~ 0.165).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from whalesub.errors import ConfigError
+from whalesub.rank import NEW, TOP
+
+log = logging.getLogger(__name__)
+
+UNREACHABLE = -3  # truth code of an individual that is not in the gallery
+
+
+@dataclass
+class ThresholdSearch:
+    """MAP@5 over a grid. Arrays are [T]; ``best_*`` is the first threshold with the highest MAP@5."""
+
+    thresholds: np.ndarray
+    map5: np.ndarray
+    map5_known: np.ndarray
+    map5_new: np.ndarray
+    new_share: np.ndarray  # fraction of queries with new_individual first
+    best_threshold: float
+    best_map5: float
+
+    def table(self) -> list[dict]:
+        return [{"threshold": float(t), "map5": float(m), "map5_known": float(a), "map5_new": float(b),
+                 "new_share": float(s)}
+                for t, m, a, b, s in zip(self.thresholds, self.map5, self.map5_known, self.map5_new,
+                                         self.new_share, strict=True)]
+
+
+def truth_codes(truth_labels, classes: np.ndarray) -> np.ndarray:
+    """Truth strings [Q] -> int64 codes: index into ``classes``, NEW (-2), or UNREACHABLE (-3)."""
+    from whalesub.data import NEW_INDIVIDUAL
+
+    truth = np.asarray(truth_labels, dtype=str)
+    pos = np.searchsorted(classes, truth).clip(0, max(len(classes) - 1, 0))
+    found = (classes[pos] == truth) if len(classes) else np.zeros(truth.shape, bool)
+    return np.where(truth == NEW_INDIVIDUAL, NEW, np.where(found, pos, UNREACHABLE)).astype(np.int64)
+
+
+def average_precision_grid(cand_labels: np.ndarray, cand_scores: np.ndarray, truth: np.ndarray,
+                           thresholds: np.ndarray, top: int = TOP) -> np.ndarray:
+    """AP@top of every query at every threshold: [T, Q] float64.
+
+    ``cand_labels``/``cand_scores`` [Q, m] ranked candidates (m >= top), ``truth`` [Q] codes from
+    :func:`truth_codes`, ``thresholds`` [T].
+    """
+    t = np.asarray(thresholds, dtype=np.float64).astype(np.float32)  # compared like insert_new_individual
+    q, m = cand_labels.shape
+    hit = cand_labels[:, :top] == truth[:, None]
+    r = np.where(hit.any(axis=1), hit.argmax(axis=1), top)  # truth's rank among candidates, `top` = absent
+    ap = np.zeros((t.size, q))
+    s = cand_scores[:, :top].astype(np.float32)
+    for a in range(0, t.size, 64):  # [64, Q, top] booleans at a time
+        p = (s[None] >= t[a:a + 64, None, None]).sum(axis=2)  # [t, Q] insertion rank of new_individual
+        rank = np.where(truth == NEW, p, r + (p <= r))
+        ok = (rank < top) & (truth != UNREACHABLE) & ((truth == NEW) | (r < top))
+        ap[a:a + 64] = np.where(ok, 1.0 / (rank + 1), 0.0)
+    return ap
+
+
+def grid_search(cand_labels: np.ndarray, cand_scores: np.ndarray, truth: np.ndarray,
+                thresholds: np.ndarray, top: int = TOP) -> ThresholdSearch:
+    """MAP@5 (all, known, new) and new-first share at each threshold; the best threshold."""
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    if thresholds.size == 0:
+        raise ConfigError("the threshold grid is empty; pass e.g. --grid 0.0:1.0:0.02")
+    ap = average_precision_grid(cand_labels, cand_scores, truth, thresholds, top)
+    is_new = truth == NEW
+    nan = np.full(thresholds.size, np.nan)
+    map5 = ap.mean(axis=1)
+    best = int(np.argmax(map5))
+    return ThresholdSearch(
+        thresholds=thresholds, map5=map5,
+        map5_known=ap[:, ~is_new].mean(axis=1) if (~is_new).any() else nan,
+        map5_new=ap[:, is_new].mean(axis=1) if is_new.any() else nan,
+        new_share=(cand_scores[:, 0][None, :].astype(np.float32)
+                   < thresholds.astype(np.float32)[:, None]).mean(axis=1),
+        best_threshold=float(thresholds[best]), best_map5=float(map5[best]))
+
+
+def threshold_for_new_share(cand_scores: np.ndarray, share: float) -> float:
+    """Threshold at which ``round(share * Q)`` queries get new_individual first.
+
+    Those are the queries whose best candidate scores below it; the threshold is the midpoint
+    between the two best-scores around that cut (exact unless they tie).
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(f"target new share {share} must be within [0, 1] (e.g. 0.165)")
+    best = np.sort(cand_scores[:, 0].astype(np.float32))
+    n = int(round(share * best.size))
+    if n == 0:
+        t = best[0]
+    elif n == best.size:
+        t = np.nextafter(best[-1], np.float32(np.inf))
+    else:  # compared in float32, like the scores: never round onto best[n - 1]
+        t = np.float32((np.float64(best[n - 1]) + np.float64(best[n])) / 2)
+        t = best[n] if t <= best[n - 1] else t
+    return float(np.clip(t, -1.0, 1.0))
+
+
+def parse_grid(text: str) -> np.ndarray:
+    """``"start:stop:step"`` (stop included) or ``"a,b,c"`` -> thresholds [T] float64 within [-1, 1]."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(x) for x in text.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            grid = start + step * np.arange(int(np.floor((stop - start) / step + 1e-9)) + 1)
+        else:
+            grid = np.array([float(x) for x in text.split(",")])
+    except ValueError:
+        raise ConfigError(f"--grid {text!r} is not start:stop:step (step > 0) or a comma list; "
+                          "e.g. 0.0:1.0:0.02") from None
+    if grid.size == 0 or np.abs(grid).max() > 1:
+        raise ConfigError(f"--grid {text!r}: thresholds must lie within [-1, 1]")
+    return np.round(grid, 10)
+
+
+def tune_files(gallery_path, queries_path, train_csv, truth_csv, grid: str = "0.0:1.0:0.02",
+               target_new_share: float | None = None, k: int = 100, *, use_gpu: bool | None = None,
+               progress: bool = True) -> dict:
+    """Grid-search the threshold for labelled queries; optionally the threshold for a new share.
+
+    ``truth_csv``: ``image,individual_id`` for every query image (``new_individual`` for animals
+    not in the gallery). Returns a JSON-ready dict: table, best, and (when asked) ``target``.
+    """
+    from whalesub.data import read_truth
+    from whalesub.errors import DataError, first_few
+    from whalesub.rank import insert_new_individual, load_ranking_inputs, rank_queries
+
+    thresholds = parse_grid(grid)
+    if target_new_share is not None and not 0.0 <= target_new_share <= 1.0:
+        raise ConfigError(f"--target-new-share {target_new_share} must be within [0, 1] (e.g. 0.165)")
+    data = load_ranking_inputs(gallery_path, queries_path, train_csv)
+    truth_df = read_truth(truth_csv)
+    truth_of = dict(zip(truth_df["image"].astype(str), truth_df["individual_id"].astype(str), strict=True))
+    ids = data["query_ids"].tolist()
+    problems = []
+    if missing := [i for i in ids if i not in truth_of]:
+        problems.append(f"{len(missing)} query images have no truth row: {first_few(missing)}")
+    if extra := sorted(set(truth_of) - set(ids)):
+        problems.append(f"{len(extra)} truth images are not among the queries: {first_few(extra)}")
+    if problems:
+        raise DataError(f"truth {str(truth_csv)!r} does not match queries {str(queries_path)!r}:", problems)
+    truth = truth_codes([truth_of[i] for i in ids], data["classes"])
+    if (unreachable := int((truth == UNREACHABLE).sum())):
+        log.warning("%d queries are labelled with individuals absent from the gallery: they score 0",
+                    unreachable)
+    labels, scores = rank_queries(data["gallery"], data["gallery_labels"], data["queries"], k,
+                                  use_gpu=use_gpu, progress=progress)
+    found = grid_search(labels, scores, truth, thresholds)
+    result = {"n": len(ids), "n_new": int((truth == NEW).sum()), "k": int(k), "table": found.table(),
+              "best": {"threshold": found.best_threshold, "map5": found.best_map5}}
+    if target_new_share is not None:
+        t = threshold_for_new_share(scores, target_new_share)
+        one = grid_search(labels, scores, truth, np.array([t]))
+        result["target"] = {"new_share": float(one.new_share[0]), "threshold": t, "map5": float(one.map5[0])}
+    codes = insert_new_individual(labels, scores, found.best_threshold)
+    result["best"]["new_share"] = float((codes[:, 0] == NEW).mean())
+    return result
