@@ -82,6 +82,22 @@ def check_rows(labels: Sequence[list[str]], lines: Sequence, train_ids: Iterable
     return problems
 
 
+def check_coverage(images: Sequence[str], lines: Sequence[int], sample_images: Sequence[str],
+                   unit: str = "line") -> list[str]:
+    """Problems: test images without a row, and rows naming images outside the test listing."""
+    expected, got = set(sample_images), set(images)
+    problems = []
+    missing = [x for x in sample_images if x not in got]
+    if missing:
+        problems.append(f"{len(missing)} test image(s) have no row: {first_few(missing)}; "
+                        "every test image needs exactly one row")
+    extra = [(line, x) for line, x in zip(lines, images, strict=True) if x not in expected]
+    if extra:
+        problems.append(f"{len(extra)} row(s) name images not in the test listing, on {unit} "
+                        f"{_where(extra)}; remove them")
+    return problems
+
+
 def write_submission(path: str | os.PathLike, images: Sequence[str],
                      predictions: Sequence[Sequence[str] | str], *,
                      sample_images: Sequence[str] | None = None,
@@ -90,7 +106,7 @@ def write_submission(path: str | os.PathLike, images: Sequence[str],
 
     ``predictions[i]`` is the list of labels for ``images[i]``, best first (1-5 distinct labels
     without whitespace; a space-separated string is split). With ``sample_images`` the file is
-    also checked like :func:`validate_submission`. Nothing is written if any check fails.
+    also checked to cover exactly the test images. Nothing is written if any check fails.
     """
     path = Path(path)
     if len(images) != len(predictions):
@@ -106,12 +122,9 @@ def write_submission(path: str | os.PathLike, images: Sequence[str],
     problems += find_duplicate_images(names, np.asarray(rows), unit="rows")
     if (names == "").any():
         problems.append(f"empty image names in row {_where(list(np.flatnonzero(names == '') + 1))}")
+    if sample_images is not None:
+        problems += check_coverage(names.tolist(), rows, sample_images, unit="row")
     frame = pd.DataFrame({"image": names, "predictions": [" ".join(r) for r in labels]})
-    if sample_images is not None and not problems:
-        try:
-            validate_submission(frame, sample_images, train_ids)
-        except DataError as exc:
-            problems += exc.problems
     if problems:
         raise DataError(f"refusing to write submission {path}; {len(problems)} problem(s):", problems)
     buf = io.StringIO()
@@ -174,15 +187,7 @@ def validate_submission(submission: str | os.PathLike | pd.DataFrame, sample_ima
         problems.append(f"unexpected column(s) {', '.join(map(repr, extra_cols))}; "
                         "keep only image,predictions")
     problems += find_duplicate_images(frame["image"], lines)
-    expected, got = set(sample_images), set(frame["image"])
-    missing = [x for x in sample_images if x not in got]
-    if missing:
-        problems.append(f"{len(missing)} test image(s) have no row: {first_few(missing)}; "
-                        "every test image needs exactly one row")
-    extra = [(int(line), x) for line, x in zip(lines, frame["image"], strict=True) if x not in expected]
-    if extra:
-        problems.append(f"{len(extra)} row(s) name images not in the test listing, on line "
-                        f"{_where(extra)}; remove them")
+    problems += check_coverage(frame["image"].tolist(), lines.tolist(), sample_images)
     labels = [p.split() for p in frame["predictions"]]
     problems += check_rows(labels, [int(x) for x in lines], train_ids)
     if problems:
