@@ -242,6 +242,11 @@ def test_bad_arguments_are_rejected():
         ArcMarginHead(D, C, m=[0.1, 0.2])
     with pytest.raises(ValueError):
         ArcMarginHead(D, 0)
+    head = ArcMarginHead(D, C)
+    with pytest.raises(ValueError, match="degrees"):
+        head.set_margins(30.0)
+    head.set_margins(dynamic_margins(range(1, C + 1)))
+    assert head.margins[0].item() == pytest.approx(0.27126 + 0.05)
 
 
 def test_state_dict_roundtrip_keeps_margins_and_init_from_embeddings():

@@ -107,15 +107,7 @@ class ArcMarginHead(nn.Module):
         self.s, self.easy_margin, self.eps = float(s), bool(easy_margin), float(eps)
         self.weight = nn.Parameter(torch.empty(self.n_classes * self.k, self.in_features))
         self.reset_parameters()
-        margins = torch.as_tensor(np.asarray(m, dtype=np.float64), dtype=torch.float64)
-        if margins.ndim == 0:
-            margins = margins.expand(self.n_classes).clone()
-        if margins.shape != (self.n_classes,):
-            raise ValueError(
-                f"ArcMarginHead: m must be a float or [{self.n_classes}] margins, got {tuple(margins.shape)}"
-            )
-        if not bool(((margins >= 0) & (margins < math.pi / 2)).all()):
-            raise ValueError("ArcMarginHead: margins must lie in [0, pi/2) radians (did you pass degrees?)")
+        margins = self._check_margins(m)
         # float64 so tiny margins survive; persistent so a resumed run scores with the same margins.
         self.register_buffer("margins", margins)
 
@@ -132,10 +124,23 @@ class ArcMarginHead(nn.Module):
             f"m={span}, easy_margin={self.easy_margin}"
         )
 
+    def _check_margins(self, m: float | Sequence[float] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(m, torch.Tensor):
+            m = m.detach().cpu().numpy()
+        margins = torch.as_tensor(np.asarray(m, dtype=np.float64), dtype=torch.float64)
+        if margins.ndim == 0:
+            margins = margins.expand(self.n_classes).clone()
+        if margins.shape != (self.n_classes,):
+            raise ValueError(
+                f"ArcMarginHead: m must be a float or [{self.n_classes}] margins, got {tuple(margins.shape)}"
+            )
+        if not bool(((margins >= 0) & (margins < math.pi / 2)).all()):
+            raise ValueError("ArcMarginHead: margins must lie in [0, pi/2) radians (did you pass degrees?)")
+        return margins
+
     def set_margins(self, m: float | Sequence[float] | np.ndarray | torch.Tensor) -> None:
         """Replace the margins (float or [C], radians) in place, e.g. after recounting classes."""
-        new = torch.as_tensor(np.asarray(m, dtype=np.float64), dtype=torch.float64)
-        self.margins.copy_(new.expand(self.n_classes).to(self.margins.device))
+        self.margins.copy_(self._check_margins(m).to(self.margins.device))
 
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Class cosines [B, C] (max over sub-centres), float32 (float64 for float64 inputs)."""
