@@ -151,6 +151,8 @@ def test_bad_input_names_the_problem(tail):
         make_folds(tail, method="kfold")
     with pytest.raises(ConfigError, match=">= 2"):
         make_folds(tail, n_folds=1)
+    with pytest.raises(ConfigError, match="stratified' only"):
+        make_folds(tail, method="full", holdout_individuals=0.2)
     with pytest.raises(ConfigError, match="group_col"):
         make_folds(tail, method="group")
     with pytest.raises(DataError, match="'sighting'"):

@@ -142,6 +142,8 @@ def make_folds(
         raise ConfigError(f"folds: unknown method {method!r}; use one of {', '.join(METHODS)}")
     if not 0.0 <= holdout_individuals < 1.0:
         raise ConfigError(f"folds: holdout_individuals must be in [0, 1), got {holdout_individuals}")
+    if holdout_individuals > 0 and method != "stratified":
+        raise ConfigError(f"folds: holdout_individuals applies to method 'stratified' only, not {method!r}")
     extra = (group_col,) if method == "group" and group_col else ()
     if method == "group" and not group_col:
         raise ConfigError("folds: method 'group' needs group_col (e.g. an encounter or sighting column)")
