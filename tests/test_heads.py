@@ -294,3 +294,45 @@ def test_subcenter_logits_loss_and_grads_equal_pml_subcenter_arcface():
     p_emb, p_w = torch.autograd.grad(pml_loss, [emb, pml.W])
     torch.testing.assert_close(g_emb, p_emb, rtol=0, atol=1e-10)
     torch.testing.assert_close(g_w, p_w.t(), rtol=0, atol=1e-10)
+
+
+def test_heads_learn_a_toy_problem_with_species_head():
+    """End to end: a linear neck + sub-center id head + species head trained with MultiHeadLoss
+    separate Gaussian clusters; inference logits (no margin) then classify held-out points."""
+    torch.manual_seed(0)
+    n_ids, per_species, dim = 12, 4, 16
+    means = torch.randn(n_ids, dim) * 2
+    x = means.repeat_interleave(20, 0) + 0.5 * torch.randn(n_ids * 20, dim)
+    y = torch.arange(n_ids).repeat_interleave(20)
+    sp = y // per_species
+    counts = class_counts(y[::2].numpy(), n_ids)
+    neck = torch.nn.Linear(dim, 8)
+    id_head = ArcMarginHead(8, n_ids, k=2, s=16.0, m=dynamic_margins(counts))
+    sp_head = ArcMarginHead(8, n_ids // per_species, s=16.0, m=0.2)
+    loss_fn = MultiHeadLoss(species_weight=0.5)
+    params = [*neck.parameters(), *id_head.parameters(), *sp_head.parameters()]
+    opt = torch.optim.Adam(params, lr=0.05)
+    train, held = torch.arange(0, len(x), 2), torch.arange(1, len(x), 2)
+    first = None
+    for _ in range(60):
+        f = neck(x[train])
+        loss, parts = loss_fn(id_head(f, y[train]), y[train], sp_head(f, sp[train]), sp[train])
+        first = first if first is not None else {k: v.item() for k, v in parts.items()}
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (
+        parts["loss_id"].item() < 0.5 * first["loss_id"]
+        and parts["loss_species"].item() < first["loss_species"]
+    )
+    with torch.no_grad():
+        f = neck(x[held])
+        assert (id_head(f).argmax(1) == y[held]).float().mean().item() > 0.9
+        assert (sp_head(f).argmax(1) == sp[held]).float().mean().item() > 0.9
+        fn = F.normalize(f, dim=1)
+        subs = id_head.sub_centres()  # [C, k, D]: max over them reproduces the head's own argmax
+        by_sub = torch.einsum("bd,ckd->bck", fn, subs).amax(2).argmax(1)
+        assert torch.equal(by_sub, id_head(f).argmax(1))
+        # the mean of two diverging sub-centres is a blunter centre than max-over-sub-centres
+        centre_acc = ((fn @ id_head.class_centres().t()).argmax(1) == y[held]).float().mean().item()
+        assert centre_acc > 0.7
