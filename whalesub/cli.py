@@ -40,6 +40,77 @@ def guarded(fn):
 
 # Commands are added below, one section per command; keep each body short and call the library.
 # --- submit / tune (whalesub.rank, whalesub.threshold) -------------------------------------------
+@app.command("submit")
+@guarded
+def submit_command(
+    gallery: Path = typer.Option(..., "--gallery", help="Gallery embeddings .npz (train images; an image "
+                                 "may repeat: several views)."),
+    queries: Path = typer.Option(..., "--queries", help="Query embeddings .npz (test images)."),
+    train_csv: Path = typer.Option(..., "--train-csv", help="train.csv: gallery image -> individual_id."),
+    threshold: float = typer.Option(..., "--threshold", help="Cosine score of new_individual, in [-1, 1]."),
+    out: Path = typer.Option(..., "--out", help="Submission CSV to write (atomically)."),
+    k: int = typer.Option(100, "--k", help="Neighbours searched per query."),
+    sample: Path | None = typer.Option(None, "--sample", help="sample_submission.csv (or test image folder): "
+                                       "rows follow its order and every test image must be embedded once."),
+) -> None:
+    """Rank every query against the gallery and write a validated submission.
+
+    Exact cosine top-k (FAISS, GPU when present) -> best cosine per individual -> new_individual
+    inserted with score THRESHOLD (an individual scoring exactly THRESHOLD ranks first) -> five
+    distinct labels per row. Gallery and queries must share dimension and model fingerprint.
+    """
+    from whalesub.rank import submit_files
+
+    _log_info_to_stderr()
+    s = submit_files(gallery, queries, train_csv, threshold, out, k=k, sample=sample)
+    typer.echo(f"wrote {s['out']}: {s['rows']} rows; new_individual first in {s['new_first']} "
+               f"({100 * s['new_first'] / max(s['rows'], 1):.1f}%), present in {s['new_any']}; "
+               f"gallery {s['gallery_vectors']} vectors of {s['individuals']} individuals, k={s['k']}, "
+               f"threshold={s['threshold']:g}")
+
+
+@app.command("tune")
+@guarded
+def tune_command(
+    gallery: Path = typer.Option(..., "--gallery", help="Gallery embeddings .npz."),
+    queries: Path = typer.Option(..., "--queries", help="Labelled query embeddings .npz (e.g. a CV fold)."),
+    train_csv: Path = typer.Option(..., "--train-csv", help="train.csv: gallery image -> individual_id."),
+    truth: Path = typer.Option(..., "--truth", help="Truth CSV of the queries: image,individual_id "
+                               "(new_individual for animals absent from the gallery)."),
+    grid: str = typer.Option("0.0:1.0:0.02", "--grid", help="Thresholds: start:stop:step (stop included) "
+                             "or a comma list."),
+    target_new_share: float | None = typer.Option(None, "--target-new-share", help="Also report the "
+                                                  "threshold that puts new_individual first in this share "
+                                                  "of rows (e.g. 0.165)."),
+    k: int = typer.Option(100, "--k", help="Neighbours searched per query."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Choose the new_individual threshold: MAP@5 at every threshold of a grid, and the best.
+
+    One ranking serves the whole grid (only new_individual's rank depends on the threshold).
+    """
+    import json
+
+    from whalesub.threshold import tune_files
+
+    _log_info_to_stderr()
+    r = tune_files(gallery, queries, train_csv, truth, grid=grid, target_new_share=target_new_share, k=k)
+    if as_json:
+        typer.echo(json.dumps(r))
+        return
+    fmt = "{:>9} {:>7} {:>10} {:>8} {:>9}"
+    typer.echo(fmt.format("threshold", "MAP@5", "MAP@5known", "MAP@5new", "new@1"))
+    for row in r["table"]:
+        typer.echo(fmt.format(*(f"{row[c]:.4f}" for c in ("threshold", "map5", "map5_known", "map5_new",
+                                                         "new_share"))))
+    b = r["best"]
+    typer.echo(f"best: threshold {b['threshold']:.4f} MAP@5 {b['map5']:.4f} (new_individual first in "
+               f"{100 * b['new_share']:.1f}% of {r['n']} queries; truly new: {r['n_new']})")
+    if "target" in r:
+        t = r["target"]
+        typer.echo(f"target new share {100 * t['new_share']:.1f}%: threshold {t['threshold']:.4f} "
+                   f"MAP@5 {t['map5']:.4f}")
+
 
 # --- score / validate (whalesub.metric, whalesub.submission) ---------------------------------------
 @app.command("score")
