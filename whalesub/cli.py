@@ -59,9 +59,11 @@ def submit_command(
     inserted with score THRESHOLD (an individual scoring exactly THRESHOLD ranks first) -> five
     distinct labels per row. Gallery and queries must share dimension and model fingerprint.
     """
+    import logging
+
     from whalesub.rank import submit_files
 
-    _log_info_to_stderr()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     s = submit_files(gallery, queries, train_csv, threshold, out, k=k, sample=sample)
     typer.echo(f"wrote {s['out']}: {s['rows']} rows; new_individual first in {s['new_first']} "
                f"({100 * s['new_first'] / max(s['rows'], 1):.1f}%), present in {s['new_any']}; "
@@ -90,10 +92,11 @@ def tune_command(
     One ranking serves the whole grid (only new_individual's rank depends on the threshold).
     """
     import json
+    import logging
 
     from whalesub.threshold import tune_files
 
-    _log_info_to_stderr()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     r = tune_files(gallery, queries, train_csv, truth, grid=grid, target_new_share=target_new_share, k=k)
     if as_json:
         typer.echo(json.dumps(r))
