@@ -231,3 +231,14 @@ def test_boxes_report_every_problem_with_lines(tmp_path):
     assert "conf value(s) outside [0, 1] on line 4" in text
     assert "'d.jpg' on lines 5, 6" in text
     assert len(err.value.problems) == 6
+
+
+def test_trailing_commas_do_not_shift_columns_and_ragged_rows_name_the_line(tmp_path, caplog):
+    trailing = write(tmp_path / "t.csv", "image,species,individual_id\na.jpg,x,1,\nb.jpg,y,2,\n")
+    with caplog.at_level(logging.WARNING, logger="whalesub.data"):
+        frame = read_train_csv(trailing)
+    assert frame["image"].tolist() == ["a.jpg", "b.jpg"] and frame["individual_id"].tolist() == ["1", "2"]
+    assert "trailing commas" in caplog.text
+    ragged = write(tmp_path / "r.csv", "image,species,individual_id\na.jpg,x,1\nb.jpg,y,2,zz\n")
+    with pytest.raises(DataError, match=r"not a well-formed CSV: .*line 3"):
+        read_train_csv(ragged)

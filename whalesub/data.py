@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -68,7 +69,8 @@ def read_table(path: str | os.PathLike, required: Iterable[str],
         raise DataError(f"{what} file {path} is empty; expected a header line with "
                         f"{', '.join(required)}.") from None
     except pd.errors.ParserError as exc:
-        raise DataError(f"{what} file {path} is not a well-formed CSV: {exc}") from None
+        raise DataError(f"{what} file {path} is not a well-formed CSV: {str(exc).strip()} "
+                        "(quote values that contain commas; the header counts as line 1)") from None
 
     frame.columns = [str(c).strip() for c in frame.columns]
     required = list(required)
@@ -101,9 +103,17 @@ def read_table(path: str | os.PathLike, required: Iterable[str],
 
 
 def _read_csv_strings(path: Path, encoding: str) -> pd.DataFrame:
-    # skip_blank_lines=False keeps row i on file line i + 2, so messages can name real lines.
-    return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False,
-                       encoding=encoding, skipinitialspace=True)
+    # skip_blank_lines=False keeps row i on file line i + 2, so messages can name real lines;
+    # index_col=False stops pandas from turning the first column into the index when every data
+    # row ends with a trailing comma (which would silently shift all columns by one).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", pd.errors.ParserWarning)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False,
+                            encoding=encoding, skipinitialspace=True, index_col=False)
+    if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
+        log.warning("%s: some rows have more fields than the header (trailing commas?); extra fields ignored",
+                    path)
+    return frame
 
 
 def is_missing(values: pd.Series) -> np.ndarray:
@@ -196,6 +206,8 @@ def read_train_csv(path: str | os.PathLike, image_dir: str | os.PathLike | None 
             if wrong in counts.index:
                 log.info("%s: species %r -> %r in %d rows", path, wrong, right, int(counts[wrong]))
         frame["species"] = frame["species"].replace(SPECIES_FIXES)
+    log.info("%s: %d images of %d individuals, %d species", path, len(frame),
+             frame["individual_id"].nunique(), frame["species"].nunique())
     rest = [c for c in frame.columns if c not in TRAIN_COLUMNS]
     return frame[list(TRAIN_COLUMNS) + rest]
 
