@@ -161,6 +161,8 @@ def test_bad_input_names_the_problem(tail):
         split_fold(_folds_quietly(tail, n_folds=3), 5)
     with pytest.raises(DataError, match="'fold'"):
         split_fold(tail, 0)
+    with pytest.raises(DataError, match="true_individual_id"):
+        split_fold(split_fold(_folds_quietly(tail, n_folds=3), 0)[1], 0)
 
 
 def test_save_load_roundtrip_and_stale_file(tail, tmp_path):

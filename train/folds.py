@@ -203,6 +203,11 @@ def split_fold(
     """
     _check_frame(df, label_col)
     _check_folds(df, "split_fold")
+    if "true_individual_id" in df.columns:
+        raise DataError(
+            "split_fold: the table already has 'true_individual_id' (a validation part?); "
+            "split the full folds table instead"
+        )
     folds = sorted(int(f) for f in df["fold"].unique())
     if fold != FULL_DATA_FOLD and fold not in folds:
         raise ConfigError(
