@@ -140,7 +140,7 @@ def render_sighting(
     out = Image.fromarray(img, "RGB")
     radius = rng.uniform(0.0, 0.8) * shot.nuisance * max(1.0, length / 200.0)
     if radius > 0.25:
-        out = out.filter(ImageFilter.GaussianBlur(radius))
+        out = out.filter(ImageFilter.GaussianBlur(float(radius)))
     return out, boxes
 
 
