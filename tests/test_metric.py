@@ -120,6 +120,7 @@ def test_breakdown_hand_worked():
     assert b["new_recall_at1"] == pytest.approx(0.5)
     assert b["pred_new_share_at1"] == pytest.approx(0.4)
     assert b["top1_known"] == pytest.approx(1 / 3)
+    assert b["hits_at_rank"] == [2, 2, 0, 0, 0, 1]
     json.dumps(b)  # JSON-ready
     table = format_breakdown(b)
     assert "MAP@5" in table and "0.6000" in table
@@ -143,6 +144,9 @@ def test_breakdown_parts_recombine_on_random_rows():
         b = score_breakdown(preds, truths)
         parts = [(b["map5_known"] or 0.0) * b["n_known"], (b["map5_new"] or 0.0) * b["n_new"]]
         assert b["map5"] == pytest.approx(sum(parts) / b["n"])
+        hits = b["hits_at_rank"]
+        assert sum(hits) == b["n"]
+        assert sum(h / r for r, h in enumerate(hits[:5], start=1)) == pytest.approx(b["map5"] * b["n"])
         new_rows = [p for p, t in zip(preds, truths, strict=True) if t == NEW]
         if new_rows:
             recall = np.mean([bool(p) and p[0] == NEW for p in new_rows])

@@ -141,3 +141,11 @@ def test_real_nyala_sample_scores_the_share_of_new_animals(nyala):
     summary = validate_submission(nyala / "sample_submission.csv",
                                   list(pd.read_csv(nyala / "sample_submission.csv")["image"]))
     assert summary["n_new_at1"] == summary["n_rows"] == len(labels)
+
+
+def test_validate_flags_tabs_and_double_spaces_between_labels(tmp_path):
+    sub = write(tmp_path / "s.csv", 'image,predictions\na.jpg,"x\ty"\nb.jpg,x  y\nc.jpg,x y\n')
+    with pytest.raises(DataError) as err:
+        validate_submission(sub, ["a.jpg", "b.jpg", "c.jpg"])
+    (problem,) = err.value.problems
+    assert problem.startswith("2 row(s) separate labels by something other than single spaces, on line 2, 3")

@@ -71,6 +71,7 @@ def score_breakdown(predictions: Sequence[Sequence[str] | str], truths: Sequence
     - ``new_recall_at1``: of the truly new rows, the share predicted ``new_individual`` first.
     - ``pred_new_share_at1``: ``n_pred_new_at1 / n`` (compare with the expected ~16-20%).
     - ``top1_known``: share of known rows whose first prediction is the right id.
+    - ``hits_at_rank``: 6 counts: rows whose first hit is at rank 1, 2, 3, 4, 5, then misses.
     """
     scores = scores_at_5(predictions, truths)
     if not scores:
@@ -94,6 +95,8 @@ def score_breakdown(predictions: Sequence[Sequence[str] | str], truths: Sequence
         "new_recall_at1": _ratio(both, n_new),
         "pred_new_share_at1": n_pred_new / n,
         "top1_known": _ratio(known_hits, n_known),
+        "hits_at_rank": [sum(1 for s in scores if s == 1.0 / r) for r in range(1, TOP_K + 1)]
+        + [sum(1 for s in scores if s == 0.0)],
     }
 
 
@@ -113,4 +116,8 @@ def format_breakdown(result: dict) -> str:
         ("new@1 share", result["pred_new_share_at1"], "share of rows predicting new first"),
         ("top-1 known", result["top1_known"], "share of known animals right at rank 1"),
     ]
-    return "\n".join(f"{name:<16} {fmt(value):>7}  {note}" for name, value, note in rows)
+    table = "\n".join(f"{name:<16} {fmt(value):>7}  {note}" for name, value, note in rows)
+    hits = result.get("hits_at_rank")
+    if hits:
+        table += "\nfirst hit at rank 1-5, miss: " + " ".join(str(h) for h in hits)
+    return table

@@ -190,6 +190,12 @@ def validate_submission(submission: str | os.PathLike | pd.DataFrame, sample_ima
     problems += check_coverage(frame["image"].tolist(), lines.tolist(), sample_images)
     labels = [p.split() for p in frame["predictions"]]
     problems += check_rows(labels, [int(x) for x in lines], train_ids)
+    spacing = [int(line) for line, p, row in zip(lines, frame["predictions"], labels, strict=True)
+               if row and p != " ".join(row)]
+    if spacing:
+        problems.append(f"{len(spacing)} row(s) separate labels by something other than single spaces, on "
+                        f"line {_where(spacing)}; Kaggle splits on ' ', so a tab or double space makes "
+                        "a wrong label")
     if problems:
         raise DataError(f"submission {name} has {len(problems)} problem(s):", problems)
     n_new = sum(1 for row in labels if row[0] == NEW_INDIVIDUAL)
