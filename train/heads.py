@@ -177,7 +177,7 @@ class ArcMarginHead(nn.Module):
                 th = torch.cos(math.pi - m)  # theta <= pi - m  <=>  cos(theta) >= cos(pi - m)
                 mm = torch.sin(math.pi - m) * m  # = sin(m) * m
                 phi = torch.where(c >= th, phi, c - mm)
-            return cos.scatter(1, labels, phi) * self.s
+            return (cos * self.s).scatter_(1, labels, phi * self.s)
 
     @torch.no_grad()
     def sub_centres(self) -> torch.Tensor:
