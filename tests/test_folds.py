@@ -147,6 +147,8 @@ def test_bad_input_names_the_problem(tail):
     with pytest.raises(DataError) as err:
         make_folds(bad)
     assert "index 3 (CSV line" in str(err.value) and "duplicate" in str(err.value)
+    with pytest.raises(DataError, match="reserved label 'new_individual'"):
+        make_folds(tail.assign(individual_id=tail["individual_id"].where(tail.index != 4, NEW)))
     with pytest.raises(ConfigError, match="stratified, group, full"):
         make_folds(tail, method="kfold")
     with pytest.raises(ConfigError, match=">= 2"):

@@ -56,6 +56,12 @@ def _check_frame(df: pd.DataFrame, label_col: str, extra: tuple[str, ...] = ()) 
             problems.append(
                 f"column {col!r}: {len(bad)} empty value(s) at index {rows} (CSV line = index + 2)"
             )
+    reserved = df.index[df[label_col].astype(str) == NEW_INDIVIDUAL]
+    if len(reserved):
+        problems.append(
+            f"column {label_col!r}: {len(reserved)} row(s) use the reserved label {NEW_INDIVIDUAL!r} "
+            f"(index {', '.join(str(i) for i in reserved[:5])}); drop them or give them real ids"
+        )
     dup = df["image"][df["image"].duplicated()]
     if len(dup):
         problems.append(f"column 'image': {len(dup)} duplicate name(s): {first_few(dup.unique())}")
@@ -201,13 +207,13 @@ def split_fold(
     id and ``individual_id`` becomes ``new_individual`` exactly where the real id does not occur
     in train_df. Both frames have a fresh 0..n-1 index.
     """
-    _check_frame(df, label_col)
-    _check_folds(df, "split_fold")
     if "true_individual_id" in df.columns:
         raise DataError(
             "split_fold: the table already has 'true_individual_id' (a validation part?); "
             "split the full folds table instead"
         )
+    _check_frame(df, label_col)
+    _check_folds(df, "split_fold")
     folds = sorted(int(f) for f in df["fold"].unique())
     if fold != FULL_DATA_FOLD and fold not in folds:
         raise ConfigError(
