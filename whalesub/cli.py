@@ -205,6 +205,86 @@ def synth_command(
 
 
 # --- export / embed (whalesub.export, whalesub.embed) ----------------------------------------------
+def _log_info_to_stderr() -> None:
+    """INFO logs on stderr (a no-op when logging is already configured)."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command("export")
+@guarded
+def export_command(
+    source: Path = typer.Argument(..., help="Training run folder or checkpoint file."),
+    out: Path = typer.Option(..., "--out", help="Output folder (model.onnx, model_spec.json, ...)."),
+    fp16: bool = typer.Option(False, "--fp16", help="Also write model_fp16.onnx (FP16 backbone, "
+                              "FP32 GeM and tail)."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset (>= 17)."),
+    parity_images: Path | None = typer.Option(None, "--parity-images", help="Folder of real images added "
+                                              "to the random parity inputs (the first 8 are used)."),
+) -> None:
+    """Export the embedding network to ONNX; fail (nothing written) unless it matches PyTorch.
+
+    Input 'image' float32 [batch, 3, S, S] (whalesub.image.to_model_input), output 'embedding'
+    float32 [batch, D], L2-normalised. Also writes class_centres.npz when the checkpoint has a head.
+    """
+    from whalesub.export import export_model, pick_parity_images
+
+    _log_info_to_stderr()
+    m = export_model(source, out, fp16=fp16, opset=opset, parity_images=pick_parity_images(parity_images))
+    for key, entry in m["files"].items():
+        parity = entry["parity"]
+        checked = parity if isinstance(parity, str) else f"worst per-row cosine {parity['min_cosine']:.6f}"
+        typer.echo(f"{out / entry['file']} ({key}): parity {checked}")
+    typer.echo(f"fingerprint {m['fingerprint']}")
+
+
+@app.command("embed")
+@guarded
+def embed_command(
+    model: list[Path] = typer.Option(..., "--model", help="Export folder (onnx) or run/checkpoint (torch); "
+                                     "repeat for folds: vectors are concatenated and renormalised."),
+    out: Path = typer.Option(..., "--out", help="Output embedding file (.npz)."),
+    images: Path | None = typer.Option(None, "--images", help="Image folder (all its images, "
+                                       "or those of --list)."),
+    listing: Path | None = typer.Option(None, "--list", help="CSV with an 'image' column (train.csv, "
+                                        "sample_submission.csv); images in --images or the CSV's folder."),
+    tta: str = typer.Option("flip", "--tta", help="flip: mean of original and mirrored view; none."),
+    flip_views: bool = typer.Option(False, "--flip-views", help="Store original and mirrored views as two "
+                                    "rows per image (flipped gallery); needs --tta none."),
+    backend: str = typer.Option("onnx", "--backend", help="onnx (ONNX Runtime) or torch."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    boxes: Path | None = typer.Option(None, "--boxes", help="Box CSV image,x1,y1,x2,y2[,conf][,box_type]."),
+    box_type: str | None = typer.Option(None, "--box-type", help="Which box_type of --boxes to crop."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per model call (fixed; last padded)."),
+    workers: int = typer.Option(2, "--workers", help="Decoding worker processes (0: decode inline)."),
+    fp16: bool = typer.Option(False, "--fp16", help="onnx: model_fp16.onnx; torch: CUDA autocast."),
+    shard: str | None = typer.Option(None, "--shard", help="i/n: embed the i-th of n blocks (0-based); "
+                                     "merge with `whalesub merge-embeddings`."),
+    chunk: int = typer.Option(1024, "--chunk", help="Images per resumable chunk in <out>.parts/."),
+) -> None:
+    """Embed images into an .npz of L2-normalised vectors (resumable: re-run the same command)."""
+    from whalesub.embed import EmbedOptions, run_embed
+
+    _log_info_to_stderr()
+    options = EmbedOptions(tta=tta, flip_views=flip_views, backend=backend, device=device, fp16=fp16,
+                           batch_size=batch_size, workers=workers, chunk=chunk, box_type=box_type,
+                           shard=shard)
+    typer.echo(str(run_embed(model, out, options, images=images, listing=listing, boxes=boxes)))
+
+
+@app.command("merge-embeddings")
+@guarded
+def merge_embeddings_command(
+    files: list[Path] = typer.Argument(..., help="Shard files from `whalesub embed --shard i/n`."),
+    out: Path = typer.Option(..., "--out", help="Merged embedding file (.npz), in listing order."),
+) -> None:
+    """Merge the shard files of one embedding run (checks fingerprints and coverage)."""
+    from whalesub.shards import merge_embeddings
+
+    _log_info_to_stderr()
+    typer.echo(str(merge_embeddings(files, out)))
+
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,0 +1,226 @@
+"""whalesub export: ONNX FP32 parity on real photos, FP16 graph layout, loud failures, class centres."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from whalesub.errors import WhalesubError
+from whalesub.export import FP32_COSINE_MIN, INPUT_NAME, export_model, ort_session
+from whalesub.model import EmbeddingNet, save_embedding_net
+from whalesub.spec import ModelSpec
+
+
+def make_checkpoint(path: Path, backbone: str = "test_efficientnet", size: int = 64, seed: int = 0,
+                    head: tuple[list[str], int] | None = None) -> Path:
+    """A tiny EmbeddingNet (random weights, BN statistics made non-trivial) saved as a checkpoint.
+
+    ``head=(labels, k)`` adds an ArcFace weight [len(labels) * k, D] as train/checkpoint.py stores it.
+    """
+    torch.manual_seed(seed)
+    spec = ModelSpec(backbone=backbone, image_size=size, embed_dim=32, neck="linear_bn")
+    net = EmbeddingNet(spec)
+    with torch.no_grad():  # running stats away from (0, 1) so eval-mode BN folding is exercised
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = {}
+    if head is not None:
+        labels, k = head
+        extra = {"heads": {"head.weight": torch.randn(len(labels) * k, 32)}, "classes": list(labels)}
+    return save_embedding_net(net, path, **extra)
+
+
+def export_tiny(ckpt: Path, out: Path, **kw) -> Path:
+    export_model(ckpt, out, **kw)
+    return out
+
+
+def _torch_and_onnx(ckpt: Path, onnx_path: Path, x: np.ndarray):
+    from whalesub.model import load_embedding_net
+
+    net, _ = load_embedding_net(ckpt)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    got = ort_session(onnx_path).run(None, {INPUT_NAME: x})[0]
+    return ref, got
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    ckpt = make_checkpoint(root / "run" / "best.pt", head=(["whale_b", "whale_a", "whale_c"], 2))
+    export_model(root / "run", root / "out", fp16=True)
+    return ckpt, root / "out"
+
+
+def test_fp32_parity_on_real_photos(exported, nyala):
+    from whalesub.image import load_for_model
+
+    ckpt, out = exported
+    spec = ModelSpec.load(out)
+    photos = sorted((nyala / "test_images").iterdir())[:12]
+    x = np.stack([load_for_model(p, spec) for p in photos]).astype(np.float32)
+    ref, got = _torch_and_onnx(ckpt, out / "model.onnx", x)
+    cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() >= FP32_COSINE_MIN
+    assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+    # dynamic batch: one image alone gives the same row
+    alone = ort_session(out / "model.onnx").run(None, {INPUT_NAME: x[3:4]})[0]
+    np.testing.assert_allclose(alone[0], got[3], atol=1e-5)
+
+
+def test_manifest_and_spec(exported):
+    import json
+
+    from whalesub.export import model_fingerprint
+    from whalesub.model import load_embedding_net
+
+    ckpt, out = exported
+    m = json.loads((out / "export.json").read_text())
+    net, spec = load_embedding_net(ckpt)
+    assert m["fingerprint"] == model_fingerprint(net, spec)
+    assert ModelSpec.load(out).to_dict() == spec.to_dict()
+    assert m["input"]["shape"] == ["batch", 3, 64, 64] and m["output"]["shape"] == ["batch", 32]
+    assert m["opset"] >= 17 and m["files"]["fp32"]["parity"]["min_cosine"] >= FP32_COSINE_MIN
+    assert set(m["files"]) == {"fp32", "fp16"}
+
+
+def _types(model) -> dict[str, int]:
+    import onnx
+
+    g = onnx.shape_inference.infer_shapes(model).graph
+    t = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.value_info) + list(g.output)}
+    t.update({i.name: i.data_type for i in g.initializer})
+    return t
+
+
+def test_fp16_graph_layout(exported):
+    import onnx
+    from onnx import TensorProto
+
+    _, out = exported
+    m = onnx.load(str(out / "model_fp16.onnx"))
+    types = _types(m)
+    g = m.graph
+    assert [types[i.name] for i in g.input] == [TensorProto.FLOAT]
+    assert [types[o.name] for o in g.output] == [TensorProto.FLOAT]
+    inits = {i.name: i.data_type for i in g.initializer}
+    convs = [n for n in g.node if n.op_type == "Conv"]
+    assert convs and all(inits[n.input[1]] == TensorProto.FLOAT16 for n in convs)
+    assert all(types[n.output[0]] == TensorProto.FLOAT16 for n in convs)
+    # GeM (Clip -> Pow -> GlobalAveragePool -> Pow), the neck and the L2 normalisation: FP32 in and out.
+    tail_ops = {"Pow", "GlobalAveragePool", "ReduceL2", "Div", "Gemm", "MatMul", "BatchNormalization"}
+    tail = [n for n in g.node if n.op_type in tail_ops]  # test_efficientnet's backbone has none of these
+    assert {"Pow", "GlobalAveragePool", "Div"} <= {n.op_type for n in tail}
+    for n in tail:
+        for name in list(n.input) + list(n.output):
+            if name and types.get(name) in (TensorProto.FLOAT16, TensorProto.FLOAT):
+                assert types[name] == TensorProto.FLOAT, (n.name, name)
+    pows = [n for n in g.node if n.op_type == "Pow"]
+    assert pows and all(types[n.input[0]] == TensorProto.FLOAT for n in pows)
+
+
+def test_fp16_runs_on_cpu_close_to_fp32(exported, nyala):
+    from whalesub.image import load_for_model
+
+    ckpt, out = exported
+    spec = ModelSpec.load(out)
+    x = np.stack([load_for_model(p, spec) for p in sorted((nyala / "train_images").iterdir())[:6]])
+    ref, got = _torch_and_onnx(ckpt, out / "model_fp16.onnx", x.astype(np.float32))
+    assert got.dtype == np.float32
+    assert ((ref * got).sum(1)).min() > 0.999  # weights rounded to FP16 only (CPU upcasts)
+
+
+def test_structure_check_rejects_all_fp16_graph(exported):
+    import onnx
+
+    from whalesub.onnx_fp16 import check_fp16_structure
+
+    _, out = exported
+    m = onnx.load(str(out / "model.onnx"))
+    with pytest.raises(ValueError, match="no FLOAT16 initializer"):
+        check_fp16_structure(m)
+    # GeM converted too (the all-FP16 mistake): rejected, naming the GeM node.
+    from whalesub.onnx_fp16 import backbone_nodes, convert_to_fp16
+
+    pool = {i for i, n in enumerate(m.graph.node) if n.name.startswith("/pool/")}
+    bad = convert_to_fp16(m, backbone_nodes(m) | pool)
+    with pytest.raises(ValueError, match="tail node '/pool/"):
+        check_fp16_structure(bad)
+
+
+def test_parity_failure_is_loud_and_leaves_nothing(tmp_path, monkeypatch):
+    import whalesub.export as ex
+
+    ckpt = make_checkpoint(tmp_path / "c.pt")
+    real_export = ex.export_onnx
+
+    def broken_export(net, spec, path, opset=17, batch=2):  # exports a perturbed copy of the net
+        import copy
+
+        bad = copy.deepcopy(net)
+        with torch.no_grad():
+            for p in bad.neck.parameters():
+                p.add_(torch.randn_like(p))
+        real_export(bad, spec, path, opset, batch)
+
+    monkeypatch.setattr(ex, "export_onnx", broken_export)
+    with pytest.raises(WhalesubError, match="disagree"):
+        export_model(ckpt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+    from typer.testing import CliRunner
+
+    from whalesub.cli import app
+
+    res = CliRunner().invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "out2")])
+    assert res.exit_code == 2 and "disagree" in res.output and not (tmp_path / "out2").exists()
+
+
+def test_class_centres_match_sub_centre_oracle(exported):
+    from whalesub.store import load_embeddings
+
+    ckpt, out = exported
+    c = load_embeddings(out / "class_centres.npz")
+    raw = torch.load(ckpt, weights_only=True)
+    w = raw["heads"]["head.weight"].double().numpy()
+    assert c.ids.tolist() == ["whale_b", "whale_a", "whale_c"]
+    for i in range(3):  # independent formula: rows 2i, 2i+1 are class i's sub-centres
+        a, b = w[2 * i] / np.linalg.norm(w[2 * i]), w[2 * i + 1] / np.linalg.norm(w[2 * i + 1])
+        want = (a + b) / np.linalg.norm(a + b)
+        np.testing.assert_allclose(c.vectors[i], want, atol=1e-6)
+    assert c.meta["sub_centres"] == 2 and c.meta["fingerprint"]
+
+
+@pytest.mark.gpu
+def test_fp16_parity_on_cuda(exported, nyala):
+    """Needs ONNX Runtime's CUDA provider: per-row cosine >= 0.999 and top-5 agreement >= 99 %."""
+    from whalesub.export import cuda_provider_active
+    from whalesub.image import load_for_model
+
+    ckpt, out = exported
+    if not cuda_provider_active(out / "model_fp16.onnx"):
+        pytest.skip("ONNX Runtime's CUDAExecutionProvider is not active (CUDA/cuDNN mismatch?)")
+    spec = ModelSpec.load(out)
+    gal = np.stack([load_for_model(p, spec) for p in sorted((nyala / "train_images").iterdir())[:200]])
+    qry = np.stack([load_for_model(p, spec) for p in sorted((nyala / "test_images").iterdir())[:100]])
+
+    def run(file, x):
+        s = ort_session(out / file, ("CUDAExecutionProvider",))
+        assert "CUDAExecutionProvider" in s.get_providers()
+        return np.concatenate([s.run(None, {INPUT_NAME: x[i:i + 32]})[0] for i in range(0, len(x), 32)])
+
+    g32, q32 = run("model.onnx", gal), run("model.onnx", qry)
+    g16, q16 = run("model_fp16.onnx", gal), run("model_fp16.onnx", qry)
+    assert (q32 * q16).sum(1).min() >= 0.999 and (g32 * g16).sum(1).min() >= 0.999
+    top32 = np.argsort(-q32 @ g32.T, axis=1)[:, :5]
+    top16 = np.argsort(-q16 @ g16.T, axis=1)[:, :5]
+    assert (top32 == top16).all(axis=1).mean() >= 0.99

@@ -1,0 +1,307 @@
+"""``whalesub embed``: images -> one L2-normalised vector (or view) per image, in an embedding file.
+
+Pipeline: worker processes decode and preprocess images with ``whalesub.image.load_for_model``
+(THE function training validation uses: DCT-domain JPEG downscale, EXIF, any mode to RGB, box
+crops) while the main process runs the model(s) on fixed-size batches (the last batch is padded
+by repeating its last image and the padding is dropped), so decoding overlaps inference.
+
+- Flip TTA (``tta="flip"``): per model, the normalised sum of the original and horizontally
+  flipped views. ``flip_views=True`` instead stores both views as separate rows (ids repeated,
+  ``[orig, hflip]`` per image) for a flipped gallery.
+- Several models (folds): per-model unit vectors (after TTA) are concatenated and renormalised,
+  which makes the inner product the mean of the per-model cosines. Each model decodes at its own
+  spec (models sharing the same preprocessing share one decode), so folds of different input
+  sizes can be combined and every model sees exactly its training-validation input.
+- Resumable: every ``chunk`` images the vectors go atomically to ``<out>.parts/``; re-running the
+  same command continues there. Chunks are multiples of the batch size and batches never cross
+  a chunk, so a resumed run computes exactly the batches an uninterrupted one does and the final
+  arrays are identical. The final file is written atomically and the parts folder removed.
+- ``meta["fingerprint"]``: hash of the models' fingerprints (spec + weights) and preprocessing;
+  gallery and queries must share it (TTA mode and views are recorded separately in ``tta``,
+  ``tta_reduce`` and ``views_per_image``, because a flipped gallery with flip-TTA queries is valid).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from whalesub.errors import ConfigError, DataError, WhalesubError, first_few
+
+log = logging.getLogger(__name__)
+
+PARTS_MANIFEST = "run.json"
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    tta: str = "flip"  # "flip" | "none"
+    flip_views: bool = False
+    backend: str = "onnx"
+    device: str = "auto"
+    fp16: bool = False
+    batch_size: int = 32
+    workers: int = 2
+    chunk: int = 1024  # images per resumable chunk (rounded up to a multiple of batch_size)
+    box_type: str | None = None
+    shard: str | None = None  # "i/n"
+
+    def check(self) -> None:
+        if self.tta not in ("flip", "none"):
+            raise ConfigError(f"--tta {self.tta!r} is not known: use flip or none")
+        if self.flip_views and self.tta != "none":
+            raise ConfigError("--flip-views stores both views separately; it replaces --tta flip: "
+                              "pass --tta none")
+        for name in ("batch_size", "chunk"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return ("orig", "hflip") if self.tta == "flip" or self.flip_views else ("orig",)
+
+
+def digest_names(names) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def list_images(images: Path | None, listing: Path | None) -> tuple[list[str], Path]:
+    """Image names in listing order and their folder; every missing file is reported at once."""
+    from whalesub.data import find_missing_files, read_test_listing
+
+    if images is None and listing is None:
+        raise ConfigError("say which images to embed: --images DIR (all images in it) "
+                          "or --list CSV [--images DIR]")
+    if listing is not None:
+        names = read_test_listing(listing)
+        folder = images if images is not None else listing.parent
+    else:
+        names = read_test_listing(images)
+        folder = images
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist; "
+                        "pass the folder holding the images with --images")
+    missing = find_missing_files(names, folder)
+    if missing:
+        shown = "\n".join(f"  - {m}" for m in missing[:200]) + (f"\n  ... and {len(missing) - 200} more"
+                                                                  if len(missing) > 200 else "")
+        raise DataError(f"{len(missing)} of {len(names)} listed images are missing from {folder}; fix the "
+                        f"listing or the folder:\n{shown}")
+    return names, folder
+
+
+def select_boxes(path: Path, box_type: str | None, names: list[str]) -> list[tuple | None]:
+    """Per name, its box (x1, y1, x2, y2) in original-image pixels, or None (full frame)."""
+    from whalesub.data import read_boxes
+
+    boxes = read_boxes(path)
+    if "box_type" in boxes.columns:
+        kinds = sorted(boxes["box_type"].unique())
+        if box_type is None and len(kinds) > 1:
+            raise DataError(f"box file {path} has several box types {kinds}: choose one with --box-type")
+        if box_type is not None:
+            if box_type not in kinds:
+                raise DataError(f"--box-type {box_type!r} not in box file {path} (it has {kinds})")
+            boxes = boxes[boxes["box_type"] == box_type]
+    elif box_type is not None:
+        raise DataError(f"--box-type {box_type!r} given but box file {path} has no 'box_type' column")
+    table = {r.image: (r.x1, r.y1, r.x2, r.y2) for r in boxes.itertuples(index=False)}
+    picked = [table.get(n) for n in names]
+    hits = sum(b is not None for b in picked)
+    if hits == 0:
+        raise DataError(f"box file {path} has no box for any of the {len(names)} listed images (e.g. "
+                        f"{first_few(names, 3)}; it names {first_few(list(table), 3)}): "
+                        "wrong box file for this image set?")
+    if hits < len(names):
+        log.warning("%d of %d images have no box in %s: they are embedded uncropped", len(names) - hits,
+                    len(names), path)
+    return picked
+
+
+def preprocess_key(spec) -> str:
+    """JSON of the spec fields that decide an input tensor (models sharing it share one decode)."""
+    d = json.loads(spec.to_json())
+    keep = ("image_size", "in_chans", "mean", "std", "interpolation", "preprocess", "box_margin")
+    return json.dumps({k: d.get(k) for k in keep}, sort_keys=True)
+
+
+def combined_fingerprint(models) -> str:
+    payload = [{"model": m.fingerprint, "preprocess": preprocess_key(m.spec)} for m in models]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def embed_batch(models, inputs: list[np.ndarray], key_of: list[int], options: EmbedOptions) -> np.ndarray:
+    """One batch: inputs[k] [B, C, S_k, S_k] per preprocessing key -> rows [B * views, D_total] f32.
+
+    Rows are ordered image-major (image 0 orig, image 0 hflip, image 1 orig, ...) with flip_views.
+    """
+    per_model = []
+    for model, k in zip(models, key_of, strict=True):
+        x = inputs[k]
+        e = _unit(model(x))
+        if len(options.views) == 2:
+            f = _unit(model(np.ascontiguousarray(x[..., ::-1])))
+            if options.flip_views:
+                e = np.stack([e, f], axis=1).reshape(-1, e.shape[1])  # [B*2, D]
+            else:
+                e = _unit(e + f)
+        per_model.append(e)
+    return _unit(np.concatenate(per_model, axis=1)) if len(per_model) > 1 else per_model[0]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32, copy=False)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class _Parts:
+    folder: Path
+    chunk: int  # images per chunk
+    n: int
+
+    def path(self, c: int) -> Path:
+        return self.folder / f"chunk_{c:06d}.npz"
+
+    def rows(self, c: int) -> range:
+        return range(c * self.chunk, min(self.n, (c + 1) * self.chunk))
+
+    @property
+    def count(self) -> int:
+        return -(-self.n // self.chunk)
+
+
+def _open_parts(out: Path, run_key: dict, n: int, chunk: int) -> tuple[_Parts, set[int]]:
+    """The parts folder for ``out``, checked against ``run_key``; returns it and the done chunks."""
+    from whalesub.atomic import atomic_write_text
+
+    parts = _Parts(out.with_name(out.name + ".parts"), chunk, n)
+    manifest = parts.folder / PARTS_MANIFEST
+    if manifest.is_file():
+        try:
+            old = json.loads(manifest.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            old = {}
+        if old != run_key:
+            diff = sorted(k for k in set(old) | set(run_key) if old.get(k) != run_key.get(k))
+            raise WhalesubError(
+                f"{parts.folder} holds chunks of an interrupted run with different settings "
+                f"({', '.join(diff)}); "
+                f"re-run the original command to finish it, or delete {parts.folder} to start over"
+            )
+    else:
+        parts.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(manifest, json.dumps(run_key, sort_keys=True, indent=1))
+    done = set()
+    for c in range(parts.count):
+        p = parts.path(c)
+        if p.is_file():
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    ok = z["positions"].tolist() == list(parts.rows(c))
+            except Exception:  # noqa: BLE001 - an unreadable chunk is recomputed
+                ok = False
+            if ok:
+                done.add(c)
+            else:
+                log.warning("chunk %s is unreadable or stale: recomputing it", p.name)
+    return parts, done
+
+
+def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out: Path,
+                 options: EmbedOptions, boxes: list | None = None, shard_info: dict | None = None) -> Path:
+    """Embed ``names`` (files in ``image_dir``) with every model; write ``out`` (.npz) atomically."""
+    from tqdm import tqdm
+
+    from whalesub.atomic import atomic_open
+    from whalesub.backends import open_model
+    from whalesub.loader import make_loader
+    from whalesub.store import save_embeddings
+
+    options.check()
+    models = [open_model(p, options.backend, options.device, options.fp16) for p in model_paths]
+    keys = list(dict.fromkeys(preprocess_key(m.spec) for m in models))
+    key_of = [keys.index(preprocess_key(m.spec)) for m in models]
+    specs = [next(m.spec for m in models if preprocess_key(m.spec) == k) for k in keys]
+    fingerprint = combined_fingerprint(models)
+    chunk = -(-options.chunk // options.batch_size) * options.batch_size
+    boxes = boxes if boxes is not None else [None] * len(names)
+    run_key = {"fingerprint": fingerprint, "images": digest_names(names), "n": len(names),
+               "boxes": hashlib.sha256(repr(boxes).encode()).hexdigest(), "chunk": chunk,
+               "options": {k: v for k, v in asdict(options).items() if k not in ("workers", "chunk")},
+               "models": [m.describe() for m in models]}
+    parts, done = _open_parts(out, run_key, len(names), chunk)
+    if done:
+        log.info("resuming from %s: %d of %d chunks already done (%d images)", parts.folder, len(done),
+                 parts.count, sum(len(parts.rows(c)) for c in done))
+    todo = [c for c in range(parts.count) if c not in done]
+    batches = [list(parts.rows(c))[i:i + options.batch_size] for c in todo
+               for i in range(0, len(parts.rows(c)), options.batch_size)]
+    paths = [str(image_dir / n) for n in names]
+    loader = make_loader(paths, boxes, specs, batches, options.batch_size, options.workers)
+    bar = tqdm(total=len(names), initial=len(names) - sum(len(parts.rows(c)) for c in todo),
+               unit="img", desc="embed", dynamic_ncols=True, smoothing=0.1)
+    pending: dict[int, list[np.ndarray]] = {}
+    with bar:
+        for positions, inputs in loader:
+            rows = embed_batch(models, inputs, key_of, options)
+            rows = rows[: len(positions) * len(options.views) if options.flip_views else len(positions)]
+            c = positions[0] // chunk
+            pending.setdefault(c, []).append(rows)
+            bar.update(len(positions))
+            if positions[-1] == parts.rows(c)[-1]:
+                with atomic_open(parts.path(c), "wb") as fh:
+                    np.savez(fh, positions=np.array(parts.rows(c)), vectors=np.concatenate(pending.pop(c)))
+    vectors = []
+    for c in range(parts.count):
+        with np.load(parts.path(c), allow_pickle=False) as z:
+            vectors.append(z["vectors"])
+    views = options.views if options.flip_views else ("orig",)
+    ids = np.repeat(np.asarray(names, dtype=str), len(views))
+    meta = {"fingerprint": fingerprint, "models": [m.describe() for m in models],
+            "model": run_key["models"][0]["spec"], "tta": list(options.views),
+            "tta_reduce": "mean" if options.tta == "flip" else None, "views_per_image": len(views),
+            "views": list(views), "backend": options.backend, "box_type": options.box_type,
+            "n_images": len(names)}
+    if shard_info:
+        meta["shard"] = shard_info
+    save_embeddings(out, ids, np.concatenate(vectors), meta)
+    shutil.rmtree(parts.folder, ignore_errors=True)
+    log.info("wrote %s: %d rows x %d (fingerprint %s)", out, len(ids), vectors[0].shape[1], fingerprint[:12])
+    return out
+
+
+def run_embed(model_paths: list[Path], out: Path, options: EmbedOptions, images: Path | None = None,
+              listing: Path | None = None, boxes: Path | None = None) -> Path:
+    """The ``whalesub embed`` command: list and check the images, pick boxes and the shard, embed."""
+    from whalesub.shards import parse_shard
+
+    options.check()
+    if not model_paths:
+        raise ConfigError("pass at least one --model (an export folder, "
+                          "or a checkpoint with --backend torch)")
+    if out.suffix != ".npz":
+        raise ConfigError(f"--out {out}: embedding files end in .npz")
+    if options.box_type is not None and boxes is None:
+        raise ConfigError("--box-type needs --boxes CSV")
+    names, folder = list_images(images, listing)
+    index, count, start, stop = parse_shard(options.shard, len(names))
+    shard_info = None
+    if options.shard is not None:
+        shard_info = {"index": index, "count": count, "start": start, "stop": stop,
+                      "listing": digest_names(names)}
+        log.info("shard %d/%d: images %d..%d of %d", index, count, start, stop, len(names))
+    picked = select_boxes(boxes, options.box_type, names) if boxes is not None else None
+    names = names[start:stop]
+    if not names:
+        raise ConfigError(f"--shard {options.shard}: this shard is empty ({len(names)} images in all)")
+    picked = picked[start:stop] if picked is not None else None
+    return embed_images(model_paths, names, folder, out, options, picked, shard_info)

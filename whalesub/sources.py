@@ -1,0 +1,106 @@
+"""What ``whalesub export`` and ``embed --backend torch`` read: a checkpoint or a training run folder.
+
+A run folder resolves to its best checkpoint (``best.pt``, else ``last.pt``; see :data:`CANDIDATES`).
+The embedding network is loaded strictly by :func:`whalesub.model.load_embedding_net`; the ArcFace
+head, when present, gives the class-centre matrix (:func:`class_centres`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from whalesub.errors import ConfigError, WhalesubError
+
+log = logging.getLogger(__name__)
+
+CANDIDATES = ("best.pt", "checkpoint_best.pt", "model_best.pt", "last.pt", "checkpoint_last.pt", "model.pt")
+
+
+@dataclass
+class Source:
+    """A loaded embedding network (eval, CPU, FP32), its spec and the raw checkpoint dict."""
+
+    path: Path
+    net: Any
+    spec: Any
+    checkpoint: dict = field(default_factory=dict, repr=False)
+    pool_attr: str = "pool"  # EmbeddingNet's pooling module: where the FP32 tail of the graph starts
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or the best checkpoint of a run folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in CANDIDATES:
+            for found in (path / name, path / "checkpoints" / name):
+                if found.is_file():
+                    return found
+        raise WhalesubError(f"{path}: no checkpoint found (looked for {', '.join(CANDIDATES)} and "
+                            "checkpoints/<name>); pass the checkpoint file itself")
+    raise WhalesubError(f"{path} does not exist: pass a training run folder or a checkpoint file")
+
+
+def load_source(path: str | Path) -> Source:
+    """Load the embedding network of a run folder or checkpoint file, strictly, on the CPU."""
+    import torch
+
+    from whalesub.model import load_embedding_net
+
+    ckpt = resolve_checkpoint(path)
+    net, spec = load_embedding_net(ckpt, map_location="cpu")
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True) if ckpt.suffix != ".safetensors" else {}
+    return Source(ckpt, net.float().eval(), spec, raw if isinstance(raw, dict) else {})
+
+
+def _head_weight(ckpt: dict):
+    """The individual-id ArcFace weight [C * k, D] of a training checkpoint, or None.
+
+    train/checkpoint.py stores ``heads`` = TrainModel.head_state(): ``head.weight`` (individuals),
+    ``species_head.weight`` (species, not used here), with the row labels in ``classes``.
+    """
+    heads = ckpt.get("heads")
+    if not isinstance(heads, dict):
+        return None
+    w = heads.get("head.weight")
+    return w if w is not None and getattr(w, "ndim", 0) == 2 else None
+
+
+def sub_centre_means(weight: np.ndarray, n_classes: int) -> np.ndarray:
+    """[C * k, D] sub-centres (rows c*k .. c*k+k-1 belong to class c) -> [C, D] float32 unit rows.
+
+    Each sub-centre is L2-normalised, the k of a class are averaged and the mean renormalised
+    (equal to the normalised centre when k = 1). Max-over-sub-centres scoring needs the raw
+    sub-centres instead; this single centre per class is what class-centre kNN blending uses.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    if w.ndim != 2 or w.shape[0] % n_classes:
+        raise ConfigError(f"head weight of shape {w.shape} does not split into {n_classes} classes")
+    k = w.shape[0] // n_classes
+    w = w / np.linalg.norm(w, axis=1, keepdims=True)
+    mean = w.reshape(n_classes, k, w.shape[1]).mean(axis=1)
+    return (mean / np.linalg.norm(mean, axis=1, keepdims=True)).astype(np.float32)
+
+
+def class_centres(src: Source) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """(ids [C] str individual_id, centres [C, D] float32 unit rows, info) or None without a head."""
+    weight = _head_weight(src.checkpoint)
+    labels = src.checkpoint.get("classes")
+    if weight is None or labels is None:
+        log.info("%s: no ArcFace head with class labels in the checkpoint: no class_centres.npz", src.path)
+        return None
+    labels = [str(x) for x in labels]
+    w = weight.detach().float().cpu().numpy()
+    if w.shape[1] != src.spec.embed_dim:
+        raise WhalesubError(f"{src.path}: head weight has D={w.shape[1]} but the embedding has "
+                            f"D={src.spec.embed_dim}; the checkpoint is inconsistent")
+    centres = sub_centre_means(w, len(labels))
+    k = w.shape[0] // len(labels)
+    return np.asarray(labels, dtype=str), centres, {"sub_centres": k, "reduce": "normalised mean of "
+                                                   "normalised sub-centres, renormalised"}
