@@ -26,15 +26,21 @@ DEFAULT_BATCH = 8192
 def sort_ties(scores: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sort each row by (-score, index); ``scores`` [Q, k] f32, ``indices`` [Q, k] int64.
 
-    Missing neighbours (index -1, score -inf or FAISS's -3.4e38) sort last.
+    Missing neighbours (index -1, score -inf or FAISS's -3.4e38) sort last with score -inf.
+    Rows that are already strictly decreasing (FAISS's usual output) are left as they are.
     """
-    q, k = scores.shape
     s = np.where(indices < 0, -np.inf, scores).astype(np.float32, copy=False)
-    idx_key = np.where(indices < 0, np.iinfo(np.int64).max, indices)
-    rows = np.repeat(np.arange(q), k)
-    order = np.lexsort((idx_key.ravel(), -s.ravel(), rows)).reshape(q, k) - (np.arange(q) * k)[:, None]
-    return (np.take_along_axis(s, order, axis=1),
-            np.take_along_axis(indices, order, axis=1).astype(np.int64, copy=False))
+    idx = indices.astype(np.int64, copy=False)
+    redo = np.flatnonzero((s[:, 1:] >= s[:, :-1]).any(axis=1))  # ties or out of order
+    if redo.size:
+        sr, ir = s[redo], idx[redo]
+        q, k = sr.shape
+        idx_key = np.where(ir < 0, np.iinfo(np.int64).max, ir)
+        rows = np.repeat(np.arange(q), k)
+        order = np.lexsort((idx_key.ravel(), -sr.ravel(), rows)).reshape(q, k) - (np.arange(q) * k)[:, None]
+        s, idx = s.copy(), idx.copy()
+        s[redo], idx[redo] = np.take_along_axis(sr, order, axis=1), np.take_along_axis(ir, order, axis=1)
+    return s, idx
 
 
 class FlatIndex:
