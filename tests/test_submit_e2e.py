@@ -120,6 +120,15 @@ def test_tune_json_reports_the_best_threshold(tiny):
     assert r["target"]["new_share"] == 0.4
 
 
+def test_tune_truth_that_does_not_match_the_queries(tiny):
+    _write_csv(tiny / "truth2.csv", ["image", "individual_id"], [("q0.jpg", "ind0"), ("nope.jpg", "ind1")])
+    args = ["tune", "--gallery", str(tiny / "gallery.npz"), "--queries", str(tiny / "queries.npz"),
+            "--train-csv", str(tiny / "train.csv"), "--truth", str(tiny / "truth2.csv")]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and res.output.startswith("error:"), res.output
+    assert "4 query images have no truth row" in res.output and "'nope.jpg'" in res.output
+
+
 # --- the real nyala set -------------------------------------------------------------------------
 
 

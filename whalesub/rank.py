@@ -25,6 +25,8 @@ import logging
 
 import numpy as np
 
+from whalesub.errors import ConfigError, DataError, first_few
+
 log = logging.getLogger(__name__)
 
 PAD = -1  # "no label" in label-code arrays
@@ -175,8 +177,6 @@ def predict_top5(gallery: np.ndarray, gallery_label_strs, queries: np.ndarray, t
 
 def check_threshold(threshold: float) -> float:
     """Raise ConfigError unless ``threshold`` is a finite cosine in [-1, 1]."""
-    from whalesub.errors import ConfigError
-
     if not np.isfinite(threshold) or not -1.0 <= threshold <= 1.0:
         raise ConfigError(
             f"--threshold {threshold} is outside [-1, 1]: it is the cosine score given to new_individual; "
@@ -191,7 +191,6 @@ def load_ranking_inputs(gallery_path, queries_path, train_csv) -> dict:
     ``classes`` [n_ind] str, ``query_ids`` [Q] str (unique; views averaged), ``queries`` [Q, D] f32.
     """
     from whalesub.data import read_train_csv
-    from whalesub.errors import DataError, first_few
     from whalesub.store import average_views, check_compatible, load_embeddings, unit_float32
 
     gallery, queries = load_embeddings(gallery_path), load_embeddings(queries_path)
@@ -213,7 +212,6 @@ def load_ranking_inputs(gallery_path, queries_path, train_csv) -> dict:
 
 def _check_against_sample(query_ids: np.ndarray, sample, queries_path) -> list[str]:
     from whalesub.data import read_test_listing
-    from whalesub.errors import DataError, first_few
 
     images = [str(i) for i in read_test_listing(sample)]
     have, want = set(query_ids.tolist()), set(images)
@@ -236,7 +234,6 @@ def submit_files(gallery_path, queries_path, train_csv, threshold: float, out, k
     Rows follow the sample's order when ``sample`` (sample_submission.csv or an image folder) is
     given, else the queries' order. Returns counts: rows, new_first, new_any, individuals, ...
     """
-    from whalesub.errors import ConfigError
     from whalesub.submission import write_submission
 
     threshold = check_threshold(threshold)

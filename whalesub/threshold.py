@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from whalesub.errors import ConfigError
+from whalesub.errors import ConfigError, DataError, first_few
 from whalesub.rank import NEW, TOP
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,6 @@ def tune_files(gallery_path, queries_path, train_csv, truth_csv, grid: str = "0.
     not in the gallery). Returns a JSON-ready dict: table, best, and (when asked) ``target``.
     """
     from whalesub.data import read_truth
-    from whalesub.errors import DataError, first_few
     from whalesub.rank import insert_new_individual, load_ranking_inputs, rank_queries
 
     thresholds = parse_grid(grid)
@@ -165,8 +164,8 @@ def tune_files(gallery_path, queries_path, train_csv, truth_csv, grid: str = "0.
         raise DataError(f"truth {str(truth_csv)!r} does not match queries {str(queries_path)!r}:", problems)
     truth = truth_codes([truth_of[i] for i in ids], data["classes"])
     if (unreachable := int((truth == UNREACHABLE).sum())):
-        log.warning("%d queries are labelled with individuals absent from the gallery: they score 0",
-                    unreachable)
+        log.warning("%d queries are labelled with individuals absent from the gallery: they score 0 "
+                    "(label them new_individual, as CV folds do, to tune for unseen animals)", unreachable)
     labels, scores = rank_queries(data["gallery"], data["gallery_labels"], data["queries"], k,
                                   use_gpu=use_gpu, progress=progress)
     found = grid_search(labels, scores, truth, thresholds)
