@@ -239,3 +239,20 @@ def test_png_bytes_and_non_jpeg_ignore_the_target(tmp_path):
     path = tmp_path / "x.png"
     path.write_bytes(buf.getvalue())
     np.testing.assert_array_equal(load_image(path, target=64), rgb)  # no DCT scaling for PNG
+
+
+@pytest.mark.parametrize("kind", ["progressive", "grey"])
+def test_progressive_and_grey_jpegs_are_downscaled_too(big_jpeg, tmp_path, kind):
+    src = Image.open(big_jpeg).convert("RGB").resize((1200, 800))
+    path = tmp_path / f"{kind}.jpg"
+    if kind == "progressive":
+        src.save(path, quality=90, progressive=True)
+    else:
+        src = src.convert("L")
+        src.save(path, quality=90)
+    got = load_image(path, target=100)
+    assert got.shape == (100, 150, 3)  # decoded at 1/8
+    ref = full_decode(path)
+    assert psnr(area(got, 100), area(ref, 100)) >= 30
+    if kind == "grey":
+        assert (got[..., 0] == got[..., 1]).all() and (got[..., 1] == got[..., 2]).all()

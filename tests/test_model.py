@@ -225,3 +225,17 @@ def test_onnx_export_with_the_torchscript_exporter_matches_torch(tmp_path, kw):
         want = net(x).numpy()
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert got.shape == want.shape and cos.min() > 0.9999
+
+
+@pytest.mark.gpu
+def test_fp16_autocast_on_cuda_keeps_gem_and_the_tail_in_fp32():
+    net = _net("resnet18", neck="linear_bn", embed_dim=32).cuda()
+    x = _x(4).cuda() * 30  # large inputs -> large activations, where an FP16 cube would overflow
+    with torch.no_grad():
+        ref = net(x)
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = net(x)
+            pooled = net.pooled(x)
+    assert out.dtype == torch.float32 and pooled.dtype == torch.float32
+    assert torch.isfinite(out).all() and torch.isfinite(pooled).all()
+    assert F.cosine_similarity(out, ref).min().item() > 0.99
