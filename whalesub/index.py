@@ -47,6 +47,8 @@ class FlatIndex:
     """An exact inner-product index over ``gallery`` [N, D] (converted to contiguous float32)."""
 
     def __init__(self, gallery: np.ndarray, use_gpu: bool | None = None):
+        # faiss.loader logs each CPU-variant probe at INFO; only its warnings concern users.
+        logging.getLogger("faiss.loader").setLevel(max(logging.WARNING, logging.getLogger().level))
         import faiss
 
         gallery = np.ascontiguousarray(gallery, dtype=np.float32)
