@@ -14,6 +14,7 @@ from whalesub.rank import (
     PAD,
     decode_labels,
     encode_labels,
+    exact_candidates,
     individual_candidates,
     insert_new_individual,
     predict_top5,
@@ -130,6 +131,20 @@ def test_gallery_with_fewer_than_five_individuals_gives_shorter_rows(threshold, 
     labels = np.array(["a", "a", "b"])
     q = np.array([[0.6, -0.8]], np.float32)  # cos: a = max(0.6, -0.28) = 0.6, b = -0.8
     assert predict_top5(g, labels, q, threshold, k=100) == [expected]
+
+
+def test_exact_candidates_equal_topk_candidates_with_k_equal_to_the_gallery():
+    rng = np.random.default_rng(4)
+    g, q = _unit(rng, 90, 5), _unit(rng, 21, 5)
+    codes = rng.integers(0, 12, size=90)
+    codes[:3] = 11  # the same vector under one individual twice, and tied with another individual
+    g[1] = g[0]
+    g[2] = g[0]
+    codes[2] = 3
+    want = individual_candidates(*search(g, q, 90), codes)
+    got = exact_candidates(g, codes, q, budget_bytes=90 * 4 * 4)  # batches of 4 queries
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], atol=1e-6)
 
 
 def test_chunked_inputs_give_the_same_candidates():
