@@ -137,16 +137,48 @@ def parse_grid(text: str) -> np.ndarray:
     return np.round(grid, 10)
 
 
+def tune_arrays(gallery: np.ndarray, gallery_label_strs, queries: np.ndarray, truth_labels,
+                thresholds: np.ndarray, target_new_share: float | None = None, k: int = 100, *,
+                use_gpu: bool | None = None, progress: bool = False) -> dict:
+    """Threshold search in memory (e.g. training's validation on out-of-fold embeddings).
+
+    ``gallery`` [N, D] and ``queries`` [Q, D] unit float32, ``gallery_label_strs`` [N] and
+    ``truth_labels`` [Q] strings (``new_individual`` for animals absent from the gallery).
+    Returns a JSON-ready dict: ``n``, ``n_new``, ``k``, ``table`` (one dict per threshold),
+    ``best`` (threshold, map5, new_share) and, with ``target_new_share``, ``target``.
+    """
+    from whalesub.rank import encode_labels, rank_queries
+
+    if target_new_share is not None and not 0.0 <= target_new_share <= 1.0:
+        raise ConfigError(f"--target-new-share {target_new_share} must be within [0, 1] (e.g. 0.165)")
+    codes, classes = encode_labels(gallery_label_strs)
+    truth = truth_codes(truth_labels, classes)
+    if (unreachable := int((truth == UNREACHABLE).sum())):
+        log.warning("%d queries are labelled with individuals absent from the gallery: they score 0 "
+                    "(label them new_individual, as CV folds do, to tune for unseen animals)", unreachable)
+    labels, scores = rank_queries(gallery, codes, queries, k, use_gpu=use_gpu, progress=progress)
+    found = grid_search(labels, scores, truth, thresholds)
+    best = int(np.argmax(found.map5))
+    result = {"n": int(truth.size), "n_new": int((truth == NEW).sum()), "k": int(k), "table": found.table(),
+              "best": {"threshold": found.best_threshold, "map5": found.best_map5,
+                       "new_share": float(found.new_share[best])}}
+    if target_new_share is not None:
+        t = threshold_for_new_share(scores, target_new_share)
+        one = grid_search(labels, scores, truth, np.array([t]))
+        result["target"] = {"new_share": float(one.new_share[0]), "threshold": t, "map5": float(one.map5[0])}
+    return result
+
+
 def tune_files(gallery_path, queries_path, train_csv, truth_csv, grid: str = "0.0:1.0:0.02",
                target_new_share: float | None = None, k: int = 100, *, use_gpu: bool | None = None,
                progress: bool = True) -> dict:
-    """Grid-search the threshold for labelled queries; optionally the threshold for a new share.
+    """:func:`tune_arrays` on embedding files, ``train.csv`` and a truth CSV.
 
     ``truth_csv``: ``image,individual_id`` for every query image (``new_individual`` for animals
-    not in the gallery). Returns a JSON-ready dict: table, best, and (when asked) ``target``.
+    not in the gallery); images missing on either side are an error naming them.
     """
     from whalesub.data import read_truth
-    from whalesub.rank import insert_new_individual, load_ranking_inputs, rank_queries
+    from whalesub.rank import load_ranking_inputs
 
     thresholds = parse_grid(grid)
     if target_new_share is not None and not 0.0 <= target_new_share <= 1.0:
@@ -162,19 +194,6 @@ def tune_files(gallery_path, queries_path, train_csv, truth_csv, grid: str = "0.
         problems.append(f"{len(extra)} truth images are not among the queries: {first_few(extra)}")
     if problems:
         raise DataError(f"truth {str(truth_csv)!r} does not match queries {str(queries_path)!r}:", problems)
-    truth = truth_codes([truth_of[i] for i in ids], data["classes"])
-    if (unreachable := int((truth == UNREACHABLE).sum())):
-        log.warning("%d queries are labelled with individuals absent from the gallery: they score 0 "
-                    "(label them new_individual, as CV folds do, to tune for unseen animals)", unreachable)
-    labels, scores = rank_queries(data["gallery"], data["gallery_labels"], data["queries"], k,
-                                  use_gpu=use_gpu, progress=progress)
-    found = grid_search(labels, scores, truth, thresholds)
-    result = {"n": len(ids), "n_new": int((truth == NEW).sum()), "k": int(k), "table": found.table(),
-              "best": {"threshold": found.best_threshold, "map5": found.best_map5}}
-    if target_new_share is not None:
-        t = threshold_for_new_share(scores, target_new_share)
-        one = grid_search(labels, scores, truth, np.array([t]))
-        result["target"] = {"new_share": float(one.new_share[0]), "threshold": t, "map5": float(one.map5[0])}
-    codes = insert_new_individual(labels, scores, found.best_threshold)
-    result["best"]["new_share"] = float((codes[:, 0] == NEW).mean())
-    return result
+    return tune_arrays(data["gallery"], data["classes"][data["gallery_labels"]], data["queries"],
+                       [truth_of[i] for i in ids], thresholds, target_new_share, k, use_gpu=use_gpu,
+                       progress=progress)
