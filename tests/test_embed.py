@@ -6,6 +6,7 @@ session; real photos from ../shared/data/nyala where the test needs them.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -71,6 +72,8 @@ def test_flip_tta_mirror_invariant(models, pictures, tmp_path):
     s = n[:6] + n[6:]
     np.testing.assert_allclose(v[:6], s / np.linalg.norm(s, axis=1, keepdims=True), atol=2e-5)
     assert e.meta["tta"] == ["orig", "hflip"] and e.meta["views_per_image"] == 1
+    # single model: the model's own fingerprint (as training's OOF files carry it)
+    assert e.meta["fingerprint"] == json.loads((models["a"] / "export.json").read_text())["fingerprint"]
 
 
 def test_flip_views_rows(models, pictures, tmp_path):
@@ -102,6 +105,8 @@ def test_torch_backend_matches_onnx(models, pictures, tmp_path):
     names = [f"img{i}.png" for i in range(3)]
     o = _embed([models["a"]], names, pictures, tmp_path / "o.npz")
     t = _embed([models["a_ckpt"]], names, pictures, tmp_path / "t.npz", backend="torch")
+    t2 = _embed([models["a"]], names, pictures, tmp_path / "t2.npz", backend="torch")  # via export.json
+    np.testing.assert_array_equal(t.vectors, t2.vectors)
     assert (o.vectors * t.vectors).sum(1).min() > 0.9999
     assert o.meta["fingerprint"] == t.meta["fingerprint"]  # same weights + spec, any backend
 

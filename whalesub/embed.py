@@ -16,9 +16,11 @@ by repeating its last image and the padding is dropped), so decoding overlaps in
   same command continues there. Chunks are multiples of the batch size and batches never cross
   a chunk, so a resumed run computes exactly the batches an uninterrupted one does and the final
   arrays are identical. The final file is written atomically and the parts folder removed.
-- ``meta["fingerprint"]``: hash of the models' fingerprints (spec + weights) and preprocessing;
-  gallery and queries must share it (TTA mode and views are recorded separately in ``tta``,
-  ``tta_reduce`` and ``views_per_image``, because a flipped gallery with flip-TTA queries is valid).
+- ``meta["fingerprint"]``: the model's fingerprint (ModelSpec, which includes every preprocessing
+  field, + weights digest; the same value training writes into its OOF files), or a hash of the
+  ordered fingerprints of several models; gallery and queries must share it. TTA mode and views
+  are recorded separately (``tta``, ``tta_reduce``, ``views_per_image``) and are not part of it:
+  a flipped gallery (``--flip-views``) with flip-TTA queries is a valid, common pairing.
 """
 
 from __future__ import annotations
@@ -134,8 +136,12 @@ def preprocess_key(spec) -> str:
 
 
 def combined_fingerprint(models) -> str:
-    payload = [{"model": m.fingerprint, "preprocess": preprocess_key(m.spec)} for m in models]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    """One model: its own fingerprint (ModelSpec incl. preprocessing + weights; the one training
+    writes into its OOF files). Several: 16 hex of sha256 over the ordered list of theirs."""
+    if len(models) == 1:
+        return models[0].fingerprint
+    payload = json.dumps([m.fingerprint for m in models])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def embed_batch(models, inputs: list[np.ndarray], key_of: list[int], options: EmbedOptions) -> np.ndarray:

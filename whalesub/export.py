@@ -193,7 +193,7 @@ def export_model(source: str | Path, out_dir: str | Path, *, fp16: bool = False,
             entry["precision"] = key
         manifest = {
             "format": "whalesub.export", "format_version": 1, "fingerprint": fingerprint,
-            "weights_digest": digest, "source": str(source), "opset": opset, "files": files,
+            "weights_digest": digest, "source": str(src.path.resolve()), "opset": opset, "files": files,
             "input": {"name": INPUT_NAME, "dtype": "float32",
                       "shape": ["batch", spec.in_chans, spec.image_size, spec.image_size],
                       "layout": "NCHW RGB, resized + normalised by whalesub.image.to_model_input"},

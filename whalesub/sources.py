@@ -38,6 +38,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
+        manifest = path / "export.json"
+        if manifest.is_file():  # an export folder: its source checkpoint, if still there
+            import json
+
+            source = Path(json.loads(manifest.read_text(encoding="utf-8")).get("source", ""))
+            if source.exists() and source.resolve() != path.resolve():
+                return resolve_checkpoint(source)
+            raise WhalesubError(f"{path} is an ONNX export folder whose checkpoint {source} is gone; "
+                                "use --backend onnx, or pass the checkpoint for --backend torch")
         for name in CANDIDATES:
             for found in (path / name, path / "checkpoints" / name):
                 if found.is_file():
