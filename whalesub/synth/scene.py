@@ -43,14 +43,26 @@ def _smooth_noise(rng: np.random.Generator, w: int, h: int, cells: tuple[int, in
     return np.asarray(Image.fromarray(small, "F").resize((w, h), Image.BICUBIC))
 
 
-def draw_background(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, int]:
-    """Sea (and sometimes sky) background, float32 [h, w, 3] 0-255, and the horizon row (0: none)."""
+def _cells(size: int, cell: float) -> int:
+    return max(1, int(np.ceil(size / max(cell, 1.0))))
+
+
+def draw_background(rng: np.random.Generator, w: int, h: int, length: float) -> tuple[np.ndarray, int]:
+    """Sea (and sometimes sky) background, float32 [h, w, 3] 0-255, and the horizon row (0: none).
+
+    Waves and foam scale with the animal's body length ``length`` (px), as they would in a photo
+    framed on the animal, so a large frame shows many small waves rather than a few huge ones.
+    """
     sea = np.asarray(SEA[int(rng.integers(len(SEA)))], np.float32) * rng.uniform(0.8, 1.2)
     rows = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None, None]
     img = sea * (1.15 - 0.3 * rows) * np.ones((1, w, 1), np.float32)
-    waves = _smooth_noise(rng, w, h, (int(rng.integers(3, 8)), int(rng.integers(12, 30))))
+    waves = _smooth_noise(
+        rng, w, h, (_cells(w, length * rng.uniform(0.2, 0.5)), _cells(h, length * rng.uniform(0.04, 0.08)))
+    )
     img += (10.0 * waves)[:, :, None]
-    foam = _smooth_noise(rng, w, h, (int(rng.integers(8, 20)), int(rng.integers(16, 40))))
+    foam = _smooth_noise(
+        rng, w, h, (_cells(w, length * rng.uniform(0.08, 0.2)), _cells(h, length * rng.uniform(0.025, 0.06)))
+    )
     thr = rng.uniform(1.3, 2.2)
     img += (np.clip(foam - thr, 0.0, 0.6) / 0.6 * 150.0)[:, :, None]
     horizon = 0
@@ -114,7 +126,7 @@ def render_sighting(
     patch = np.asarray(Image.fromarray(sprite, "RGBA").transform((pw, ph), Image.AFFINE, data, Image.BICUBIC))
     plabel = np.asarray(Image.fromarray(label, "L").transform((pw, ph), Image.AFFINE, data, Image.NEAREST))
 
-    bg, horizon = draw_background(rng, w, h)
+    bg, horizon = draw_background(rng, w, h, length)
     cut = rng.uniform(0.0, 0.15) if rng.random() < 0.15 * shot.nuisance else 0.0
     x_lo, x_hi = -cut * pw, w - pw + cut * pw
     y_lo, y_hi = max(horizon - 0.3 * ph, -cut * ph), h - ph + cut * ph
@@ -145,13 +157,17 @@ def render_sighting(
 
 
 def _apply_light(rng: np.random.Generator, img: np.ndarray, nu: float) -> np.ndarray:
-    """Brightness, contrast, colour cast and sensor noise; float32 [h, w, 3] -> uint8."""
+    """Brightness, contrast, colour cast and sensor noise; float32 [h, w, 3] (modified) -> uint8."""
     gain = 1.0 + rng.uniform(-0.25, 0.25) * nu
     contrast = 1.0 + rng.uniform(-0.2, 0.2) * nu
     cast = 1.0 + rng.uniform(-0.08, 0.08, size=3).astype(np.float32) * nu
-    mean = img.mean(axis=(0, 1), keepdims=True)
-    img = ((img - mean) * contrast + mean) * (gain * cast)
+    mean = img[::4, ::4].mean(axis=(0, 1))
+    img -= mean
+    img *= contrast
+    img += mean
+    img *= gain * cast
     sigma = rng.uniform(0.0, 4.0) * nu
-    if sigma > 0.5:
-        img += rng.standard_normal(img.shape, dtype=np.float32) * sigma
-    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    if sigma > 0.5:  # luminance noise, one draw per pixel
+        img += rng.standard_normal(img.shape[:2], dtype=np.float32)[:, :, None] * np.float32(sigma)
+    img += 0.5
+    return np.clip(img, 0, 255, out=img).astype(np.uint8)
