@@ -233,3 +233,40 @@ def test_resume_after_sigkill_gives_identical_output(models, nyala, tmp_path):
     drop = {"created"}
     assert {k: v for k, v in a.meta.items() if k not in drop} == {
         k: v for k, v in b.meta.items() if k not in drop}
+
+
+def test_undecodable_image_is_named(models, pictures, tmp_path):
+    import shutil
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(pictures / "img0.png", folder / "a.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(WhalesubError, match="broken.jpg"):
+        run_embed([models["a"]], tmp_path / "x.npz", _opts(workers=1), images=folder)
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_cli_embed_and_merge(models, pictures, tmp_path):
+    from typer.testing import CliRunner
+
+    from whalesub.cli import app
+
+    run = CliRunner().invoke
+    base = ["embed", "--model", str(models["a"]), "--images", str(pictures), "--device", "cpu",
+            "--workers", "0", "--batch-size", "4"]
+    res = run(app, base + ["--out", str(tmp_path / "v.npz"), "--flip-views"])
+    assert res.exit_code == 0, res.output
+    v = load_embeddings(tmp_path / "v.npz")
+    assert v.meta["views_per_image"] == 2 and len(v) == 24 and v.meta["tta_reduce"] is None
+    res = run(app, base + ["--out", str(tmp_path / "x.npz"), "--flip-views", "--tta", "flip"])
+    assert res.exit_code == 2 and "--tta none" in res.output
+    for i in range(2):
+        assert run(app, base + ["--out", str(tmp_path / f"s{i}.npz"), "--shard", f"{i}/2"]).exit_code == 0
+    res = run(app, ["merge-embeddings", str(tmp_path / "s1.npz"), str(tmp_path / "s0.npz"),
+                    "--out", str(tmp_path / "m.npz")])
+    assert res.exit_code == 0, res.output
+    m = load_embeddings(tmp_path / "m.npz")
+    assert m.ids.tolist() == sorted(p.name for p in pictures.iterdir()) and m.meta["tta_reduce"] == "mean"
+    res = run(app, base + ["--out", str(tmp_path / "y.npz"), "--shard", "2/2"])
+    assert res.exit_code == 2 and "0 <= i < n" in res.output

@@ -42,9 +42,9 @@ class Model:
     run: Any = field(repr=False)
     info: dict = field(default_factory=dict)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x: [B, C, S, S] float32 -> [B, D] float32."""
-        return self.run(np.ascontiguousarray(x, dtype=np.float32))
+    def __call__(self, x) -> np.ndarray:
+        """x: [B, C, S, S] float32 (numpy array or CPU torch tensor, pinned for GPUs) -> [B, D] float32."""
+        return self.run(x)
 
     def describe(self) -> dict:
         return {"path": str(self.path), "fingerprint": self.fingerprint, "backend": self.backend,
@@ -113,8 +113,10 @@ def _open_onnx(folder: Path, device: str, fp16: bool) -> Model:
     if fp16 and not on_gpu:
         log.warning("--fp16 on the CPU provider: ONNX Runtime computes in FP32 there (no speed-up)")
 
-    def run(x: np.ndarray) -> np.ndarray:
-        return sess.run(None, {INPUT_NAME: x})[0].astype(np.float32, copy=False)
+    def run(x) -> np.ndarray:
+        x = x if isinstance(x, np.ndarray) else x.numpy()  # a (pinned) CPU tensor: shares memory
+        return sess.run(None, {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[0].astype(
+            np.float32, copy=False)
 
     return Model(folder, spec, manifest["fingerprint"], "onnx", key, "cuda" if on_gpu else "cpu", run,
                  {"providers": active})
@@ -138,9 +140,9 @@ def _open_torch(path: Path, device: str, fp16: bool) -> Model:
     fingerprint = model_fingerprint(src.net, src.spec)
 
     @torch.inference_mode()
-    def run(x: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(x)
-        t = t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
+    def run(x) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+        t = t.to(dev, non_blocking=True)  # the loader pins batches when a model runs on a GPU
         with torch.autocast(dev.type, dtype=torch.float16, enabled=fp16):
             out = net(t)
         return out.float().cpu().numpy()

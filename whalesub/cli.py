@@ -249,9 +249,10 @@ def embed_command(
                                        "or those of --list)."),
     listing: Path | None = typer.Option(None, "--list", help="CSV with an 'image' column (train.csv, "
                                         "sample_submission.csv); images in --images or the CSV's folder."),
-    tta: str = typer.Option("flip", "--tta", help="flip: mean of original and mirrored view; none."),
+    tta: str | None = typer.Option(None, "--tta", help="flip (default): mean of the original and mirrored "
+                                   "views, renormalised; none: original only."),
     flip_views: bool = typer.Option(False, "--flip-views", help="Store original and mirrored views as two "
-                                    "rows per image (flipped gallery); needs --tta none."),
+                                    "rows per image (flipped gallery) instead of averaging them."),
     backend: str = typer.Option("onnx", "--backend", help="onnx (ONNX Runtime) or torch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     boxes: Path | None = typer.Option(None, "--boxes", help="Box CSV image,x1,y1,x2,y2[,conf][,box_type]."),
@@ -267,6 +268,7 @@ def embed_command(
     from whalesub.embed import EmbedOptions, run_embed
 
     _log_info_to_stderr()
+    tta = tta if tta is not None else ("none" if flip_views else "flip")
     options = EmbedOptions(tta=tta, flip_views=flip_views, backend=backend, device=device, fp16=fp16,
                            batch_size=batch_size, workers=workers, chunk=chunk, box_type=box_type,
                            shard=shard)

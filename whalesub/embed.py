@@ -144,8 +144,9 @@ def combined_fingerprint(models) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def embed_batch(models, inputs: list[np.ndarray], key_of: list[int], options: EmbedOptions) -> np.ndarray:
-    """One batch: inputs[k] [B, C, S_k, S_k] per preprocessing key -> rows [B * views, D_total] f32.
+def embed_batch(models, inputs: list, key_of: list[int], options: EmbedOptions) -> np.ndarray:
+    """One batch: inputs[k] [B, C, S_k, S_k] f32 (numpy or torch) per preprocessing key
+    -> rows [B * views, D_total] f32.
 
     Rows are ordered image-major (image 0 orig, image 0 hflip, image 1 orig, ...) with flip_views.
     """
@@ -154,13 +155,20 @@ def embed_batch(models, inputs: list[np.ndarray], key_of: list[int], options: Em
         x = inputs[k]
         e = _unit(model(x))
         if len(options.views) == 2:
-            f = _unit(model(np.ascontiguousarray(x[..., ::-1])))
+            f = _unit(model(_hflip(x)))
             if options.flip_views:
                 e = np.stack([e, f], axis=1).reshape(-1, e.shape[1])  # [B*2, D]
             else:
                 e = _unit(e + f)
         per_model.append(e)
     return _unit(np.concatenate(per_model, axis=1)) if len(per_model) > 1 else per_model[0]
+
+
+def _hflip(x):
+    """Mirror [B, C, H, W] along W (a contiguous copy; numpy or torch)."""
+    if isinstance(x, np.ndarray):
+        return np.ascontiguousarray(x[..., ::-1])
+    return x.flip(-1)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -243,7 +251,8 @@ def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out
     run_key = {"fingerprint": fingerprint, "images": digest_names(names), "n": len(names),
                "boxes": hashlib.sha256(repr(boxes).encode()).hexdigest(), "chunk": chunk,
                "options": {k: v for k, v in asdict(options).items() if k not in ("workers", "chunk")},
-               "models": [m.describe() for m in models]}
+               "models": [{k: m.describe()[k] for k in ("fingerprint", "backend", "precision", "device")}
+                          for m in models]}
     parts, done = _open_parts(out, run_key, len(names), chunk)
     if done:
         log.info("resuming from %s: %d of %d chunks already done (%d images)", parts.folder, len(done),
@@ -252,7 +261,8 @@ def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out
     batches = [list(parts.rows(c))[i:i + options.batch_size] for c in todo
                for i in range(0, len(parts.rows(c)), options.batch_size)]
     paths = [str(image_dir / n) for n in names]
-    loader = make_loader(paths, boxes, specs, batches, options.batch_size, options.workers)
+    loader = make_loader(paths, boxes, specs, batches, options.batch_size, options.workers,
+                         pin_memory=any(m.device == "cuda" for m in models))
     bar = tqdm(total=len(names), initial=len(names) - sum(len(parts.rows(c)) for c in todo),
                unit="img", desc="embed", dynamic_ncols=True, smoothing=0.1)
     pending: dict[int, list[np.ndarray]] = {}
@@ -273,7 +283,7 @@ def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out
     views = options.views if options.flip_views else ("orig",)
     ids = np.repeat(np.asarray(names, dtype=str), len(views))
     meta = {"fingerprint": fingerprint, "models": [m.describe() for m in models],
-            "model": run_key["models"][0]["spec"], "tta": list(options.views),
+            "model": models[0].describe()["spec"], "tta": list(options.views),
             "tta_reduce": "mean" if options.tta == "flip" else None, "views_per_image": len(views),
             "views": list(views), "backend": options.backend, "box_type": options.box_type,
             "n_images": len(names)}

@@ -41,14 +41,19 @@ class _Collate:
             return None, errors
         positions = [i for i, _ in items]
         pad = self.batch_size - len(items)
-        arrays = [np.stack([r[k] for _, r in items] + [items[-1][1][k]] * pad).astype(np.float32, copy=False)
-                  for k in range(len(items[0][1]))]
+        import torch
+
+        arrays = [torch.from_numpy(np.stack([r[k] for _, r in items] + [items[-1][1][k]] * pad)
+                                   .astype(np.float32, copy=False)) for k in range(len(items[0][1]))]
         return positions, arrays
 
 
 def make_loader(paths: list[str], boxes: list, specs: list, batches: list[list[int]], batch_size: int,
-                workers: int):
-    """Yield (positions [b], inputs [array [batch_size, C, S, S] float32 per spec]) for each batch.
+                workers: int, pin_memory: bool = False):
+    """Yield (positions [b], inputs [tensor [batch_size, C, S, S] float32 per spec]) for each batch.
+
+    ``pin_memory``: page-locked batches (pinned in the loader's thread) for fast, asynchronous
+    host-to-GPU copies.
 
     Raises DataError naming every image of a batch that failed to decode.
     """
@@ -57,7 +62,7 @@ def make_loader(paths: list[str], boxes: list, specs: list, batches: list[list[i
     loader = torch.utils.data.DataLoader(
         ImageSet(paths, boxes, specs), batch_sampler=batches, num_workers=workers,
         collate_fn=_Collate(batch_size, paths), prefetch_factor=4 if workers else None,
-        persistent_workers=False,
+        persistent_workers=False, pin_memory=pin_memory,
     )
     for positions, arrays in loader:
         if positions is None:
