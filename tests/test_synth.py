@@ -250,8 +250,26 @@ def test_interrupted_run_leaves_no_tables(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         make_dataset(out, seed=1, n_individuals=5, overwrite=True, progress=False)
     left = {p.name for p in out.iterdir()}
-    assert left == {"train_images", "test_images"}  # old tables gone, new ones never written
-    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temp files
+    assert left == {
+        "train_images",
+        "test_images",
+        ".whalesub-synth",
+    }  # old tables gone, new ones never written
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # no temp files
+    # The interrupted folder is still recognised as synth's own, so --overwrite can finish the job.
+    monkeypatch.setattr(ds, "render_sighting", real)
+    stats = make_dataset(out, seed=1, n_individuals=5, overwrite=True, progress=False)
+    assert len(list((out / "train_images").iterdir())) == stats["train_images"]
+
+
+def test_overwrite_refuses_a_folder_synth_did_not_write(tmp_path):
+    real = tmp_path / "real"
+    (real / "train_images").mkdir(parents=True)
+    (real / "train_images" / "a.jpg").write_bytes(b"not ours")
+    (real / "train.csv").write_text("image,species,individual_id\na.jpg,beluga,x\n")
+    with pytest.raises(WhalesubError, match="not written by whalesub synth"):
+        make_dataset(real, n_individuals=3, overwrite=True, progress=False)
+    assert (real / "train_images" / "a.jpg").read_bytes() == b"not ours" and (real / "train.csv").exists()
 
 
 def test_bad_settings_are_listed_together(tmp_path):

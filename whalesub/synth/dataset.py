@@ -25,6 +25,7 @@ PRESETS = {"small": (256, 170), "medium": (768, 512), "large": (3200, 2133)}
 TABLES = ("train.csv", "test_truth.csv", "test_truth_full.csv", "sample_submission.csv", "boxes.csv")
 SMALL_FRAC, LARGE_FRAC = (0.5, 0.85), (0.08, 0.2)  # body length / frame width
 FORMAT_VERSION = 1
+MARKER = ".whalesub-synth"  # marks a folder that synth wrote, so --overwrite may clear it
 
 
 def parse_image_size(text: str | tuple[int, int], option: str = "--image-size") -> tuple[int, int]:
@@ -73,7 +74,12 @@ def _check(args: dict) -> None:
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
     """Refuse a non-empty folder unless ``overwrite``; then remove only what a previous run wrote,
-    tables first so an interrupted run never leaves tables that look complete."""
+    tables first so an interrupted run never leaves tables that look complete.
+
+    ``overwrite`` deletes images and tables only in a folder that synth made (it holds the
+    :data:`MARKER` file, written before the first image) or that holds none of synth's files, so a
+    real data set is never deleted by a mistyped ``--out``.
+    """
     if out.exists() and not out.is_dir():
         raise WhalesubError(f"--out {out} is a file; give a folder path")
     entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
@@ -82,6 +88,13 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
             f"output folder {out} is not empty ({first_few(entries)}); pass --overwrite to replace a "
             "previous synthetic set there, or choose a new folder"
         )
+    ours = [n for n in (*TABLES, "stats.json") if (out / n).exists()]
+    ours += [f"{sub}/*.jpg" for sub in ("train_images", "test_images") if any((out / sub).glob("*.jpg"))]
+    if ours and not (out / MARKER).is_file():
+        raise WhalesubError(
+            f"output folder {out} holds {first_few(ours)} but was not written by whalesub synth (no {MARKER} "
+            "file); refusing to delete what may be real data: choose a new folder"
+        )
     for name in (*TABLES, "stats.json"):
         (out / name).unlink(missing_ok=True)
     for sub in ("train_images", "test_images"):
@@ -89,6 +102,9 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
             p.unlink()
     (out / "train_images").mkdir(parents=True, exist_ok=True)
     (out / "test_images").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(
+        out / MARKER, "This folder is written by `whalesub synth`; --overwrite may replace it.\n"
+    )
 
 
 def _render_one(task: tuple[Photo, Individual, Shot, str]) -> list[tuple]:
