@@ -187,6 +187,18 @@ def test_bare_state_dict_with_json_beside_and_ddp_prefix(tmp_path):
         torch.testing.assert_close(loaded(_x()), net(_x()))
 
 
+def test_safetensors_weights_with_json_beside(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    net = _net(stages=2)
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    safetensors.save_file(state, tmp_path / "w.safetensors")
+    net.spec.save(tmp_path)
+    loaded, spec = load_embedding_net(tmp_path / "w.safetensors")
+    assert spec == net.spec
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(_x()), net(_x()))
+
+
 def test_stale_json_beside_a_checkpoint_is_an_error(tmp_path):
     net = _net()
     path = save_embedding_net(net, tmp_path / "best.pt")
