@@ -241,12 +241,15 @@ def test_png_bytes_and_non_jpeg_ignore_the_target(tmp_path):
     np.testing.assert_array_equal(load_image(path, target=64), rgb)  # no DCT scaling for PNG
 
 
-@pytest.mark.parametrize("kind", ["progressive", "grey"])
-def test_progressive_and_grey_jpegs_are_downscaled_too(big_jpeg, tmp_path, kind):
+@pytest.mark.parametrize("kind", ["progressive", "grey", "mpo"])
+def test_progressive_grey_and_mpo_jpegs_are_downscaled_too(big_jpeg, tmp_path, kind):
     src = Image.open(big_jpeg).convert("RGB").resize((1200, 800))
     path = tmp_path / f"{kind}.jpg"
     if kind == "progressive":
         src.save(path, quality=90, progressive=True)
+    elif kind == "mpo":  # multi-picture JPEG, as some cameras write; Pillow calls the format MPO
+        src.save(path, format="MPO", quality=90, save_all=True, append_images=[src.rotate(90)])
+        assert Image.open(path).format == "MPO"
     else:
         src = src.convert("L")
         src.save(path, quality=90)

@@ -131,7 +131,7 @@ def _decode(im: Image.Image, path: Path, target, box: Box | None, margin: float)
     else:
         region_w, region_h = up_w, up_h
     scale = 1.0
-    if target is not None and im.format == "JPEG":
+    if target is not None:  # draft is a no-op (None) for formats other than JPEG and MPO
         tw, th = (target, target) if isinstance(target, int) else (int(target[0]), int(target[1]))
         s = draft_scale(region_w, region_h, (tw, th))
         if s > 1:
