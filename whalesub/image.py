@@ -120,7 +120,10 @@ def draft_scale(region_w: float, region_h: float, target: tuple[int, int]) -> in
 
 def _decode(im: Image.Image, path: Path, target, box: Box | None, margin: float) -> np.ndarray:
     raw_w, raw_h = im.size
-    orientation = im.getexif().get(_ORIENTATION_TAG, 1)
+    try:
+        orientation = im.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # a damaged EXIF block must not make a decodable photo unreadable
+        orientation = 1
     if orientation not in _TRANSPOSE:
         orientation = 1
     swapped = orientation in (5, 6, 7, 8)
