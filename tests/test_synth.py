@@ -299,3 +299,22 @@ def test_cli_refuses_non_empty_folder_and_bad_size(tmp_path):
     assert res.exit_code == 0, res.output
     assert (out / "keep.txt").read_text() == "mine"  # --overwrite replaces only what synth writes
     assert json.loads((out / "stats.json").read_text())["settings"]["seed"] == 5
+
+
+def test_mirror_share_turns_the_animal_around(tmp_path):
+    """Humpbacks carry their fin behind mid-body (at 64 % of the length from the head): unmirrored the
+    head is on the left, so the fin sits in the right part of the body box; mirrored, in the left."""
+
+    def fin_positions(mirror: float) -> np.ndarray:
+        out = tmp_path / f"m{mirror}"
+        make_dataset(
+            out, seed=4, n_individuals=12, n_species=2, n_test=0, mirror_share=mirror, progress=False
+        )
+        train, _, boxes = _read(out)
+        humpbacks = set(train.loc[train["species"] == "humpback_whale", "image"])
+        b = boxes[boxes["image"].isin(humpbacks)].pivot(index="image", columns="box_type")
+        return ((b["x1"]["fin"] + b["x2"]["fin"]) / 2 - b["x1"]["body"]) / (b["x2"]["body"] - b["x1"]["body"])
+
+    plain, mirrored = fin_positions(0.0), fin_positions(1.0)
+    assert len(plain) >= 5 and len(mirrored) >= 5
+    assert (plain > 0.5).all() and (mirrored < 0.5).all()
