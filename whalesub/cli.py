@@ -176,7 +176,7 @@ def synth_command(
     large: bool = typer.Option(False, "--large", help="Render every frame at --large-size (a small animal)."),
     n_large: int = typer.Option(0, "--n-large", help="Render this many random frames at --large-size."),
     large_size: str = typer.Option("large", "--large-size", help="Size of the large frames (W,H or preset)."),
-    test_images: int | None = typer.Option(None, "--test-images", help="Test images [default: 35% of train]"),
+    test_images: int | None = typer.Option(None, "--test-images", help="Test images (default 35% of train)."),
     new_share: float = typer.Option(0.2, "--new-share", help="Share of test images showing unseen animals."),
     singleton_share: float = typer.Option(0.55, "--singleton-share", help="Share of animals with one photo."),
     max_images: int = typer.Option(20, "--max-images", help="Photos of the most photographed animal."),
