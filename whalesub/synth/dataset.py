@@ -46,14 +46,25 @@ def parse_image_size(text: str | tuple[int, int], option: str = "--image-size") 
     return w, h
 
 
+# Command-line spelling of make_dataset's arguments, for error messages.
+OPTIONS = {
+    "image_size": "--image-size",
+    "large_size": "--large-size",
+    "n_individuals": "--individuals",
+    "n_species": "--species",
+    "n_test": "--test-images",
+    "n_large": "--n-large",
+}
+
+
 def _check(args: dict) -> None:
     problems = []
     for name in ("image_size", "large_size"):
         w, h = args[name]
         if not (32 <= w <= 12000 and 32 <= h <= 12000):
-            problems.append(f"{name} {w}x{h}: each side must be 32-12000 px")
+            problems.append(f"{name} {w}x{h} ({OPTIONS[name]}): each side must be 32-12000 px")
         elif max(w, h) > 4 * min(w, h):
-            problems.append(f"{name} {w}x{h}: aspect ratio must be at most 4:1")
+            problems.append(f"{name} {w}x{h} ({OPTIONS[name]}): aspect ratio must be at most 4:1")
     checks = [
         ("n_individuals", args["n_individuals"] >= 2, "at least 2"),
         ("n_species", 1 <= args["n_species"] <= len(SPECIES), f"1-{len(SPECIES)}"),
@@ -67,7 +78,11 @@ def _check(args: dict) -> None:
         ("typo_share", 0.0 <= args["typo_share"] <= 1.0, "in [0, 1]"),
         ("workers", args["workers"] >= 1, "at least 1"),
     ]
-    problems += [f"{k}={args[k]!r}: must be {rule}" for k, ok, rule in checks if not ok]
+    problems += [
+        f"{k}={args[k]!r} ({OPTIONS.get(k, '--' + k.replace('_', '-'))}): must be {rule}"
+        for k, ok, rule in checks
+        if not ok
+    ]
     if problems:
         raise ConfigError("invalid synth settings; fix these and re-run:", problems=problems)
 
