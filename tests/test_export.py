@@ -15,13 +15,13 @@ from whalesub.spec import ModelSpec
 
 
 def make_checkpoint(path: Path, backbone: str = "test_efficientnet", size: int = 64, seed: int = 0,
-                    head: tuple[list[str], int] | None = None) -> Path:
+                    head: tuple[list[str], int] | None = None, stages: int = 1) -> Path:
     """A tiny EmbeddingNet (random weights, BN statistics made non-trivial) saved as a checkpoint.
 
     ``head=(labels, k)`` adds an ArcFace weight [len(labels) * k, D] as train/checkpoint.py stores it.
     """
     torch.manual_seed(seed)
-    spec = ModelSpec(backbone=backbone, image_size=size, embed_dim=32, neck="linear_bn")
+    spec = ModelSpec(backbone=backbone, image_size=size, embed_dim=32, neck="linear_bn", stages=stages)
     net = EmbeddingNet(spec)
     with torch.no_grad():  # running stats away from (0, 1) so eval-mode BN folding is exercised
         for m in net.modules():
@@ -111,9 +111,8 @@ def test_fp16_graph_layout(exported):
     g = m.graph
     assert [types[i.name] for i in g.input] == [TensorProto.FLOAT]
     assert [types[o.name] for o in g.output] == [TensorProto.FLOAT]
-    inits = {i.name: i.data_type for i in g.initializer}
     convs = [n for n in g.node if n.op_type == "Conv"]
-    assert convs and all(inits[n.input[1]] == TensorProto.FLOAT16 for n in convs)
+    assert convs and all(types[n.input[1]] == TensorProto.FLOAT16 for n in convs)
     assert all(types[n.output[0]] == TensorProto.FLOAT16 for n in convs)
     # GeM (Clip -> Pow -> GlobalAveragePool -> Pow), the neck and the L2 normalisation: FP32 in and out.
     tail_ops = {"Pow", "GlobalAveragePool", "ReduceL2", "Div", "Gemm", "MatMul", "BatchNormalization"}
@@ -125,6 +124,20 @@ def test_fp16_graph_layout(exported):
                 assert types[name] == TensorProto.FLOAT, (n.name, name)
     pows = [n for n in g.node if n.op_type == "Pow"]
     assert pows and all(types[n.input[0]] == TensorProto.FLOAT for n in pows)
+
+
+def test_fp16_two_stage_gem_converts_both_branches(tmp_path):
+    """GeM over the last two stages: /pool/ and /pool_1/ scopes; every conv still goes FP16."""
+    import onnx
+    from onnx import TensorProto
+
+    ckpt = make_checkpoint(tmp_path / "r" / "best.pt", "resnet18", 32, stages=2)
+    m = export_model(ckpt, tmp_path / "out", fp16=True)
+    model = onnx.load(str(tmp_path / "out" / "model_fp16.onnx"))
+    types = _types(model)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 20 and all(types[n.input[1]] == TensorProto.FLOAT16 for n in convs)
+    assert m["files"]["fp16"]["structure"]["fp16_initializers"] >= 20
 
 
 def test_fp16_runs_on_cpu_close_to_fp32(exported, nyala):

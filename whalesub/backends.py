@@ -79,7 +79,7 @@ def read_export_manifest(folder: Path) -> dict:
 def _open_onnx(folder: Path, device: str, fp16: bool) -> Model:
     import onnxruntime as ort
 
-    from whalesub.export import INPUT_NAME, ort_session
+    from whalesub.export import INPUT_NAME, cuda_driver_present, ort_session
     from whalesub.spec import ModelSpec
 
     manifest = read_export_manifest(folder)
@@ -95,17 +95,19 @@ def _open_onnx(folder: Path, device: str, fp16: bool) -> Model:
             raise WhalesubError(f"--model {folder}: {p.name} is missing; re-run `whalesub export`")
     spec = ModelSpec.load(spec_path)
     available = ort.get_available_providers()
-    if device == "cpu":
-        providers = ["CPUExecutionProvider"]
-    elif device == "cuda" or "CUDAExecutionProvider" in available:
+    driver = cuda_driver_present()
+    if device == "cuda" and not ("CUDAExecutionProvider" in available and driver):
+        why = ("not built into this onnxruntime" if "CUDAExecutionProvider" not in available
+               else "no NVIDIA driver: libcuda cannot be loaded")
+        raise WhalesubError(f"--device cuda: {CUDA_MISMATCH_HELP.format(why=why)}")
+    if device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available and driver):
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
     sess = ort_session(onnx_path, providers)
     active = sess.get_providers()
     if device == "cuda" and "CUDAExecutionProvider" not in active:
-        why = ("not built into this onnxruntime" if "CUDAExecutionProvider" not in available
-               else f"available {available} but the session fell back to {active}")
+        why = f"available {available} but the session fell back to {active}"
         raise WhalesubError(f"--device cuda: {CUDA_MISMATCH_HELP.format(why=why)}")
     if device == "auto" and "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in active:
         log.warning("CUDAExecutionProvider available but inactive (CUDA/cuDNN mismatch?): running on the CPU")

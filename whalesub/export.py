@@ -125,11 +125,27 @@ def check_parity(net, onnx_path: Path, x: np.ndarray, min_cosine: float, provide
     return result
 
 
+def cuda_driver_present() -> bool:
+    """False when the NVIDIA driver library cannot be loaded (then no CUDA provider can work).
+
+    Checked first so that CPU machines with onnxruntime-gpu do not log a provider-load error.
+    """
+    import ctypes
+    import sys
+
+    name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+    try:
+        ctypes.CDLL(name)
+    except OSError:
+        return sys.platform == "darwin"  # no NVIDIA driver on macOS; let ONNX Runtime decide elsewhere
+    return True
+
+
 def cuda_provider_active(onnx_path: Path) -> bool:
     """True when ONNX Runtime really runs ``onnx_path`` on the CUDA provider (not a CPU fallback)."""
     import onnxruntime as ort
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not cuda_driver_present():
         return False
     try:
         sess = ort_session(onnx_path, ("CUDAExecutionProvider", "CPUExecutionProvider"))

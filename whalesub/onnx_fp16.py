@@ -37,9 +37,13 @@ def backbone_nodes(model, tail_prefix: str = "/pool/") -> set[int]:
     call, so its nodes carry no ``/backbone/`` scope, but the pooling module's nodes do.
     Raises ValueError when no node is named with ``tail_prefix``.
     """
+    import re
+
     g = model.graph
     producer = {out: i for i, n in enumerate(g.node) for out in n.output}
-    tail = [i for i, n in enumerate(g.node) if n.name.startswith(tail_prefix)]
+    # a module called twice (GeM over the last two stages) gets scopes /pool/ and /pool_1/
+    scope = re.compile(re.escape(tail_prefix.rstrip("/")) + r"(_\d+)?/")
+    tail = [i for i, n in enumerate(g.node) if scope.match(n.name)]
     if not tail:
         raise ValueError(f"no ONNX node is named {tail_prefix}...: cannot find where the pooling starts")
     tail_set, seen = set(tail), set()
