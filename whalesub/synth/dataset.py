@@ -6,6 +6,7 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -28,10 +29,14 @@ FORMAT_VERSION = 1
 MARKER = ".whalesub-synth"  # marks a folder that synth wrote, so --overwrite may clear it
 
 
-def parse_image_size(text: str | tuple[int, int], option: str = "--image-size") -> tuple[int, int]:
+def parse_image_size(text: str | Sequence[int], option: str = "--image-size") -> tuple[int, int]:
     """``"W,H"``, ``"WxH"`` or a preset name (small 256x170, medium 768x512, large 3200x2133)."""
-    if isinstance(text, tuple):
-        return text
+    if not isinstance(text, str):
+        try:
+            w, h = (int(v) for v in text)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{option} {text!r} is not a size: give (WIDTH, HEIGHT) in pixels") from None
+        return w, h
     key = text.strip().lower()
     if key in PRESETS:
         return PRESETS[key]
