@@ -128,6 +128,15 @@ def test_pretrained_weights_come_from_a_local_file_only(tmp_path):
         torch.testing.assert_close(sd["conv1.weight"], src.state_dict()["conv1.weight"])
         torch.testing.assert_close(sd["layer4.1.bn2.weight"], src.state_dict()["layer4.1.bn2.weight"])
     spec = ModelSpec(backbone="resnet18", image_size=S)
+    # timm drops the classifier with strict=False and only logs missing keys: a wrong file must not
+    # silently leave random weights.
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"something.else": torch.zeros(3)}, wrong)
+    for stages in (1, 2):
+        with pytest.raises(ConfigError, match="conv1.weight"):
+            EmbeddingNet(spec.replace(stages=stages), weights_file=wrong)
+    with pytest.raises(ConfigError, match="layer1.2"):  # resnet18 weights for a resnet34
+        EmbeddingNet(spec.replace(backbone="resnet34"), weights_file=path)
     with pytest.raises(ConfigError, match="weights_file"):
         EmbeddingNet(spec, pretrained=True)
     with pytest.raises(ConfigError, match="missing.pth"):

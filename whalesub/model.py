@@ -17,6 +17,7 @@ is strict: missing or unexpected keys, or shape mismatches, raise ConfigError li
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from whalesub.atomic import atomic_path
-from whalesub.errors import ConfigError
+from whalesub.errors import ConfigError, first_few
 from whalesub.spec import SPEC_FILENAME, ModelSpec, weights_digest
 
 
@@ -94,12 +95,27 @@ class EmbeddingNet(nn.Module):
                 "then torch.save(model.state_dict(), 'backbone.pth')) and pass weights_file"
             )
         if spec.stages == 1:
-            self.backbone = timm.create_model(spec.backbone, pretrained=pretrained, num_classes=0,
-                                              global_pool="", **kwargs)
+            kwargs |= {"num_classes": 0, "global_pool": ""}
+        else:
+            kwargs |= {"features_only": True, "out_indices": (-2, -1)}
+        src = f" with weights {weights_file}" if weights_file else ""
+        try:
+            with _TimmMissingKeys() as missing:
+                self.backbone = timm.create_model(spec.backbone, pretrained=pretrained, **kwargs)
+        except (RuntimeError, ValueError, KeyError, OSError) as exc:
+            raise ConfigError(f"cannot build timm backbone {spec.backbone!r} (stages={spec.stages}){src}: "
+                              f"{exc}; check the name (timm.list_models), that the architecture supports "
+                              "features_only for stages=2, and that the weights file fits it") from None
+        # timm loads with strict=False when it drops the classifier and only logs what was missing:
+        # a wrong file would silently leave random weights.
+        lost = missing.keys(spec.backbone)
+        if lost:
+            raise ConfigError(f"pretrained weights {weights_file} do not fit {spec.backbone!r}: "
+                              f"{len(lost)} backbone tensor(s) missing from the file: {first_few(lost, 8)}; "
+                              "pass the file saved from this architecture")
+        if spec.stages == 1:
             dims = [int(self.backbone.num_features)]
         else:
-            self.backbone = timm.create_model(spec.backbone, pretrained=pretrained, features_only=True,
-                                              out_indices=(-2, -1), **kwargs)
             dims = [int(c) for c in self.backbone.feature_info.channels()]
         self.pooled_dims = dims
         pooled = sum(dims)
@@ -141,6 +157,44 @@ class EmbeddingNet(nn.Module):
         f = self.features(x)
         with torch.autocast(device_type=f.device.type, enabled=False):
             return F.normalize(f.float(), dim=1, eps=1e-12)
+
+
+class _TimmMissingKeys(logging.Handler):
+    """Collect timm's "Missing keys (...)" log records while a pretrained backbone is built."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+        self._logger = logging.getLogger("timm.models._builder")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if text.startswith("Missing keys"):
+            self.messages.append(text)
+
+    def keys(self, backbone_name: str) -> list[str]:
+        """Missing keys, except the classifier's (dropped on purpose with num_classes=0)."""
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(backbone_name)
+        heads = (cfg.classifier if cfg is not None else None) or ()
+        heads = (heads,) if isinstance(heads, str) else tuple(heads)
+        out = []
+        for text in self.messages:
+            inner = text[text.find("(") + 1: text.rfind(") discovered")]
+            out += [k for k in inner.split(", ") if k and not any(k.startswith(h + ".") for h in heads)]
+        return out
+
+    def __enter__(self) -> _TimmMissingKeys:
+        self._level = self._logger.level
+        self._logger.addHandler(self)
+        if not self._logger.isEnabledFor(logging.INFO):
+            self._logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
 
 
 class _AvgPool(nn.Module):
@@ -215,8 +269,6 @@ def load_embedding_net(path: str | os.PathLike, map_location: str | torch.device
 
 def load_state_strict(model: nn.Module, state: dict, source: str) -> None:
     """``load_state_dict(strict=True)`` with a readable ConfigError listing every mismatch."""
-    from whalesub.errors import first_few
-
     for prefix in ("module.", "_orig_mod."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
