@@ -258,7 +258,8 @@ def embed_command(
     boxes: Path | None = typer.Option(None, "--boxes", help="Box CSV image,x1,y1,x2,y2[,conf][,box_type]."),
     box_type: str | None = typer.Option(None, "--box-type", help="Which box_type of --boxes to crop."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per model call (fixed; last padded)."),
-    workers: int = typer.Option(2, "--workers", help="Decoding worker processes (0: decode inline)."),
+    workers: int | None = typer.Option(None, "--workers", help="Decoding worker processes (0: decode in "
+                                       "the main process); default: CPU cores - 1, at most 8."),
     fp16: bool = typer.Option(False, "--fp16", help="onnx: model_fp16.onnx; torch: CUDA autocast."),
     shard: str | None = typer.Option(None, "--shard", help="i/n: embed the i-th of n blocks (0-based); "
                                      "merge with `whalesub merge-embeddings`."),

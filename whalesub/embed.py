@@ -28,7 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,7 +51,7 @@ class EmbedOptions:
     device: str = "auto"
     fp16: bool = False
     batch_size: int = 32
-    workers: int = 2
+    workers: int | None = None  # decoding processes; None: one per CPU core but one, at most 8
     chunk: int = 1024  # images per resumable chunk (rounded up to a multiple of batch_size)
     box_type: str | None = None
     shard: str | None = None  # "i/n"
@@ -63,7 +65,7 @@ class EmbedOptions:
         for name in ("batch_size", "chunk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
 
     @property
@@ -261,10 +263,12 @@ def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out
     batches = [list(parts.rows(c))[i:i + options.batch_size] for c in todo
                for i in range(0, len(parts.rows(c)), options.batch_size)]
     paths = [str(image_dir / n) for n in names]
-    loader = make_loader(paths, boxes, specs, batches, options.batch_size, options.workers,
+    workers = options.workers if options.workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
+    loader = make_loader(paths, boxes, specs, batches, options.batch_size, workers,
                          pin_memory=any(m.device == "cuda" for m in models))
-    bar = tqdm(total=len(names), initial=len(names) - sum(len(parts.rows(c)) for c in todo),
-               unit="img", desc="embed", dynamic_ncols=True, smoothing=0.1)
+    bar = tqdm(total=len(names), initial=len(names) - sum(len(parts.rows(c)) for c in todo), unit="img",
+               desc="embed", dynamic_ncols=True, smoothing=0.1,
+               mininterval=0.2 if sys.stderr.isatty() else 30.0)  # keep notebook/kernel logs short
     pending: dict[int, list[np.ndarray]] = {}
     with bar:
         for positions, inputs in loader:
