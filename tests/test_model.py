@@ -59,6 +59,15 @@ def test_gem_stays_fp32_for_half_inputs_and_under_autocast():
 
 
 # --- the network -------------------------------------------------------------------------------
+def test_nhwc_backbone_is_pooled_over_its_spatial_axes():
+    net = _net("test_mambaout")
+    with torch.no_grad():
+        fmap = net.backbone.forward_features(_x())  # [B, H, W, C]
+        assert fmap.shape[-1] == net.embed_dim
+        want = (fmap.clamp(min=1e-6) ** 3).mean((1, 2)) ** (1 / 3)
+        torch.testing.assert_close(net.pooled(_x()), want, rtol=1e-5, atol=1e-6)
+
+
 def test_output_shape_unit_norm_and_features_relation():
     import timm
 
@@ -72,7 +81,7 @@ def test_output_shape_unit_norm_and_features_relation():
     torch.testing.assert_close(y, f / f.norm(dim=1, keepdim=True))
 
 
-@pytest.mark.parametrize("backbone", ["test_efficientnet", "resnet18"])
+@pytest.mark.parametrize("backbone", ["test_efficientnet", "resnet18", "test_mambaout"])  # mambaout: NHWC
 def test_two_stages_concatenate_gem_of_the_last_two_feature_maps(backbone):
     import timm
 
@@ -82,7 +91,8 @@ def test_two_stages_concatenate_gem_of_the_last_two_feature_maps(backbone):
     assert net.pooled_dims == chans[-2:] and net.embed_dim == sum(chans[-2:])
     with torch.no_grad():
         maps = net.backbone(_x())  # the two stage outputs
-        want = torch.cat([(m.clamp(min=1e-6) ** 3).mean((2, 3)) ** (1 / 3) for m in maps], dim=1)
+        axes = (1, 2) if maps[-1].shape[-1] == chans[-1] else (2, 3)  # NHWC or NCHW
+        want = torch.cat([(m.clamp(min=1e-6) ** 3).mean(axes) ** (1 / 3) for m in maps], dim=1)
         torch.testing.assert_close(net.pooled(_x()), want, rtol=1e-5, atol=1e-6)
         assert net(_x()).shape == (2, sum(chans[-2:]))
 

@@ -117,6 +117,8 @@ class EmbeddingNet(nn.Module):
             dims = [int(self.backbone.num_features)]
         else:
             dims = [int(c) for c in self.backbone.feature_info.channels()]
+        fmt = getattr(self.backbone, "output_fmt", "NCHW")
+        self._nhwc = getattr(fmt, "value", fmt) == "NHWC"  # Swin, MambaOut... give [B, H, W, C] maps
         self.pooled_dims = dims
         pooled = sum(dims)
         if spec.pool == "gem":
@@ -138,13 +140,14 @@ class EmbeddingNet(nn.Module):
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone + pooling: [B, C, S, S] -> [B, sum(pooled_dims)] float32."""
-        if self.spec.stages == 1:
-            fmap = self.backbone.forward_features(x)
+        maps = [self.backbone.forward_features(x)] if self.spec.stages == 1 else self.backbone(x)
+        pooled = []
+        for fmap in maps:
             if fmap.ndim != 4:
                 raise ConfigError(f"backbone {self.spec.backbone!r} gives {fmap.ndim}-D features; "
-                                  "EmbeddingNet needs a CNN-like [B, C, H, W] feature map")
-            return self.pool(fmap)
-        return torch.cat([self.pool(f) for f in self.backbone(x)], dim=1)
+                                  "EmbeddingNet needs a spatial feature map ([B, C, H, W] or [B, H, W, C])")
+            pooled.append(self.pool(fmap.permute(0, 3, 1, 2) if self._nhwc else fmap))
+        return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Neck output before normalisation: [B, embed_dim] float32 (neck runs in FP32)."""
