@@ -31,8 +31,11 @@ class TrainConfig:
     boxes_csv: str | None = None  # image,x1,y1,x2,y2[,conf][,box_type] in original pixels
     box_mix: dict[str, float] = field(default_factory=dict)  # box_type -> sampling weight; {} = any box
     box_conf: float = 0.0  # boxes below this confidence are ignored (whole image is the fallback)
+    eval_box_type: str | None = None  # box type for validation/test images; None = first usable box
     synth_if_missing: bool = False  # generate whalesub.synth data at train_csv's folder if absent
     synth_seed: int = 0
+    synth_individuals: int = 60
+    synth_options: dict[str, int | float] = field(default_factory=dict)  # more make_dataset keywords
     test_csv: str | None = None  # labelled test set (image,individual_id) scored after training
     test_image_dir: str | None = None
     check_images: bool = True  # verify every listed image exists before training starts
@@ -46,6 +49,7 @@ class TrainConfig:
     neck: Literal["bn", "linear_bn"] = "linear_bn"
     gem_p: float = 3.0
     gem_learnable: bool = False
+    box_margin: float = 0.0  # widen box crops by this fraction of the box side (ModelSpec.box_margin)
     # --- heads (train.heads) --------------------------------------------------------------------
     arc_s: float = 30.0
     arc_k: int = 2  # sub-centres per class
@@ -53,6 +57,7 @@ class TrainConfig:
     margin_b: float = -0.3644
     margin_c: float = 0.05
     species_weight: float = 0.0  # weight of the species head in the loss; 0 = no species head
+    label_smoothing: float = 0.0
     # --- optimisation ---------------------------------------------------------------------------
     epochs: int = 10
     batch_size: int = 32  # per process
@@ -73,13 +78,15 @@ class TrainConfig:
     fold: int | str = 0  # 0..n_folds-1, "all", or -1 = full data without validation
     fold_method: Literal["stratified", "group"] = "stratified"
     group_column: str | None = None
+    holdout_individuals: float = 0.0  # share of multi-image animals kept whole in one fold (new in valid)
     # --- validation -----------------------------------------------------------------------------
     val_before_train: bool = True  # epoch-0 validation of the untrained network
     val_batch_size: int = 64
     tta_flip: bool = False  # add horizontally flipped views to gallery and queries
     knn_k: int = 50
-    threshold_grid: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(-4, 20)])
+    threshold_grid: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(-4, 21)])
     threshold: float | None = None  # fixed threshold for test scoring when there is no validation
+    eval_only: bool = False  # skip training; score best.pt (else last.pt) on test_csv
     # --- reproducibility / runtime --------------------------------------------------------------
     seed: int = 42
     deterministic: bool = False  # torch.use_deterministic_algorithms + cudnn flags

@@ -1,0 +1,218 @@
+"""One training run: data checks, folds, per-fold training with resume, validation, test scoring.
+
+``python -m train --config FILE.yaml [--key=value ...]`` (see :mod:`train.config`). Each fold
+writes ``<out_dir>/<run_name>/fold<k>/`` (``full/`` for fold -1): config.yaml, command.txt,
+train.log, metrics.csv, last.pt, best.pt, model_spec.json, oof_embeddings.npz (+ oof_gallery.npz,
+oof_labels.csv), test_metrics.json (with test_csv), tb/ (TensorBoard). ``folds.csv``,
+config.yaml and command.txt also sit at the run level. Re-running the same command resumes
+from ``last.pt``. Under ``torchrun`` every rank trains (DDP), rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from whalesub.atomic import atomic_open, atomic_write_text
+from whalesub.errors import ConfigError, WhalesubError
+
+from .config import TrainConfig, config_to_yaml, load_config
+
+log = logging.getLogger("train")
+METRIC_COLUMNS = ["epoch", "global_step", "lr_backbone", "lr_head", "train_loss", "val_map5",
+                  "val_threshold", "val_map5_known", "val_map5_new", "val_top1_known", "val_new_share",
+                  "all_new_baseline", "improved"]
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: object = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def setup_runtime(cfg: TrainConfig) -> Dist:
+    """Device, torchrun process group (gloo on CPU, nccl on GPU), seeds and determinism flags."""
+    import torch
+
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={cfg.device!r} but torch sees no CUDA GPU; use device=cpu or auto")
+    device = torch.device(f"cuda:{local}" if want.startswith("cuda") and world > 1 else want)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    else:
+        torch.backends.cudnn.benchmark = True
+    return Dist(rank, world, local, device)
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_logging(main: bool) -> None:
+    root = logging.getLogger()
+    if not any(getattr(h, "_train_console", False) for h in root.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        h._train_console = True
+        root.addHandler(h)
+    root.setLevel(logging.INFO if main else logging.WARNING)
+
+
+def prepare_data(cfg: TrainConfig, dist: Dist):
+    """(train frame with folds, box table or None, test truth or None); every problem up front."""
+    from whalesub.data import read_boxes, read_train_csv, read_truth
+
+    from .dataset import check_images_exist
+    from .folds import make_folds
+
+    if cfg.synth_if_missing and not Path(cfg.train_csv).is_file():
+        if dist.main:
+            from whalesub.synth import make_dataset
+
+            log.info("generating synthetic data in %s (synth_if_missing)", Path(cfg.train_csv).parent)
+            make_dataset(Path(cfg.train_csv).parent, seed=cfg.synth_seed, n_individuals=cfg.synth_individuals,
+                         progress=False, **cfg.synth_options)
+        dist.barrier()
+    if not Path(cfg.train_csv).is_file():
+        raise ConfigError(f"train_csv {cfg.train_csv} does not exist; set --train_csv (and --image_dir)")
+    df = read_train_csv(cfg.train_csv)
+    if cfg.check_images:
+        check_images_exist(df["image"], cfg.image_dir, cfg.train_csv)
+    truth = None
+    if cfg.test_csv:
+        truth = read_truth(cfg.test_csv)
+        check_images_exist(truth["image"], cfg.test_image_dir or cfg.image_dir, cfg.test_csv)
+    boxes = read_boxes(cfg.boxes_csv) if cfg.boxes_csv else None
+    method = "full" if cfg.fold == -1 else cfg.fold_method
+    extra = {"holdout_individuals": cfg.holdout_individuals} if method == "stratified" else {}
+    df = make_folds(df, cfg.n_folds, cfg.seed, method, cfg.group_column, **extra)
+    return df, boxes, truth
+
+
+def run(cfg: TrainConfig, argv: list[str]) -> int:
+    """Train the configured fold(s); returns the exit status."""
+    from .folds import save_folds
+
+    dist = setup_runtime(cfg)
+    setup_logging(dist.main)
+    seed_everything(cfg.seed)
+    command = "python -m train " + shlex.join(argv)
+    df, boxes, truth = prepare_data(cfg, dist)
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_folds(df, run_dir / "folds.csv")
+        atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+        atomic_write_text(run_dir / "command.txt", command + "\n")
+    folds = list(range(cfg.n_folds)) if cfg.fold == "all" else [int(cfg.fold)]
+    try:
+        for k in folds:
+            fold_dir = run_dir / (f"fold{k}" if k >= 0 else "full")
+            with fold_logging(fold_dir, dist.main):
+                if dist.main:
+                    atomic_write_text(fold_dir / "config.yaml", config_to_yaml(cfg))
+                    atomic_write_text(fold_dir / "command.txt", command + "\n")
+                train_fold(cfg, k, df, boxes, truth, fold_dir, command, dist)
+    finally:
+        if dist.world > 1:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+class fold_logging:
+    """Context: also log to ``fold_dir/train.log`` (rank 0)."""
+
+    def __init__(self, fold_dir: Path, main: bool):
+        self.fold_dir, self.main, self.handler = fold_dir, main, None
+
+    def __enter__(self):
+        if self.main:
+            self.fold_dir.mkdir(parents=True, exist_ok=True)
+            self.handler = logging.FileHandler(self.fold_dir / "train.log", encoding="utf-8")
+            self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logging.getLogger().addHandler(self.handler)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.handler is not None:
+            if isinstance(exc, WhalesubError):  # the console gets it once from main()
+                self.handler.emit(logging.LogRecord("train", logging.ERROR, __file__, 0, f"error: {exc}",
+                                                    None, None))
+            logging.getLogger().removeHandler(self.handler)
+            self.handler.close()
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    """metrics.csv from the history rows (no wall-clock values: resumed == uninterrupted)."""
+    def fmt(v):
+        return "" if v is None else (repr(float(v)) if isinstance(v, float) else str(v))
+
+    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
+        fh.write(",".join(METRIC_COLUMNS) + "\n")
+        for row in history:
+            fh.write(",".join(fmt(row.get(c)) for c in METRIC_COLUMNS) + "\n")
+
+
+def tb_writer(fold_dir: Path, purge_step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(fold_dir / "tb"), purge_step=purge_step)
+
+
+def train_fold(cfg, k, df, boxes, truth, fold_dir: Path, command: str, dist: Dist) -> None:
+    from .session import FoldSession
+
+    session = FoldSession(cfg, k, df, boxes, fold_dir, command, dist)
+    if not cfg.eval_only:
+        session.fit()
+    if truth is not None:
+        session.evaluate_test(df, truth)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry: config errors, data errors and a diverged loss exit 2 with one message."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(argv)
+        return run(cfg, argv)
+    except WhalesubError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
