@@ -202,8 +202,8 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise ValueError(f"unsupported type {tp}")  # pragma: no cover - only our own annotations
 
 
-def make_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
-    """Build a checked :class:`TrainConfig` from a mapping; list ALL bad keys/values at once."""
+def coerce_values(values: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
+    """(clean values keyed by field name, problems) for a mapping read from ``source``."""
     problems, clean = [], {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
@@ -214,6 +214,15 @@ def make_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
             clean[name] = _coerce(value, HINTS[name])
         except ValueError as exc:
             problems.append(f"key {key!r} in {source}: {exc}, got {value!r} ({type(value).__name__})")
+    return clean, problems
+
+
+def make_config(values: dict[str, Any], source: str = "config",
+                problems: list[str] | None = None) -> TrainConfig:
+    """Build a checked :class:`TrainConfig` from a mapping; list ALL bad keys/values at once
+    (plus ``problems`` already found elsewhere, e.g. in the YAML file)."""
+    clean, found = coerce_values(values, source)
+    problems = list(problems or []) + found
     cfg = None
     if not problems:
         cfg = TrainConfig(**clean)
@@ -282,6 +291,7 @@ def load_config(argv: list[str]) -> TrainConfig:
 
     config_path, overrides = parse_overrides(argv)
     values: dict[str, Any] = {}
+    problems: list[str] = []
     if config_path is not None:
         path = Path(config_path)
         if not path.is_file():
@@ -294,11 +304,12 @@ def load_config(argv: list[str]) -> TrainConfig:
             raise ConfigError(
                 f"config file {path} must be a mapping of key: value, got {type(loaded).__name__}"
             )
-        make_config(loaded, source=str(path))  # report file problems under the file's name
-        values.update(loaded)
-    make_config(overrides, source="command line")
-    values.update({k.replace("-", "_"): v for k, v in overrides.items()})
-    return make_config(values, source=config_path or "command line")
+        clean, problems = coerce_values(loaded, str(path))
+        values.update(clean)
+    clean, more = coerce_values(overrides, "command line")
+    values.update(clean)
+    source = f"{config_path} + command line" if config_path else "command line"
+    return make_config(values, source=source, problems=problems + more)
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
