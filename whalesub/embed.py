@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from whalesub.errors import ConfigError, DataError, WhalesubError, first_few
+from whalesub.errors import ConfigError, WhalesubError
 
 log = logging.getLogger(__name__)
 
@@ -75,59 +75,6 @@ class EmbedOptions:
 
 def digest_names(names) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
-
-
-def list_images(images: Path | None, listing: Path | None) -> tuple[list[str], Path]:
-    """Image names in listing order and their folder; every missing file is reported at once."""
-    from whalesub.data import find_missing_files, read_test_listing
-
-    if images is None and listing is None:
-        raise ConfigError("say which images to embed: --images DIR (all images in it) "
-                          "or --list CSV [--images DIR]")
-    if listing is not None:
-        names = read_test_listing(listing)
-        folder = images if images is not None else listing.parent
-    else:
-        names = read_test_listing(images)
-        folder = images
-    if not folder.is_dir():
-        raise DataError(f"image folder {folder} does not exist; "
-                        "pass the folder holding the images with --images")
-    missing = find_missing_files(names, folder)
-    if missing:
-        shown = "\n".join(f"  - {m}" for m in missing[:200]) + (f"\n  ... and {len(missing) - 200} more"
-                                                                  if len(missing) > 200 else "")
-        raise DataError(f"{len(missing)} of {len(names)} listed images are missing from {folder}; fix the "
-                        f"listing or the folder:\n{shown}")
-    return names, folder
-
-
-def select_boxes(path: Path, box_type: str | None, names: list[str]) -> list[tuple | None]:
-    """Per name, its box (x1, y1, x2, y2) in original-image pixels, or None (full frame)."""
-    from whalesub.data import read_boxes
-
-    boxes = read_boxes(path)
-    if "box_type" in boxes.columns:
-        kinds = sorted(boxes["box_type"].unique())
-        if box_type is None and len(kinds) > 1:
-            raise DataError(f"box file {path} has several box types {kinds}: choose one with --box-type")
-        if box_type is not None:
-            if box_type not in kinds:
-                raise DataError(f"--box-type {box_type!r} not in box file {path} (it has {kinds})")
-            boxes = boxes[boxes["box_type"] == box_type]
-    elif box_type is not None:
-        raise DataError(f"--box-type {box_type!r} given but box file {path} has no 'box_type' column")
-    table = {r.image: (r.x1, r.y1, r.x2, r.y2) for r in boxes.itertuples(index=False)}
-    picked = [table.get(n) for n in names]
-    hits = sum(b is not None for b in picked)
-    if hits == 0:
-        raise DataError(f"box file {path} has no box for any of the {len(names)} listed images (e.g. "
-                        f"{first_few(names, 3)}; it names {first_few(list(table), 3)}): "
-                        "wrong box file for this image set?")
-    if hits < len(names):
-        log.warning("%d of %d images have no box in %s: they are embedded uncropped", len(names) - hits,
-                    len(names), path)
-    return picked
 
 
 def preprocess_key(spec) -> str:
@@ -302,6 +249,7 @@ def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out
 def run_embed(model_paths: list[Path], out: Path, options: EmbedOptions, images: Path | None = None,
               listing: Path | None = None, boxes: Path | None = None) -> Path:
     """The ``whalesub embed`` command: list and check the images, pick boxes and the shard, embed."""
+    from whalesub.loader import list_images, select_boxes
     from whalesub.shards import parse_shard
 
     options.check()

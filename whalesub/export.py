@@ -7,8 +7,10 @@ Output folder (``whalesub export RUN_OR_CHECKPOINT --out DIR``)::
     DIR/model_spec.json     the ModelSpec of both graphs (``ModelSpec.load(DIR)`` reads it)
     DIR/export.json         manifest: fingerprint, weights digest, input/output contract,
                             parity figures, file checksums, source checkpoint
-    DIR/class_centres.npz   when the checkpoint has an ArcFace head: ``ids`` [C] individual_id,
-                            ``centres`` [C, D] float32 unit rows, ``meta`` JSON (fingerprint)
+    DIR/class_centres.npz   when the checkpoint has an ArcFace head: an embedding file
+                            (whalesub.store) with ``ids`` [C] individual_id, ``embeddings`` [C, D]
+                            float32 unit rows (per individual: its normalised sub-centres averaged,
+                            then renormalised), ``meta`` with the model's fingerprint
 
 Graph contract: input ``image`` float32 [batch, 3, S, S] (RGB, resized to the spec's square side
 S, scaled to 0-1 and normalised with the spec's mean/std: exactly ``whalesub.image.to_model_input``);
@@ -161,14 +163,11 @@ def export_model(source: str | Path, out_dir: str | Path, *, fp16: bool = False,
     Everything is written to a temporary folder first and moved into ``out_dir`` only after
     every parity check passed, so a failed export leaves ``out_dir`` as it was.
     """
-    from whalesub.onnx_fp16 import check_fp16_structure, convert_backbone_to_fp16, pool_prefix
     from whalesub.sources import class_centres, load_source
-    from whalesub.spec import SPEC_FILENAME
+    from whalesub.spec import SPEC_FILENAME, weights_digest
 
     src = load_source(source)
     net, spec = src.net, src.spec
-    from whalesub.spec import weights_digest
-
     digest = weights_digest(net.state_dict())
     fingerprint = spec.fingerprint(digest)
     out_dir = Path(out_dir)
@@ -181,27 +180,7 @@ def export_model(source: str | Path, out_dir: str | Path, *, fp16: bool = False,
         files = {"fp32": {"file": FILES["fp32"], "parity": check_parity(
             net, fp32, x, FP32_COSINE_MIN, ("CPUExecutionProvider",), f"FP32 export of {source}")}}
         if fp16:
-            import onnx
-
-            prefix = pool_prefix(src.pool_attr)
-            try:
-                model16 = convert_backbone_to_fp16(onnx.load(str(fp32)), prefix)
-                structure = check_fp16_structure(model16, prefix)
-            except ValueError as exc:
-                raise WhalesubError(f"FP16 conversion of {source} failed: {exc}") from None
-            path16 = tmp / FILES["fp16"]
-            onnx.save(model16, str(path16))
-            # CPU: the provider upcasts to FP32, so this only catches conversion mistakes.
-            entry = {"file": FILES["fp16"], "structure": structure, "cpu_check": check_parity(
-                net, path16, x, FP16_COSINE_MIN, ("CPUExecutionProvider",), f"FP16 export of {source} (CPU)")}
-            if cuda_provider_active(path16):
-                entry["parity"] = check_parity(net, path16, x, FP16_COSINE_MIN,
-                                               ("CUDAExecutionProvider",), f"FP16 export of {source} (CUDA)")
-            else:
-                entry["parity"] = ("not run: no active CUDA provider "
-                                   "(ONNX Runtime's CPU provider computes in FP32)")
-                log.warning("FP16 export checked structurally only: %s", entry["parity"])
-            files["fp16"] = entry
+            files["fp16"] = export_fp16(net, fp32, tmp / FILES["fp16"], x, src.pool_attr, str(source))
         spec.save(tmp / SPEC_FILENAME)
         for key, entry in files.items():
             entry["spec"] = SPEC_FILENAME
@@ -230,6 +209,31 @@ def export_model(source: str | Path, out_dir: str | Path, *, fp16: bool = False,
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s -> %s (fingerprint %s)", source, out_dir, fingerprint[:12])
     return manifest
+
+
+def export_fp16(net, fp32: Path, path16: Path, x: np.ndarray, pool_attr: str, label: str) -> dict:
+    """Write the mixed-precision graph of ``fp32`` to ``path16``, check it; return its manifest entry."""
+    import onnx
+
+    from whalesub.onnx_fp16 import check_fp16_structure, convert_backbone_to_fp16, pool_prefix
+
+    prefix = pool_prefix(pool_attr)
+    try:
+        model16 = convert_backbone_to_fp16(onnx.load(str(fp32)), prefix)
+        structure = check_fp16_structure(model16, prefix)
+    except ValueError as exc:
+        raise WhalesubError(f"FP16 conversion of {label} failed: {exc}") from None
+    onnx.save(model16, str(path16))
+    # CPU: the provider upcasts to FP32, so this only catches conversion mistakes.
+    entry = {"file": path16.name, "structure": structure, "cpu_check": check_parity(
+        net, path16, x, FP16_COSINE_MIN, ("CPUExecutionProvider",), f"FP16 export of {label} (CPU)")}
+    if cuda_provider_active(path16):
+        entry["parity"] = check_parity(net, path16, x, FP16_COSINE_MIN, ("CUDAExecutionProvider",),
+                                       f"FP16 export of {label} (CUDA)")
+    else:
+        entry["parity"] = "not run: no active CUDA provider (ONNX Runtime's CPU provider computes in FP32)"
+        log.warning("FP16 export of %s checked structurally only: %s", label, entry["parity"])
+    return entry
 
 
 def _sha256(path: Path) -> str:

@@ -1,6 +1,9 @@
-"""Parallel image decoding for ``whalesub embed``: a torch DataLoader over fixed batches.
+"""The inputs of ``whalesub embed``: the image listing, box crops, and parallel decoding.
 
-Worker processes call ``whalesub.image.load_for_model`` (one decode per distinct preprocessing
+:func:`list_images` and :func:`select_boxes` check the listing and the box file up front (every
+problem at once). :func:`make_loader` is a torch DataLoader over fixed batches.
+
+Its worker processes call ``whalesub.image.load_for_model`` (one decode per distinct preprocessing
 spec) while the main process runs inference on the previous batch. Each batch is padded to the
 fixed batch size by repeating its last image, so every model call sees the same shape (ONNX
 Runtime / TensorRT plan caches, cuDNN autotuning); the caller drops the padded rows.
@@ -8,9 +11,68 @@ Runtime / TensorRT plan caches, cuDNN autotuning); the caller drops the padded r
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import numpy as np
 
-from whalesub.errors import DataError
+from whalesub.errors import ConfigError, DataError, first_few
+
+log = logging.getLogger(__name__)
+
+
+def list_images(images: Path | None, listing: Path | None) -> tuple[list[str], Path]:
+    """Image names in listing order and their folder; every missing file is reported at once."""
+    from whalesub.data import find_missing_files, read_test_listing
+
+    if images is None and listing is None:
+        raise ConfigError("say which images to embed: --images DIR (all images in it) "
+                          "or --list CSV [--images DIR]")
+    if listing is not None:
+        names = read_test_listing(listing)
+        folder = images if images is not None else listing.parent
+    else:
+        names = read_test_listing(images)
+        folder = images
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist; "
+                        "pass the folder holding the images with --images")
+    missing = find_missing_files(names, folder)
+    if missing:
+        shown = "\n".join(f"  - {m}" for m in missing[:200]) + (f"\n  ... and {len(missing) - 200} more"
+                                                                  if len(missing) > 200 else "")
+        raise DataError(f"{len(missing)} of {len(names)} listed images are missing from {folder}; fix the "
+                        f"listing or the folder:\n{shown}")
+    return names, folder
+
+
+def select_boxes(path: Path, box_type: str | None, names: list[str]) -> list[tuple | None]:
+    """Per name, its box (x1, y1, x2, y2) in original-image pixels, or None (full frame)."""
+    from whalesub.data import read_boxes
+
+    boxes = read_boxes(path)
+    if "box_type" in boxes.columns:
+        kinds = sorted(boxes["box_type"].unique())
+        if box_type is None and len(kinds) > 1:
+            raise DataError(f"box file {path} has several box types {kinds}: choose one with --box-type")
+        if box_type is not None:
+            if box_type not in kinds:
+                raise DataError(f"--box-type {box_type!r} not in box file {path} (it has {kinds})")
+            boxes = boxes[boxes["box_type"] == box_type]
+    elif box_type is not None:
+        raise DataError(f"--box-type {box_type!r} given but box file {path} has no 'box_type' column")
+    table = {r.image: (r.x1, r.y1, r.x2, r.y2) for r in boxes.itertuples(index=False)}
+    picked = [table.get(n) for n in names]
+    hits = sum(b is not None for b in picked)
+    if hits == 0:
+        raise DataError(f"box file {path} has no box for any of the {len(names)} listed images (e.g. "
+                        f"{first_few(names, 3)}; it names {first_few(list(table), 3)}): "
+                        "wrong box file for this image set?")
+    if hits < len(names):
+        log.warning("%d of %d images have no box in %s: they are embedded uncropped", len(names) - hits,
+                    len(names), path)
+    return picked
+
 
 
 class ImageSet:
