@@ -237,3 +237,26 @@ def test_fp16_parity_on_cuda(exported, nyala):
     top32 = np.argsort(-q32 @ g32.T, axis=1)[:, :5]
     top16 = np.argsort(-q16 @ g16.T, axis=1)[:, :5]
     assert (top32 == top16).all(axis=1).mean() >= 0.99
+
+
+def test_resolve_checkpoint_layouts(tmp_path):
+    from whalesub.sources import resolve_checkpoint
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "last.pt").touch()
+    assert resolve_checkpoint(tmp_path / "a") == tmp_path / "a" / "last.pt"
+    (tmp_path / "a" / "best.pt").touch()  # best wins over last
+    assert resolve_checkpoint(tmp_path / "a") == tmp_path / "a" / "best.pt"
+    run = tmp_path / "run"
+    (run / "fold0").mkdir(parents=True)
+    (run / "fold0" / "best.pt").touch()
+    assert resolve_checkpoint(run) == run / "fold0" / "best.pt"
+    (run / "fold1").mkdir()
+    (run / "fold1" / "last.pt").touch()
+    with pytest.raises(WhalesubError, match="several folds"):
+        resolve_checkpoint(run)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WhalesubError, match="no checkpoint found"):
+        resolve_checkpoint(tmp_path / "empty")
+    with pytest.raises(WhalesubError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "nope")

@@ -1,6 +1,7 @@
 """What ``whalesub export`` and ``embed --backend torch`` read: a checkpoint or a training run folder.
 
-A run folder resolves to its best checkpoint (``best.pt``, else ``last.pt``; see :data:`CANDIDATES`).
+A run folder resolves to its best checkpoint (``best.pt``, else ``last.pt``; see :data:`CANDIDATES`),
+also inside its only ``fold*/`` subfolder (train writes ``runs/NAME/fold0/best.pt``).
 The embedding network is loaded strictly by :func:`whalesub.model.load_embedding_net`; the ArcFace
 head, when present, gives the class-centre matrix (:func:`class_centres`).
 """
@@ -51,8 +52,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
             for found in (path / name, path / "checkpoints" / name):
                 if found.is_file():
                     return found
-        raise WhalesubError(f"{path}: no checkpoint found (looked for {', '.join(CANDIDATES)} and "
-                            "checkpoints/<name>); pass the checkpoint file itself")
+        folds = sorted(p for p in path.glob("fold*")
+                       if p.is_dir() and any((p / n).is_file() for n in CANDIDATES))
+        if len(folds) == 1:  # a training run folder with one fold: runs/NAME/fold0/best.pt
+            return resolve_checkpoint(folds[0])
+        if folds:
+            raise WhalesubError(f"{path} holds several folds ({', '.join(p.name for p in folds)}): export "
+                                f"each one, e.g. `whalesub export {folds[0]} --out models/{folds[0].name}`")
+        raise WhalesubError(f"{path}: no checkpoint found (looked for {', '.join(CANDIDATES)}, "
+                            "checkpoints/<name> and fold*/<name>); pass the checkpoint file itself")
     raise WhalesubError(f"{path} does not exist: pass a training run folder or a checkpoint file")
 
 
