@@ -47,7 +47,11 @@ def submit_command(
                                  "may repeat: several views)."),
     queries: Path = typer.Option(..., "--queries", help="Query embeddings .npz (test images)."),
     train_csv: Path = typer.Option(..., "--train-csv", help="train.csv: gallery image -> individual_id."),
-    threshold: float = typer.Option(..., "--threshold", help="Cosine score of new_individual, in [-1, 1]."),
+    threshold: float | None = typer.Option(None, "--threshold", help="Cosine score of new_individual, in "
+                                           "[-1, 1] (pick it with `whalesub tune`)."),
+    new_share: float | None = typer.Option(None, "--new-share", help="Instead of --threshold: choose it on "
+                                           "these queries so this share of rows get new_individual first "
+                                           "(e.g. 0.165)."),
     out: Path = typer.Option(..., "--out", help="Submission CSV to write (atomically)."),
     k: int = typer.Option(100, "--k", help="Neighbours searched per query."),
     sample: Path | None = typer.Option(None, "--sample", help="sample_submission.csv (or test image folder): "
@@ -58,13 +62,14 @@ def submit_command(
     Exact cosine top-k (FAISS, GPU when present) -> best cosine per individual -> new_individual
     inserted with score THRESHOLD (an individual scoring exactly THRESHOLD ranks first) -> five
     distinct labels per row. Gallery and queries must share dimension and model fingerprint.
+    Give --threshold, or --new-share to set it from the queries' own scores.
     """
     import logging
 
     from whalesub.rank import submit_files
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    s = submit_files(gallery, queries, train_csv, threshold, out, k=k, sample=sample)
+    s = submit_files(gallery, queries, train_csv, threshold, out, k=k, sample=sample, new_share=new_share)
     typer.echo(f"wrote {s['out']}: {s['rows']} rows; new_individual first in {s['new_first']} "
                f"({100 * s['new_first'] / max(s['rows'], 1):.1f}%), present in {s['new_any']}; "
                f"gallery {s['gallery_vectors']} vectors of {s['individuals']} individuals, k={s['k']}, "
