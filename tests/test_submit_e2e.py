@@ -62,6 +62,16 @@ def test_submit_writes_rows_in_sample_order(tiny):
     assert "5 rows" in res.output
 
 
+@pytest.mark.parametrize("share, n_new_first", [(0.0, 0), (0.4, 2), (1.0, 5)])
+def test_submit_new_share_sets_the_threshold_from_the_queries(tiny, share, n_new_first):
+    args = ["submit", "--gallery", str(tiny / "gallery.npz"), "--queries", str(tiny / "queries.npz"),
+            "--train-csv", str(tiny / "train.csv"), "--new-share", str(share), "--out", str(tiny / "sub.csv")]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(tiny / "sub.csv")))
+    assert sum(r["predictions"].split()[0] == NEW_INDIVIDUAL for r in rows) == n_new_first
+
+
 def _assert_fails(res, tiny, *needles):
     assert res.exit_code == 2, res.output
     assert res.output.startswith("error:") and "Traceback" not in res.output
@@ -92,6 +102,10 @@ def test_fingerprints_that_differ(tiny):
 @pytest.mark.parametrize("threshold", ["1.5", "-1.01", "nan"])
 def test_threshold_outside_minus_one_one(tiny, threshold):
     _assert_fails(_submit(tiny, threshold=threshold), tiny, "--threshold", "[-1, 1]")
+
+
+def test_threshold_and_new_share_exclude_each_other(tiny):
+    _assert_fails(_submit(tiny, "--new-share", "0.2"), tiny, "exactly one of --threshold")
 
 
 def test_gallery_images_missing_from_train_csv_are_named(tiny):

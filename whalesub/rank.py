@@ -227,16 +227,26 @@ def _check_against_sample(query_ids: np.ndarray, sample, queries_path) -> list[s
     return images
 
 
-def submit_files(gallery_path, queries_path, train_csv, threshold: float, out, k: int = 100,
-                 sample=None, *, use_gpu: bool | None = None, progress: bool = True) -> dict:
+def submit_files(gallery_path, queries_path, train_csv, threshold: float | None, out, k: int = 100,
+                 sample=None, *, new_share: float | None = None, use_gpu: bool | None = None,
+                 progress: bool = True) -> dict:
     """Rank the queries against the gallery and write a validated submission CSV to ``out``.
 
-    Rows follow the sample's order when ``sample`` (sample_submission.csv or an image folder) is
-    given, else the queries' order. Returns counts: rows, new_first, new_any, individuals, ...
+    Give exactly one of ``threshold`` (a cosine in [-1, 1]) or ``new_share``: the threshold is
+    then chosen on these queries so that that share of rows get ``new_individual`` first
+    (:func:`whalesub.threshold.threshold_for_new_share`; 1st place used ~0.165). Rows follow the
+    sample's order when ``sample`` (sample_submission.csv or an image folder) is given, else the
+    queries' order. Returns counts: rows, new_first, new_any, individuals, threshold, ...
     """
     from whalesub.submission import write_submission
 
-    threshold = check_threshold(threshold)
+    if (threshold is None) == (new_share is None):
+        raise ConfigError("give exactly one of --threshold (a cosine in [-1, 1]) and --new-share "
+                          "(share of rows to get new_individual first, e.g. 0.165)")
+    if threshold is not None:
+        threshold = check_threshold(threshold)
+    elif not 0.0 <= new_share <= 1.0:
+        raise ConfigError(f"--new-share {new_share} must be within [0, 1] (e.g. 0.165)")
     if k < 1:
         raise ConfigError(f"--k {k} must be at least 1 (number of neighbours searched per query)")
     data = load_ranking_inputs(gallery_path, queries_path, train_csv)
@@ -244,6 +254,12 @@ def submit_files(gallery_path, queries_path, train_csv, threshold: float, out, k
     images = _check_against_sample(query_ids, sample, queries_path) if sample is not None else None
     labels, scores = rank_queries(data["gallery"], data["gallery_labels"], data["queries"], k,
                                   use_gpu=use_gpu, progress=progress)
+    if threshold is None:
+        from whalesub.threshold import threshold_for_new_share
+
+        threshold = threshold_for_new_share(scores, new_share)
+        log.info("threshold %.6f puts new_individual first in %.1f%% of the queries", threshold,
+                 100 * new_share)
     codes = insert_new_individual(labels, scores, threshold)
     preds = decode_labels(codes, data["classes"])
     if images is None:
