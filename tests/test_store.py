@@ -119,3 +119,14 @@ def test_average_views_is_the_renormalised_mean_per_image():
         got = out.vectors[out.ids.tolist().index(name)]
         np.testing.assert_allclose(got, m / np.linalg.norm(m), atol=1e-6)
     assert out.meta == {"fingerprint": "f"}
+
+
+def test_a_crash_while_writing_leaves_neither_file_nor_temp(tmp_path, monkeypatch):
+    def crash(fh, **arrays):
+        fh.write(b"PK partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_embeddings(tmp_path / "g.npz", ["a"], np.ones((1, 2), np.float32))
+    assert list(tmp_path.iterdir()) == []
