@@ -68,7 +68,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], spec=None) -> Path:
-    """Write ``state`` (plain data + tensors) to ``path`` atomically; ``spec`` -> model_spec.json beside it."""
+    """Write ``state`` (plain data + tensors) to ``path`` atomically; ``spec`` -> model_spec.json."""
     import torch
 
     path = Path(path)

@@ -1,0 +1,217 @@
+"""Training runs end to end on a tiny synthetic set: run folder, reproducibility, exact resume after
+SIGKILL, NaN guard, missing images, and agreement of validation with whalesub's own ranking."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    from whalesub.synth import make_dataset
+
+    out = tmp_path_factory.mktemp("train_synth") / "data"
+    make_dataset(out, seed=3, n_individuals=12, singleton_share=0.3, progress=False)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_torch_state():
+    import torch
+
+    level = logging.getLogger().level
+    yield
+    torch.use_deterministic_algorithms(False)
+    logging.getLogger().setLevel(level)
+
+
+def base_args(data: Path, out: Path, run: str = "t", **extra) -> list[str]:
+    args = {"train_csv": data / "train.csv", "image_dir": data / "train_images",
+            "backbone": "test_efficientnet", "image_size": 32, "embed_dim": 16, "batch_size": 8, "epochs": 2,
+            "num_workers": 0, "device": "cpu",
+            "deterministic": "true", "n_folds": 3, "fold": 0, "out_dir": out, "run_name": run, "arc_k": 2,
+            "val_batch_size": 16, "tta_flip": "true", "log_every_steps": 1}
+    args.update(extra)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def run_inprocess(argv: list[str]) -> int:
+    from train.fit import main
+
+    return main(argv)
+
+
+def state_dicts(path: Path) -> dict:
+    import torch
+
+    st = torch.load(path, weights_only=True)
+    return {"model": st["model"], "heads": st["heads"], "optimizer": st["optimizer"]["state"]}
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            assert_same_tensors(a[k], b[k])
+        elif isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+@pytest.fixture(scope="module")
+def reference(synth, tmp_path_factory) -> Path:
+    """One uninterrupted run (fold 0, 2 epochs) shared by several tests."""
+    out = tmp_path_factory.mktemp("runs")
+    assert run_inprocess(base_args(synth, out, "ref")) == 0
+    return out / "ref" / "fold0"
+
+
+def test_run_folder_checkpoints_and_metrics(reference):
+    import torch
+
+    from whalesub.model import load_embedding_net
+
+    for name in ("config.yaml", "command.txt", "train.log", "metrics.csv", "last.pt", "best.pt",
+                 "model_spec.json", "oof_embeddings.npz", "oof_gallery.npz", "oof_labels.csv"):
+        assert (reference / name).is_file(), name
+    assert (reference.parent / "folds.csv").is_file() and list((reference / "tb").iterdir())
+    metrics = pd.read_csv(reference / "metrics.csv")
+    assert metrics["epoch"].tolist() == [0, 1, 2]  # epoch 0 = the untrained network
+    assert metrics["val_map5"].between(0, 1).all() and np.isnan(metrics["train_loss"][0])
+    st = torch.load(reference / "last.pt", weights_only=True)
+    assert st["epoch"] == 2 and st["finished"] and st["config"]["image_size"] == 32
+    net, spec = load_embedding_net(reference / "best.pt")
+    assert spec.image_size == 32 and net.embed_dim == 16
+    log = (reference / "train.log").read_text()
+    assert "epoch 0 (untrained)" in log and "done: val MAP@5 untrained" in log
+
+
+def test_validation_equals_whalesub_inference_path(reference, synth):
+    """OOF vectors = load_embedding_net(best.pt) on load_for_model inputs (the inference path), and
+    MAP@5 recomputed with whalesub.rank.predict_top5 + metric.map_at_5 equals metrics.csv's best row."""
+    import torch
+
+    from whalesub import metric, rank
+    from whalesub.image import load_for_model
+    from whalesub.model import load_embedding_net
+    from whalesub.store import load_embeddings
+
+    net, spec = load_embedding_net(reference / "best.pt")
+    oof = load_embeddings(reference / "oof_embeddings.npz")
+    gal = load_embeddings(reference / "oof_gallery.npz")
+    labels = pd.read_csv(reference / "oof_labels.csv", dtype=str)
+    names = oof.ids[::2]  # two views (orig, hflip) per image
+    assert names.tolist() == labels["image"].tolist()
+    x = torch.from_numpy(np.stack([load_for_model(synth / "train_images" / n, spec) for n in names]))
+    with torch.no_grad():
+        orig, flip = net(x).numpy(), net(x.flip(-1)).numpy()
+    np.testing.assert_allclose(oof.vectors[0::2], orig, atol=1e-5)
+    np.testing.assert_allclose(oof.vectors[1::2], flip, atol=1e-5)
+
+    folds = pd.read_csv(reference.parent / "folds.csv", dtype={"image": str, "individual_id": str})
+    gal_labels = folds.set_index("image").loc[gal.ids, "individual_id"].to_numpy()
+    q = oof.vectors[0::2] + oof.vectors[1::2]
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    metrics = pd.read_csv(reference / "metrics.csv")
+    best = metrics[metrics["improved"] == 1].iloc[-1]
+    preds = rank.predict_top5(gal.vectors, gal_labels, q, threshold=best["val_threshold"])
+    recomputed = metric.map_at_5(preds, labels["individual_id"].tolist())
+    assert recomputed == pytest.approx(best["val_map5"], abs=1e-9)
+
+
+def test_same_seed_gives_identical_metrics_and_weights(reference, synth, tmp_path):
+    assert run_inprocess(base_args(synth, tmp_path, "again")) == 0
+    again = tmp_path / "again" / "fold0"
+    assert (again / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
+    assert_same_tensors(state_dicts(again / "last.pt"), state_dicts(reference / "last.pt"))
+
+
+def test_sigkill_mid_epoch_then_rerun_resumes_to_identical_result(reference, synth, tmp_path):
+    argv = base_args(synth, tmp_path, "ref", save_every_steps=1, debug_sleep_per_step=0.7)
+    cmd = [sys.executable, "-m", "train", *argv]
+    log_path = tmp_path / "ref" / "fold0" / "train.log"
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:  # wait for a mid-epoch checkpoint in epoch 2
+            if log_path.is_file() and "mid-epoch checkpoint: epoch 2 batch 1" in log_path.read_text():
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.1)
+        else:
+            pytest.fail("no mid-epoch checkpoint appeared")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from" in log_path.read_text()
+    out = tmp_path / "ref" / "fold0"
+    assert (out / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
+    assert_same_tensors(state_dicts(out / "last.pt"), state_dicts(reference / "last.pt"))
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(synth, tmp_path, capsys):
+    import torch
+
+    first = tmp_path / "first"
+    assert run_inprocess(base_args(synth, first, "n", epochs=1)) == 0
+    steps = torch.load(first / "n" / "fold0" / "last.pt", weights_only=True)["global_step"]
+    argv = base_args(synth, tmp_path, "n", debug_nan_at_step=steps + 2, val_before_train="false")
+    assert run_inprocess(argv) == 2
+    err = capsys.readouterr().err
+    assert "loss is nan" in err and "last good checkpoint" in err and "lower lr" in err
+    st = torch.load(tmp_path / "n" / "fold0" / "last.pt", weights_only=True)
+    assert st["epoch"] == 1 and st["global_step"] == steps
+    assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
+
+
+def test_missing_images_are_all_listed_before_training(synth, tmp_path, capsys):
+    df = pd.read_csv(synth / "train.csv", dtype=str)
+    gone = ["gone_a.jpg", "gone_b.jpg", "gone_c.jpg"]
+    extra = pd.DataFrame({"image": gone, "species": df["species"][0],
+                          "individual_id": df["individual_id"][0]})
+    pd.concat([df, extra]).to_csv(tmp_path / "train.csv", index=False)
+    argv = base_args(synth, tmp_path, "m", train_csv=tmp_path / "train.csv")
+    assert run_inprocess(argv) == 2
+    err = capsys.readouterr().err
+    assert "3 image file(s)" in err and all(g in err for g in gone)
+    assert not (tmp_path / "m" / "fold0" / "last.pt").exists()
+
+
+def test_torchrun_two_processes_gloo_checkpoint_loads_in_one_process(synth, tmp_path):
+    import torch
+
+    from whalesub.model import load_embedding_net
+
+    argv = base_args(synth, tmp_path, "ddp", epochs=1, deterministic="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "train",
+           *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fold = tmp_path / "ddp" / "fold0"
+    st = torch.load(fold / "last.pt", weights_only=True)
+    assert st["epoch"] == 1 and not any(k.startswith("module.") for k in st["model"])
+    net, _ = load_embedding_net(fold / "last.pt")
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
+    assert "world 2" in (fold / "train.log").read_text()
+    assert len(pd.read_csv(fold / "metrics.csv")) == 2
