@@ -9,7 +9,8 @@ The rule, all of it vectorised over [Q, k] arrays (memory O(Q x k), never Q x in
 4. ``new_individual`` is one more candidate whose score is the constant ``threshold``. An
    individual whose score equals the threshold ranks *before* it. So it lands at rank 1 when
    the threshold beats every individual, is absent when five individuals reach it, and
-   anywhere in between otherwise.
+   anywhere in between otherwise. Scores are float32 and so is the comparison: a threshold
+   typed as 0.7 ties with a score of float32(0.7).
 5. The first five labels are the prediction; they are distinct by construction.
 
 Fewer than five individuals among the top k (a query whose neighbours all belong to one or two
