@@ -22,11 +22,28 @@ log = logging.getLogger(__name__)
 CUDA_MISMATCH_HELP = (
     "ONNX Runtime's CUDAExecutionProvider is not active ({why}). Usually the installed onnxruntime-gpu "
     "and the CUDA/cuDNN libraries do not match: onnxruntime-gpu >= 1.27 needs the CUDA 13 runtime and "
-    "cuDNN 9 (pip install 'nvidia-cuda-runtime-cu13' 'nvidia-cudnn-cu13' or the system CUDA 13 toolkit), "
-    "while CUDA 12 systems need `pip install 'onnxruntime-gpu<1.27'`. Check with "
-    "`python -c \"import onnxruntime as o; print(o.get_available_providers())\"`, or run on the CPU "
-    "with --device cpu (or --backend torch)"
+    "cuDNN 9 (the system CUDA 13 toolkit, or `pip install 'nvidia-cuda-runtime>=13' nvidia-cudnn-cu13`, "
+    "which PyTorch's cu13x wheels bring), while CUDA 12 systems need `pip install 'onnxruntime-gpu<1.27'`. "
+    "(what counts is the session's active providers, not onnxruntime.get_available_providers()). "
+    "Or run on the CPU with --device cpu, or on the GPU with --backend torch"
 )
+
+
+def prepare_cuda_libraries() -> None:
+    """Load the CUDA/cuDNN libraries ONNX Runtime's CUDA provider needs before a session is made.
+
+    Importing torch first loads its CUDA runtime and cuDNN (ONNX Runtime's documented way to share
+    PyTorch's CUDA wheels); ``onnxruntime.preload_dlls`` (>= 1.21) also finds the nvidia-* pip wheels.
+    """
+    import contextlib
+
+    with contextlib.suppress(Exception):
+        import torch  # noqa: F401
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        with contextlib.suppress(Exception):
+            ort.preload_dlls()
 
 
 @dataclass
@@ -101,6 +118,7 @@ def _open_onnx(folder: Path, device: str, fp16: bool) -> Model:
                else "no NVIDIA driver: libcuda cannot be loaded")
         raise WhalesubError(f"--device cuda: {CUDA_MISMATCH_HELP.format(why=why)}")
     if device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available and driver):
+        prepare_cuda_libraries()
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]

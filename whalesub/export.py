@@ -149,6 +149,9 @@ def cuda_provider_active(onnx_path: Path) -> bool:
 
     if "CUDAExecutionProvider" not in ort.get_available_providers() or not cuda_driver_present():
         return False
+    from whalesub.backends import prepare_cuda_libraries
+
+    prepare_cuda_libraries()
     try:
         sess = ort_session(onnx_path, ("CUDAExecutionProvider", "CPUExecutionProvider"))
     except Exception:  # noqa: BLE001 - a broken CUDA install is "not active"
