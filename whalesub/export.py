@@ -107,8 +107,8 @@ def check_parity(net, onnx_path: Path, x: np.ndarray, min_cosine: float, provide
     """Compare ONNX Runtime with PyTorch on ``x``; raise WhalesubError when a row's cosine < min."""
     import torch
 
-    with torch.no_grad():
-        ref = net(torch.from_numpy(x)).float().numpy()
+    with torch.no_grad():  # batches of 8: big inputs (1024 px) stay within CPU memory
+        ref = np.concatenate([net(torch.from_numpy(x[i:i + 8])).float().numpy() for i in range(0, len(x), 8)])
     sess = ort_session(onnx_path, providers)
     got = np.concatenate([sess.run(None, {INPUT_NAME: x[i:i + 8]})[0] for i in range(0, len(x), 8)])
     if got.dtype != np.float32 or got.shape != ref.shape:
