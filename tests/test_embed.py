@@ -1,6 +1,6 @@
 """whalesub embed: flip TTA, fold concatenation, resume after SIGKILL, sharding, errors.
 
-Tiny timm models (test_efficientnet / resnet18 at 32-64 px, pretrained=False) exported once per
+Tiny timm models (test_efficientnet / test_resnet at 32-64 px, pretrained=False) exported once per
 session; real photos from ../shared/data/nyala where the test needs them.
 """
 
@@ -29,7 +29,7 @@ def models(tmp_path_factory):
     """Two exported tiny models (different backbones and sizes) and their checkpoints."""
     root = tmp_path_factory.mktemp("models")
     a_ckpt = make_checkpoint(root / "run_a" / "best.pt", "test_efficientnet", 64, seed=0)
-    b_ckpt = make_checkpoint(root / "run_b" / "best.pt", "resnet18", 48, seed=1)
+    b_ckpt = make_checkpoint(root / "run_b" / "best.pt", "test_resnet", 48, seed=1)
     return {"a": export_tiny(a_ckpt, root / "a"), "b": export_tiny(b_ckpt, root / "b"),
             "a_ckpt": a_ckpt, "b_ckpt": b_ckpt}
 
