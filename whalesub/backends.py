@@ -59,9 +59,13 @@ class Model:
     run: Any = field(repr=False)
     info: dict = field(default_factory=dict)
 
-    def __call__(self, x) -> np.ndarray:
-        """x: [B, C, S, S] float32 (numpy array or CPU torch tensor, pinned for GPUs) -> [B, D] float32."""
-        return self.run(x)
+    def __call__(self, x, flip: bool = False) -> np.ndarray:
+        """x: [B, C, S, S] float32 (numpy array or CPU torch tensor, pinned for GPUs) -> [B, D] float32.
+
+        ``flip``: also the horizontally mirrored batch, in the same model call -> [2B, D] float32
+        (rows 0..B-1 original, B..2B-1 mirrored); torch mirrors on the device after one copy.
+        """
+        return self.run(x, flip)
 
     def describe(self) -> dict:
         return {"path": str(self.path), "fingerprint": self.fingerprint, "backend": self.backend,
@@ -133,10 +137,11 @@ def _open_onnx(folder: Path, device: str, fp16: bool) -> Model:
     if fp16 and not on_gpu:
         log.warning("--fp16 on the CPU provider: ONNX Runtime computes in FP32 there (no speed-up)")
 
-    def run(x) -> np.ndarray:
+    def run(x, flip: bool) -> np.ndarray:
         x = x if isinstance(x, np.ndarray) else x.numpy()  # a (pinned) CPU tensor: shares memory
-        return sess.run(None, {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[0].astype(
-            np.float32, copy=False)
+        x = np.concatenate([x, x[..., ::-1]]) if flip else np.ascontiguousarray(x)
+        out = sess.run(None, {INPUT_NAME: x.astype(np.float32, copy=False)})[0]
+        return out.astype(np.float32, copy=False)
 
     return Model(folder, spec, manifest["fingerprint"], "onnx", key, "cuda" if on_gpu else "cpu", run,
                  {"providers": active})
@@ -160,9 +165,10 @@ def _open_torch(path: Path, device: str, fp16: bool) -> Model:
     fingerprint = model_fingerprint(src.net, src.spec)
 
     @torch.inference_mode()
-    def run(x) -> np.ndarray:
+    def run(x, flip: bool) -> np.ndarray:
         t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
         t = t.to(dev, non_blocking=True)  # the loader pins batches when a model runs on a GPU
+        t = torch.cat([t, t.flip(-1)]) if flip else t
         with torch.autocast(dev.type, dtype=torch.float16, enabled=fp16):
             out = net(t)
         return out.float().cpu().numpy()

@@ -6,7 +6,7 @@ crops) while the main process runs the model(s) on fixed-size batches (the last 
 by repeating its last image and the padding is dropped), so decoding overlaps inference.
 
 - Flip TTA (``tta="flip"``): per model, the normalised sum of the original and horizontally
-  flipped views. ``flip_views=True`` instead stores both views as separate rows (ids repeated,
+  flipped views (both in one model call of 2 x batch size; torch mirrors on the device). ``flip_views=True`` instead stores both views as separate rows (ids repeated,
   ``[orig, hflip]`` per image) for a flipped gallery.
 - Several models (folds): per-model unit vectors (after TTA) are concatenated and renormalised,
   which makes the inner product the mean of the per-model cosines. Each model decodes at its own
@@ -102,22 +102,15 @@ def embed_batch(models, inputs: list, key_of: list[int], options: EmbedOptions) 
     per_model = []
     for model, k in zip(models, key_of, strict=True):
         x = inputs[k]
-        e = _unit(model(x))
+        e = _unit(model(x, flip=len(options.views) == 2))
         if len(options.views) == 2:
-            f = _unit(model(_hflip(x)))
+            e, f = e[: len(e) // 2], e[len(e) // 2:]
             if options.flip_views:
                 e = np.stack([e, f], axis=1).reshape(-1, e.shape[1])  # [B*2, D]
             else:
                 e = _unit(e + f)
         per_model.append(e)
     return _unit(np.concatenate(per_model, axis=1)) if len(per_model) > 1 else per_model[0]
-
-
-def _hflip(x):
-    """Mirror [B, C, H, W] along W (a contiguous copy; numpy or torch)."""
-    if isinstance(x, np.ndarray):
-        return np.ascontiguousarray(x[..., ::-1])
-    return x.flip(-1)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
