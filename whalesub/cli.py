@@ -230,8 +230,8 @@ def export_command(
 ) -> None:
     """Export the embedding network to ONNX; fail (nothing written) unless it matches PyTorch.
 
-    Input 'image' float32 [batch, 3, S, S] (whalesub.image.to_model_input), output 'embedding'
-    float32 [batch, D], L2-normalised. Also writes class_centres.npz when the checkpoint has a head.
+    Input 'image' float32 (batch, 3, S, S) from whalesub.image.to_model_input; output 'embedding'
+    float32 (batch, D), L2-normalised. Also writes class_centres.npz when the checkpoint has a head.
     """
     from whalesub.export import export_model, pick_parity_images
 
