@@ -6,8 +6,9 @@ crops) while the main process runs the model(s) on fixed-size batches (the last 
 by repeating its last image and the padding is dropped), so decoding overlaps inference.
 
 - Flip TTA (``tta="flip"``): per model, the normalised sum of the original and horizontally
-  flipped views (both in one model call of 2 x batch size; torch mirrors on the device). ``flip_views=True`` instead stores both views as separate rows (ids repeated,
-  ``[orig, hflip]`` per image) for a flipped gallery.
+  flipped views (both in one model call of 2 x batch size; torch mirrors on the device).
+  ``flip_views=True`` instead stores both views as separate rows (ids repeated, ``[orig, hflip]``
+  per image) for a flipped gallery.
 - Several models (folds): per-model unit vectors (after TTA) are concatenated and renormalised,
   which makes the inner product the mean of the per-model cosines. Each model decodes at its own
   spec (models sharing the same preprocessing share one decode), so folds of different input
@@ -45,6 +46,12 @@ PARTS_MANIFEST = "run.json"
 
 @dataclass(frozen=True)
 class EmbedOptions:
+    """Settings of one ``whalesub embed`` run (the CLI options of the same names).
+
+    Everything except ``workers`` and ``chunk`` can change the output, so it is part of the
+    resume key: a re-run with other values refuses the existing parts folder.
+    """
+
     tta: str = "flip"  # "flip" | "none"
     flip_views: bool = False
     backend: str = "onnx"
