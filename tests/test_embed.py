@@ -270,3 +270,22 @@ def test_cli_embed_and_merge(models, pictures, tmp_path):
     assert m.ids.tolist() == sorted(p.name for p in pictures.iterdir()) and m.meta["tta_reduce"] == "mean"
     res = run(app, base + ["--out", str(tmp_path / "y.npz"), "--shard", "2/2"])
     assert res.exit_code == 2 and "0 <= i < n" in res.output
+
+
+@pytest.mark.gpu
+def test_cuda_embed_matches_cpu(models, pictures, tmp_path):
+    """Needs a GPU with a working ONNX Runtime CUDA provider: FP32 and FP16 graphs vs the CPU run."""
+    from whalesub.export import cuda_provider_active
+
+    if not cuda_provider_active(models["a"] / "model.onnx"):
+        pytest.skip("ONNX Runtime's CUDAExecutionProvider is not active (CUDA/cuDNN mismatch?)")
+    cpu = run_embed([models["a"]], tmp_path / "cpu.npz", _opts(), images=pictures)
+    gpu = run_embed([models["a"]], tmp_path / "gpu.npz", _opts(device="cuda", workers=2), images=pictures)
+    half = run_embed([models["a"]], tmp_path / "h.npz", _opts(device="cuda", fp16=True), images=pictures)
+    torch16 = run_embed([models["a_ckpt"]], tmp_path / "t.npz",
+                        _opts(device="cuda", fp16=True, backend="torch"), images=pictures)
+    c = load_embeddings(cpu).vectors
+    assert (c * load_embeddings(gpu).vectors).sum(1).min() >= 0.9999
+    assert (c * load_embeddings(half).vectors).sum(1).min() >= 0.999
+    assert (c * load_embeddings(torch16).vectors).sum(1).min() >= 0.999
+    assert load_embeddings(gpu).meta["models"][0]["device"] == "cuda"
