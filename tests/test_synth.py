@@ -274,9 +274,9 @@ def test_overwrite_refuses_a_folder_synth_did_not_write(tmp_path):
 
 def test_bad_settings_are_listed_together(tmp_path):
     with pytest.raises(WhalesubError) as err:
-        make_dataset(tmp_path / "x", image_size=(16, 5000), new_share=1.5, n_species=0)
+        make_dataset(tmp_path / "x", image_size=(16, 5000), new_share=1.5, n_species=0, marks="rainbow")
     text = str(err.value)
-    assert "image_size 16x5000" in text and "new_share" in text and "n_species" in text
+    assert "image_size 16x5000" in text and "new_share" in text and "n_species" in text and "marks" in text
     assert not (tmp_path / "x").exists()
     assert parse_image_size("640x480") == (640, 480) == parse_image_size(" 640,480")
     assert parse_image_size("large") == LARGE

@@ -82,6 +82,7 @@ def _check(args: dict) -> None:
         ("mirror_share", 0.0 <= args["mirror_share"] <= 1.0, "in [0, 1]"),
         ("typo_share", 0.0 <= args["typo_share"] <= 1.0, "in [0, 1]"),
         ("workers", args["workers"] >= 1, "at least 1"),
+        ("marks", args["marks"] in ("colour", "scar"), "'colour' or 'scar'"),
     ]
     problems += [
         f"{k}={args[k]!r} ({OPTIONS.get(k, '--' + k.replace('_', '-'))}): must be {rule}"
@@ -194,6 +195,7 @@ def make_dataset(
     large_size: str | tuple[int, int] = "large",
     animal_frac: tuple[float, float] | None = None,
     nuisance: float = 1.0,
+    marks: str = "colour",
     mirror_share: float = 0.0,
     typo_share: float = 0.0,
     workers: int = 1,
@@ -214,6 +216,8 @@ def make_dataset(
     photos), smaller frames a large one (50-85 %), unless ``animal_frac`` says otherwise.
     ``n_large`` photos, chosen at random across both splits, are rendered at ``large_size`` instead.
     ``nuisance`` scales all pose/light/background variation (0 canonical, 1 default).
+    ``marks="colour"`` draws marks in five hues contrasting with the body; ``"scar"`` only in
+    white/pale or black/dark, like real scars, so identity lies in the marks' layout alone.
     ``mirror_share`` of photos are mirrored: the animal seen from its other side, with its marks and
     fin notches mirrored (treated as visible from both sides, like notches through a fin); default
     0 so that flank marks identify without flip invariance. ``typo_share`` of the train rows of
@@ -228,7 +232,9 @@ def make_dataset(
     _check(args)
     out = Path(out_dir)
     _prepare_out(out, overwrite)
-    plan = make_plan(seed, n_individuals, n_species, singleton_share, max_images, n_test, new_share, n_large)
+    plan = make_plan(
+        seed, n_individuals, n_species, singleton_share, max_images, n_test, new_share, n_large, marks
+    )
 
     def shot_for(size: tuple[int, int]) -> Shot:
         frac = animal_frac or (LARGE_FRAC if size[0] >= 1000 else SMALL_FRAC)

@@ -64,6 +64,7 @@ def make_plan(
     n_test: int | None,
     new_share: float,
     n_large: int,
+    marks: str = "colour",
 ) -> Plan:
     """Draw the catalogue, the photos per animal and the split; deterministic in ``seed``."""
     rng = np.random.default_rng([seed, 0])
@@ -81,7 +82,7 @@ def make_plan(
     kinds = rng.choice(len(species), size=n_total, p=weights / weights.sum())
     individuals = tuple(
         draw_individual(
-            np.random.default_rng([seed, 1, i]), _digest(seed, "id", i, n=12), species[int(kinds[i])]
+            np.random.default_rng([seed, 1, i]), _digest(seed, "id", i, n=12), species[int(kinds[i])], marks
         )
         for i in range(n_total)
     )

@@ -62,6 +62,10 @@ LIGHT_MARKS: tuple[RGB, ...] = (
     (236, 160, 186),
 )
 DARK_MARKS: tuple[RGB, ...] = ((12, 12, 18), (92, 46, 22), (24, 48, 110), (120, 24, 30), (16, 84, 60))
+# ``marks="scar"``: white/pale and black/dark only, like real scars and pigment; identity then lies
+# in where the marks are, not in their colours.
+SCAR_LIGHT: tuple[RGB, ...] = ((246, 246, 240), (196, 196, 190))
+SCAR_DARK: tuple[RGB, ...] = ((12, 12, 18), (66, 66, 70))
 
 
 @dataclass(frozen=True)
@@ -96,20 +100,23 @@ def luminance(rgb: RGB) -> float:
     return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
 
 
-def draw_individual(rng: np.random.Generator, individual_id: str, species: Species) -> Individual:
+def draw_individual(
+    rng: np.random.Generator, individual_id: str, species: Species, marks: str = "colour"
+) -> Individual:
     """Draw the identity traits of one animal of ``species``.
 
     Marks avoid each other (centres at least ~0.1 body lengths apart) so that every mark stays
     visible; their colours contrast with the body: light on dark species, dark on light ones,
     either on mid-grey ones.
     """
+    light, dark = (LIGHT_MARKS, DARK_MARKS) if marks == "colour" else (SCAR_LIGHT, SCAR_DARK)
     lum = luminance(species.colour)
     if lum < 100:
-        palette = LIGHT_MARKS
+        palette = light
     elif lum > 170:
-        palette = DARK_MARKS
+        palette = dark
     else:
-        palette = LIGHT_MARKS + DARK_MARKS
+        palette = light + dark
     n_marks = int(rng.integers(4, 7))
     marks: list[Mark] = []
     xs: list[float] = []
