@@ -186,6 +186,7 @@ def synth_command(
     singleton_share: float = typer.Option(0.55, "--singleton-share", help="Share of animals with one photo."),
     max_images: int = typer.Option(20, "--max-images", help="Photos of the most photographed animal."),
     nuisance: float = typer.Option(1.0, "--nuisance", help="Scale of pose/light/background variation (0-3)."),
+    marks: str = typer.Option("colour", "--marks", help="Mark colours: colour (5 hues) or scar."),
     mirror_share: float = typer.Option(0.0, "--mirror-share", help="Share of mirrored sightings."),
     typo_share: float = typer.Option(
         0.0, "--typo-share", help="Share of train rows with a competition species typo (e.g. kiler_whale)."
@@ -202,8 +203,8 @@ def synth_command(
     stats = make_dataset(
         out, seed=seed, n_individuals=individuals, n_species=species, image_size=size, n_test=test_images,
         new_share=new_share, singleton_share=singleton_share, max_images=max_images, n_large=n_large,
-        large_size=large_size, nuisance=nuisance, mirror_share=mirror_share, typo_share=typo_share,
-        workers=workers, overwrite=overwrite,
+        large_size=large_size, nuisance=nuisance, marks=marks, mirror_share=mirror_share,
+        typo_share=typo_share, workers=workers, overwrite=overwrite,
     )
     keys = ("train_images", "train_individuals", "singleton_share", "test_images", "test_new_frac")
     typer.echo(f"wrote {out}: " + json.dumps({k: stats[k] for k in keys}))
