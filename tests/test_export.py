@@ -264,3 +264,12 @@ def test_resolve_checkpoint_layouts(tmp_path):
         resolve_checkpoint(tmp_path / "empty")
     with pytest.raises(WhalesubError, match="does not exist"):
         resolve_checkpoint(tmp_path / "nope")
+
+
+def test_parity_uses_the_runs_training_images(tmp_path, nyala):
+    ckpt = make_checkpoint(tmp_path / "run" / "best.pt")
+    raw = torch.load(ckpt, weights_only=True)
+    raw["config"] = {"image_dir": str(nyala / "train_images")}
+    torch.save(raw, ckpt)
+    m = export_model(ckpt, tmp_path / "out")
+    assert m["files"]["fp32"]["parity"]["rows"] == 4 + 8  # 4 random + the first 8 photos

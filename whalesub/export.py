@@ -17,7 +17,8 @@ S, scaled to 0-1 and normalised with the spec's mean/std: exactly ``whalesub.ima
 output ``embedding`` float32 [batch, D], L2-normalised rows. ``batch`` is dynamic.
 
 Parity: before anything is written to DIR, ONNX Runtime's output is compared with PyTorch's on
-random tensors and (optionally) real images; a per-row cosine below 0.9999 (FP32) raises
+random tensors and real images (``--parity-images``, else the first 8 of the training run's
+``image_dir`` when it still exists); a per-row cosine below 0.9999 (FP32) raises
 WhalesubError and leaves DIR untouched. The FP16 graph is checked structurally on any machine
 (FP16 backbone weights, FP32 tail, FP32 input/output) and numerically (cosine >= 0.999) only
 where ONNX Runtime's CUDA provider is active: the CPU provider computes FP16 ops in FP32.
@@ -176,6 +177,11 @@ def export_model(source: str | Path, out_dir: str | Path, *, fp16: bool = False,
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    if not parity_images:  # the run's own training images, when they are still where training read them
+        image_dir = _training_image_dir(src)
+        if image_dir is not None:
+            parity_images = pick_parity_images(image_dir)
+            log.info("parity inputs include %d images of %s", len(parity_images), image_dir)
     try:
         x = parity_inputs(spec, parity_images)
         fp32 = tmp / FILES["fp32"]
@@ -258,6 +264,17 @@ def _move_into(tmp: Path, out_dir: Path) -> None:
     names = sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST) + [MANIFEST]
     for name in names:
         shutil.move(str(tmp / name), str(out_dir / name))
+
+
+def _training_image_dir(src) -> Path | None:
+    """The checkpoint config's ``image_dir`` (relative: to the cwd or a folder above the checkpoint)."""
+    image_dir = (src.checkpoint.get("config") or {}).get("image_dir")
+    if not isinstance(image_dir, str) or not image_dir:
+        return None
+    for base in (Path.cwd(), *src.path.resolve().parents):
+        if (base / image_dir).is_dir():
+            return base / image_dir
+    return None
 
 
 def pick_parity_images(folder: Path | None, n: int = 8) -> list[Path]:
