@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -217,6 +218,7 @@ def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out
                desc="embed", dynamic_ncols=True, smoothing=0.1,
                mininterval=0.2 if sys.stderr.isatty() else 30.0)  # keep notebook/kernel logs short
     pending: dict[int, list[np.ndarray]] = {}
+    started, n_todo = time.perf_counter(), sum(len(parts.rows(c)) for c in todo)
     with bar:
         for positions, inputs in loader:
             rows = embed_batch(models, inputs, key_of, options)
@@ -242,7 +244,9 @@ def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out
         meta["shard"] = shard_info
     save_embeddings(out, ids, np.concatenate(vectors), meta)
     shutil.rmtree(parts.folder, ignore_errors=True)
-    log.info("wrote %s: %d rows x %d (fingerprint %s)", out, len(ids), vectors[0].shape[1], fingerprint[:12])
+    took = time.perf_counter() - started
+    log.info("wrote %s: %d rows x %d (fingerprint %s); %d images embedded in %.1f s (%.1f img/s)", out,
+             len(ids), vectors[0].shape[1], fingerprint, n_todo, took, n_todo / max(took, 1e-9))
     return out
 
 
