@@ -121,6 +121,8 @@ class EmbeddingNet(nn.Module):
         self._nhwc = getattr(fmt, "value", fmt) == "NHWC"  # Swin, MambaOut... give [B, H, W, C] maps
         self.pooled_dims = dims
         pooled = sum(dims)
+        # The attribute names backbone / pool / neck are part of the checkpoint format, and export's
+        # FP16 conversion finds the FP32 tail by the ONNX node scope "/pool/".
         if spec.pool == "gem":
             self.pool = GeM(spec.gem_p, spec.gem_eps, spec.gem_learnable)
         else:
