@@ -289,3 +289,14 @@ def test_cuda_embed_matches_cpu(models, pictures, tmp_path):
     assert (c * load_embeddings(half).vectors).sum(1).min() >= 0.999
     assert (c * load_embeddings(torch16).vectors).sum(1).min() >= 0.999
     assert load_embeddings(gpu).meta["models"][0]["device"] == "cuda"
+
+
+def test_tampered_onnx_file_is_refused(models, pictures, tmp_path):
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(models["a"], copy)
+    with open(copy / "model.onnx", "r+b") as fh:  # truncate: a broken upload
+        fh.truncate(1000)
+    with pytest.raises(WhalesubError, match="sha256"):
+        run_embed([copy], tmp_path / "x.npz", _opts(), images=pictures)

@@ -100,7 +100,7 @@ def read_export_manifest(folder: Path) -> dict:
 def _open_onnx(folder: Path, device: str, fp16: bool) -> Model:
     import onnxruntime as ort
 
-    from whalesub.export import INPUT_NAME, cuda_driver_present, ort_session
+    from whalesub.export import INPUT_NAME, cuda_driver_present, ort_session, sha256_file
     from whalesub.spec import ModelSpec
 
     manifest = read_export_manifest(folder)
@@ -114,6 +114,10 @@ def _open_onnx(folder: Path, device: str, fp16: bool) -> Model:
     for p in (onnx_path, spec_path):
         if not p.is_file():
             raise WhalesubError(f"--model {folder}: {p.name} is missing; re-run `whalesub export`")
+    if entry.get("sha256") and sha256_file(onnx_path) != entry["sha256"]:
+        raise WhalesubError(f"--model {folder}: {onnx_path.name} does not match the sha256 in export.json "
+                            "(truncated copy or a file from another export); "
+                            "copy the folder again or re-export")
     spec = ModelSpec.load(spec_path)
     available = ort.get_available_providers()
     driver = cuda_driver_present()

@@ -193,7 +193,7 @@ def export_model(source: str | Path, out_dir: str | Path, *, fp16: bool = False,
         spec.save(tmp / SPEC_FILENAME)
         for key, entry in files.items():
             entry["spec"] = SPEC_FILENAME
-            entry["sha256"] = _sha256(tmp / entry["file"])
+            entry["sha256"] = sha256_file(tmp / entry["file"])
             entry["precision"] = key
         manifest = {
             "format": "whalesub.export", "format_version": 1, "fingerprint": fingerprint,
@@ -245,7 +245,7 @@ def export_fp16(net, fp32: Path, path16: Path, x: np.ndarray, pool_attr: str, la
     return entry
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     import hashlib
 
     h = hashlib.sha256()
