@@ -1,6 +1,7 @@
 """Embedding throughput, measured side by side in one run on the same model and images.
 
-1. model only, CPU: PyTorch eager vs ONNX Runtime on the same preprocessed batches (ratio);
+1. model only (``--device cpu`` or ``cuda``): PyTorch eager vs ONNX Runtime on the same
+   preprocessed batches (ratio);
 2. decode only: the ``whalesub embed`` loader (worker processes, whalesub.image.load_for_model)
    without a model;
 3. end to end: ``whalesub embed`` (ONNX Runtime, same batch size and workers), compared with the
@@ -74,6 +75,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", type=int, default=1, help="decoding worker processes")
     ap.add_argument("--synthetic", default=None, help="WxH: synthetic JPEGs instead of nyala photos")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -102,12 +104,20 @@ def main() -> None:
     batches = [x[i:i + b] for i in range(0, n - n % b or n, b)]
     n_model = sum(len(t) for t in batches)
 
-    def run_torch():
+    dev = torch.device(args.device)
+    net.to(dev)
+
+    def run_torch():  # includes the host-to-device copy, as inference does
         with torch.inference_mode():
             for t in batches:
-                net(torch.from_numpy(t))
+                net(torch.from_numpy(t).to(dev)).cpu()
 
-    sess = ort_session(tmp / "export" / "model.onnx")
+    if args.device == "cuda":
+        from whalesub.backends import prepare_cuda_libraries
+
+        prepare_cuda_libraries()
+    sess = ort_session(tmp / "export" / "model.onnx", ["CUDAExecutionProvider"] if args.device == "cuda"
+                       else ["CPUExecutionProvider"])
 
     def run_ort():
         for t in batches:
@@ -123,7 +133,7 @@ def main() -> None:
             pass
 
     t_decode = timed(decode_only)
-    opts = EmbedOptions(tta="none", backend="onnx", device="cpu", batch_size=b, workers=args.workers,
+    opts = EmbedOptions(tta="none", backend="onnx", device=args.device, batch_size=b, workers=args.workers,
                         chunk=max(n, b))
 
     def end_to_end():
@@ -138,7 +148,8 @@ def main() -> None:
             "decode, 1 process": n / t_serial, loader: n / t_decode, "whalesub embed end to end": n / t_e2e}
     slower = min(rate["onnxruntime (model only)"], rate[loader])
     src = f"synthetic {args.synthetic} JPEGs" if args.synthetic else "nyala photos (JPEG, <= 512 px)"
-    print(f"\n{args.backbone} @ {args.size} px (pretrained=False), batch {b}, {n} images: {src}")
+    print(f"\n{args.backbone} @ {args.size} px (pretrained=False), batch {b}, {n} images: {src}; "
+          f"model on {args.device} ({sess.get_providers()[0]})")
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (1 min, at the end), "
           f"torch threads {torch.get_num_threads()}")
     for k, v in rate.items():
