@@ -55,6 +55,9 @@ def build_train_transform(cfg):
     holes = max(1, cfg.aug_dropout_holes)
     hole = (min(0.05, cfg.aug_dropout_size), cfg.aug_dropout_size)
     return A.Compose([
+        # squash to the square input first, exactly as inference does (to_model_input does not keep
+        # the aspect ratio), so crop scale/ratio are relative to what the network sees at test time
+        A.Resize(height=s, width=s, interpolation=cv2.INTER_AREA),
         A.RandomResizedCrop(size=(s, s), scale=tuple(cfg.aug_rrc_scale), ratio=tuple(cfg.aug_rrc_ratio),
                             interpolation=cv2.INTER_AREA, p=1.0),
         A.HorizontalFlip(p=cfg.aug_hflip),
