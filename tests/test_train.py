@@ -215,3 +215,31 @@ def test_torchrun_two_processes_gloo_checkpoint_loads_in_one_process(synth, tmp_
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
     assert "world 2" in (fold / "train.log").read_text()
     assert len(pd.read_csv(fold / "metrics.csv")) == 2
+
+
+def test_fold_all_and_full_data_with_test_scoring(synth, tmp_path):
+    import json
+
+    argv = base_args(synth, tmp_path, "all", fold="all", n_folds=2, epochs=1, tta_flip="false")
+    assert run_inprocess(argv) == 0
+    for k in (0, 1):
+        metrics = pd.read_csv(tmp_path / "all" / f"fold{k}" / "metrics.csv")
+        assert metrics["epoch"].tolist() == [0, 1]
+    folds = pd.read_csv(tmp_path / "all" / "folds.csv")
+    assert sorted(folds["fold"].unique()) == [0, 1]
+
+    argv = base_args(synth, tmp_path, "full", fold=-1, epochs=1, test_csv=synth / "test_truth.csv",
+                     test_image_dir=synth / "test_images")
+    assert run_inprocess(argv) == 0
+    full = tmp_path / "full" / "full"
+    metrics = pd.read_csv(full / "metrics.csv")
+    assert metrics["epoch"].tolist() == [1] and metrics["val_map5"].isna().all()
+    assert (full / "best.pt").is_file() and not (full / "oof_embeddings.npz").exists()
+    res = json.loads((full / "test_metrics.json").read_text())
+    truth = pd.read_csv(synth / "test_truth.csv")
+    assert res["n"] == len(truth) and 0 <= res["map5"] <= 1
+    assert res["all_new_baseline"] == pytest.approx((truth["individual_id"] == "new_individual").mean())
+    assert res["threshold_source"].startswith("grid best")
+    # eval_only re-scores the saved model without training: same numbers
+    assert run_inprocess(argv + ["--eval_only=true"]) == 0
+    assert json.loads((full / "test_metrics.json").read_text())["map5"] == res["map5"]
