@@ -96,3 +96,9 @@ def test_cli_unknown_key_and_wrong_type_exit_non_zero_listing_valid_keys(tmp_pat
     assert "unknown key 'learning_rate'" in proc.stderr and "'epochs'" in proc.stderr
     assert "Valid keys:" in proc.stderr and "head_lr_mult" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "train" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path):
+    cfg = load_config(["--config", str(path)])
+    assert cfg.run_name and cfg.pretrained is False or cfg.pretrained_file  # never a download
