@@ -243,3 +243,21 @@ def test_fold_all_and_full_data_with_test_scoring(synth, tmp_path):
     # eval_only re-scores the saved model without training: same numbers
     assert run_inprocess(argv + ["--eval_only=true"]) == 0
     assert json.loads((full / "test_metrics.json").read_text())["map5"] == res["map5"]
+
+
+def test_bf16_channels_last_accumulation_clipping_and_species_head(synth, tmp_path):
+    import math
+
+    import torch
+
+    from train.loop import epoch_batches
+
+    argv = base_args(synth, tmp_path, "amp", amp="bf16", channels_last="true", grad_accum=2, clip_grad=1.0,
+                     species_weight=0.5, epochs=1, val_before_train="false", deterministic="false")
+    assert run_inprocess(argv) == 0
+    st = torch.load(tmp_path / "amp" / "fold0" / "last.pt", weights_only=True)
+    n_train = int((pd.read_csv(tmp_path / "amp" / "folds.csv")["fold"] != 0).sum())
+    n_batches = len(epoch_batches(n_train, 8, 42, 0))
+    assert st["global_step"] == math.ceil(n_batches / 2)  # one optimizer step per 2 batches
+    assert any(k.startswith("species_head.") for k in st["heads"])
+    assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())

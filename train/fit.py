@@ -10,6 +10,7 @@ from ``last.pt``. Under ``torchrun`` every rank trains (DDP), rank 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -153,27 +154,24 @@ def run(cfg: TrainConfig, argv: list[str]) -> int:
     return 0
 
 
-class fold_logging:
-    """Context: also log to ``fold_dir/train.log`` (rank 0)."""
-
-    def __init__(self, fold_dir: Path, main: bool):
-        self.fold_dir, self.main, self.handler = fold_dir, main, None
-
-    def __enter__(self):
-        if self.main:
-            self.fold_dir.mkdir(parents=True, exist_ok=True)
-            self.handler = logging.FileHandler(self.fold_dir / "train.log", encoding="utf-8")
-            self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            logging.getLogger().addHandler(self.handler)
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if self.handler is not None:
-            if isinstance(exc, WhalesubError):  # the console gets it once from main()
-                self.handler.emit(logging.LogRecord("train", logging.ERROR, __file__, 0, f"error: {exc}",
-                                                    None, None))
-            logging.getLogger().removeHandler(self.handler)
-            self.handler.close()
+@contextlib.contextmanager
+def fold_logging(fold_dir: Path, main: bool):
+    """Also log to ``fold_dir/train.log`` (rank 0), including a final error message."""
+    if not main:
+        yield
+        return
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(fold_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    except WhalesubError as exc:  # the console gets it once from main()
+        handler.emit(logging.LogRecord("train", logging.ERROR, __file__, 0, f"error: {exc}", None, None))
+        raise
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:
