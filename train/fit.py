@@ -60,7 +60,7 @@ def setup_runtime(cfg: TrainConfig) -> Dist:
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device!r} but torch sees no CUDA GPU; use device=cpu or auto")
     device = torch.device(f"cuda:{local}" if want.startswith("cuda") and world > 1 else want)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -136,7 +136,7 @@ def train_epoch(ddp_model: nn.Module, model: TrainModel, criterion: nn.Module, l
                 loss, _parts = criterion(logits, y, sp_logits, ys)
             if cfg.debug_nan_at_step >= 0 and state["global_step"] + 1 >= cfg.debug_nan_at_step:
                 loss = loss * float("nan")
-            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+            bad = (~torch.isfinite(loss.detach())).float().reshape(1)  # on the loss device (nccl)
             if distributed:
                 torch.distributed.all_reduce(bad)
             if bad.item() > 0:
