@@ -204,9 +204,24 @@ def train_fold(cfg, k, df, boxes, truth, fold_dir: Path, command: str, dist: Dis
         session.evaluate_test(df, truth)
 
 
+def usage() -> str:
+    """The command line and every config key with its default."""
+    import dataclasses
+
+    from .config import TrainConfig
+
+    lines = ["usage: python -m train --config FILE.yaml [--key=value ...]", "", __doc__.strip(), "",
+             "keys (default):"]
+    lines += [f"  --{f.name}={getattr(TrainConfig(), f.name)!r}" for f in dataclasses.fields(TrainConfig)]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry: config errors, data errors and a diverged loss exit 2 with one message."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(usage())
+        return 0
     try:
         cfg = load_config(argv)
         return run(cfg, argv)
