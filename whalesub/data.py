@@ -260,7 +260,8 @@ def read_truth(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def read_boxes(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a box table ``image,x1,y1,x2,y2[,conf][,box_type]`` (pixels of the original image).
+    """Read a box table ``image,x1,y1,x2,y2[,conf][,box_type]`` (pixels of the upright,
+    EXIF-corrected, full-resolution image, as ``cv2.imread`` sees it; x2/y2 exclusive).
 
     Coordinates become float64, ``conf`` float64 in [0, 1], ``box_type`` str (e.g. ``"body"``,
     ``"fin"``). Each (image, box_type) pair may appear once. Raises :class:`DataError` listing
