@@ -261,3 +261,26 @@ def test_bf16_channels_last_accumulation_clipping_and_species_head(synth, tmp_pa
     assert st["global_step"] == math.ceil(n_batches / 2)  # one optimizer step per 2 batches
     assert any(k.startswith("species_head.") for k in st["heads"])
     assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
+
+
+def test_early_stopping_on_validation_map5(synth, tmp_path, monkeypatch):
+    import torch
+
+    import train.session
+
+    scores = iter([0.1, 0.5, 0.4, 0.45, 0.9, 0.9])  # epoch 0 (untrained), 1, 2, 3, ...
+
+    def fake_score(*args, **kwargs):
+        m = next(scores)
+        return {"map5": m, "threshold": 0.5, "map5_known": m, "map5_new": m, "top1_known": m,
+                "pred_new_share_at1": 0.0, "all_new_baseline": 0.1}
+
+    monkeypatch.setattr(train.session, "score", fake_score)
+    assert run_inprocess(base_args(synth, tmp_path, "es", epochs=6, patience=2)) == 0
+    metrics = pd.read_csv(tmp_path / "es" / "fold0" / "metrics.csv")
+    assert metrics["epoch"].tolist() == [0, 1, 2, 3]  # best at 1, then 2 epochs without improvement
+    assert metrics["improved"].tolist() == [0, 1, 0, 0]
+    best = torch.load(tmp_path / "es" / "fold0" / "best.pt", weights_only=True)
+    last = torch.load(tmp_path / "es" / "fold0" / "last.pt", weights_only=True)
+    assert best["epoch"] == 1 and last["epoch"] == 3 and last["finished"]
+    assert last["early_stopping"] == {"best": 0.5, "best_epoch": 1, "bad_epochs": 2}
