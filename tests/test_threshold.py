@@ -80,6 +80,9 @@ def test_parse_grid():
     np.testing.assert_allclose(parse_grid("0.0:1.0:0.25"), [0, 0.25, 0.5, 0.75, 1.0])
     np.testing.assert_allclose(parse_grid("0.3,0.5"), [0.3, 0.5])
     assert parse_grid("0.0:1.0:0.02").size == 51
+    # float steps that land a hair above 1.0 are still the grid the user asked for
+    neg = parse_grid("-0.2:1.0:0.05")
+    assert neg.size == 25 and neg[0] == -0.2 and neg[-1] == 1.0
     for bad in ("0:1:0", "1:0:0.1", "a,b", "0:2:0.5"):
         with pytest.raises(ConfigError, match="--grid"):
             parse_grid(bad)

@@ -132,9 +132,10 @@ def parse_grid(text: str) -> np.ndarray:
     except ValueError:
         raise ConfigError(f"--grid {text!r} is not start:stop:step (step > 0) or a comma list; "
                           "e.g. 0.0:1.0:0.02") from None
+    grid = np.round(grid, 10)  # before the range check: -0.2 + 24 * 0.05 is 1.0000000000000002
     if grid.size == 0 or np.abs(grid).max() > 1:
         raise ConfigError(f"--grid {text!r}: thresholds must lie within [-1, 1]")
-    return np.round(grid, 10)
+    return grid
 
 
 def tune_arrays(gallery: np.ndarray, gallery_label_strs, queries: np.ndarray, truth_labels,
