@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from whalesub.errors import WhalesubError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
@@ -23,6 +25,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     ``suffix`` defaults to the destination's suffix so libraries that append one behave.
     """
     path = Path(path)
+    if path.is_dir():  # os.replace would fail only after the work is done, with a bare OSError
+        raise WhalesubError(f"cannot write {path}: it is a folder; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix if suffix is None else suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)

@@ -34,6 +34,9 @@ def guarded(fn):
         except WhalesubError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # disk full, permission denied, ...: the OS message names the path
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 
