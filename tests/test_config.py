@@ -102,3 +102,17 @@ def test_cli_unknown_key_and_wrong_type_exit_non_zero_listing_valid_keys(tmp_pat
 def test_shipped_recipes_are_valid(path):
     cfg = load_config(["--config", str(path)])
     assert cfg.run_name and cfg.pretrained is False or cfg.pretrained_file  # never a download
+
+
+def test_os_errors_in_a_run_are_one_message_and_exit_2(tmp_path, monkeypatch, capsys):
+    import train.fit
+
+    def boom(cfg, argv):
+        raise NotADirectoryError(20, "Not a directory", str(tmp_path / "afile" / "debug"))
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 1\n")
+    monkeypatch.setattr(train.fit, "run", boom)
+    assert train.fit.main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Not a directory" in err and "afile" in err

@@ -228,4 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     except WhalesubError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # e.g. out_dir is a file, disk full: the OS message names the path
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
