@@ -58,6 +58,15 @@ def test_box_table_confidence_cut_mix_and_fallback():
     assert table.best("a", "fin") == (1, 0, 10, 10) and table.best("a", None) == (0, 0, 10, 10)
 
 
+def test_evaluation_box_ignores_the_training_mix():
+    """`whalesub embed --box-type fin` crops fins whatever the training mix was: validation must too."""
+    boxes = pd.DataFrame({"image": ["a", "a"], "x1": [0, 1], "y1": 0, "x2": 10, "y2": 10,
+                          "conf": [0.9, 0.9], "box_type": ["body", "fin"]})
+    only_body = BoxTable(boxes, {"body": 1.0}, conf=0.0)
+    assert only_body.best("a", "fin") == (1, 0, 10, 10)
+    assert only_body.sample("a", np.random.default_rng(0)) == (0, 0, 10, 10)  # training still samples body
+
+
 @pytest.mark.parametrize("n, world", [(23, 2), (40, 3), (7, 1)])
 def test_epoch_batches_partition_one_seeded_permutation_across_ranks(n, world):
     bs = 3

@@ -91,6 +91,7 @@ class BoxTable:
 
     def __init__(self, boxes: pd.DataFrame | None, mix: dict[str, float], conf: float):
         self.by_image: dict[str, list[tuple]] = {}
+        self.all_by_image: dict[str, list[tuple]] = {}  # evaluation: every type (embed --box-type)
         if boxes is None:
             return
         if "conf" in boxes.columns:
@@ -98,6 +99,7 @@ class BoxTable:
         for r in boxes.itertuples(index=False):
             kind = getattr(r, "box_type", "box")
             w = mix.get(kind, 0.0) if mix else 1.0
+            self.all_by_image.setdefault(r.image, []).append((r.x1, r.y1, r.x2, r.y2, kind, w))
             if w > 0:
                 self.by_image.setdefault(r.image, []).append((r.x1, r.y1, r.x2, r.y2, kind, w))
 
@@ -110,8 +112,13 @@ class BoxTable:
         return o[:4]
 
     def best(self, image: str, box_type: str | None) -> tuple | None:
-        """The deterministic evaluation box: the first box of ``box_type`` (any type if None)."""
-        for o in self.by_image.get(image, []):
+        """The deterministic evaluation box: the first box of ``box_type`` (any type if None).
+
+        A named ``box_type`` ignores the training mix: evaluation crops what ``whalesub embed
+        --box-type`` crops. None keeps to the mix's types.
+        """
+        table = self.by_image if box_type is None else self.all_by_image
+        for o in table.get(image, []):
             if box_type is None or o[4] == box_type:
                 return o[:4]
         return None
