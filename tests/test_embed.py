@@ -160,6 +160,38 @@ def test_boxes_crop_changes_only_boxed_rows(models, pictures, tmp_path):
     assert np.abs(c[1] - full[1]).max() > 1e-3  # the crop did change the vector
 
 
+def test_box_conf_follows_the_models_training_cut(models, pictures, tmp_path):
+    """A box below the model's box_conf is ignored (whole frame), exactly as training's BoxTable does."""
+    import pandas as pd
+
+    from train.dataset import BoxTable
+    from whalesub.model import load_embedding_net, save_embedding_net
+
+    net, spec = load_embedding_net(models["a_ckpt"])
+    net2 = net.__class__(spec.replace(box_conf=0.5))  # the same weights, trained with box_conf 0.5
+    net2.load_state_dict(net.state_dict())
+    (tmp_path / "run").mkdir()
+    ckpt = save_embedding_net(net2.eval(), tmp_path / "run" / "best.pt")
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("image,x1,y1,x2,y2,conf\nimg0.png,10,5,60,50,0.9\nimg1.png,10,5,60,50,0.2\n")
+    names = ["img0.png", "img1.png"]
+    listing = tmp_path / "l.csv"
+    listing.write_text("image\n" + "\n".join(names) + "\n")
+    opts = _opts(backend="torch", tta="none")
+    got = load_embeddings(run_embed([ckpt], tmp_path / "c.npz", opts, images=pictures, listing=listing,
+                                    boxes=boxes)).vectors
+    full = _embed([ckpt], names, pictures, tmp_path / "f.npz", backend="torch", tta="none").vectors
+    # oracle: training's box table with the same cut keeps img0's box and drops img1's
+    table = BoxTable(pd.read_csv(boxes), {"box": 1.0}, 0.5)
+    assert table.best("img0.png", None) is not None and table.best("img1.png", None) is None
+    assert np.abs(got[0] - full[0]).max() > 1e-3  # confident box: cropped
+    np.testing.assert_allclose(got[1], full[1], atol=1e-6)  # low-confidence box: whole frame
+    # --box-conf overrides the model's cut: now img1 is cropped too
+    over = load_embeddings(run_embed([ckpt], tmp_path / "o.npz", _opts(backend="torch", tta="none",
+                                     box_conf=0.1), images=pictures, listing=listing, boxes=boxes)).vectors
+    assert np.abs(over[1] - full[1]).max() > 1e-3
+
+
 def test_cuda_without_provider_is_a_clear_error(models, pictures, tmp_path):
     import torch
 

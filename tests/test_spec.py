@@ -99,7 +99,7 @@ def test_fingerprint_changes_with_every_field_and_the_weights():
         "backbone": "resnet34", "image_size": 65, "in_chans": 1, "mean": (0.5, 0.456, 0.406),
         "std": (0.229, 0.224, 0.2251), "embed_dim": 512, "pool": "avg", "gem_p": 3.5, "gem_eps": 1e-5,
         "gem_learnable": True, "stages": 2, "neck": "linear_bn", "interpolation": "linear",
-        "preprocess": "v1", "box_margin": 0.05,
+        "preprocess": "v1", "box_margin": 0.05, "box_conf": 0.3,
     }
     assert set(changed) == set(field_names())  # a new field must be added here too
     seen = {base.fingerprint()}

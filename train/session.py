@@ -55,7 +55,7 @@ class FoldSession:
         torch.manual_seed(cfg.seed)
         spec = ModelSpec(backbone=cfg.backbone, image_size=cfg.image_size, embed_dim=cfg.embed_dim,
                          stages=cfg.stages, neck=cfg.neck, gem_p=cfg.gem_p, gem_learnable=cfg.gem_learnable,
-                         box_margin=cfg.box_margin)
+                         box_margin=cfg.box_margin, box_conf=cfg.box_conf)
         net = EmbeddingNet(spec, pretrained=cfg.pretrained, weights_file=cfg.pretrained_file)
         self.spec = net.spec
         counts = class_counts(y, len(self.classes))

@@ -266,6 +266,8 @@ def embed_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     boxes: Path | None = typer.Option(None, "--boxes", help="Box CSV image,x1,y1,x2,y2[,conf][,box_type]."),
     box_type: str | None = typer.Option(None, "--box-type", help="Which box_type of --boxes to crop."),
+    box_conf: float | None = typer.Option(None, "--box-conf", help="Ignore boxes whose conf is below this "
+                                          "(whole frame instead); default: the models' training box_conf."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per model call (fixed; last padded)."),
     workers: int | None = typer.Option(None, "--workers", help="Decoding worker processes (0: decode in "
                                        "the main process); default: CPU cores - 1, at most 8."),
@@ -281,7 +283,7 @@ def embed_command(
     tta = tta if tta is not None else ("none" if flip_views else "flip")
     options = EmbedOptions(tta=tta, flip_views=flip_views, backend=backend, device=device, fp16=fp16,
                            batch_size=batch_size, workers=workers, chunk=chunk, box_type=box_type,
-                           shard=shard)
+                           box_conf=box_conf, shard=shard)
     typer.echo(str(run_embed(model, out, options, images=images, listing=listing, boxes=boxes)))
 
 

@@ -62,6 +62,7 @@ class EmbedOptions:
     workers: int | None = None  # decoding processes; None: one per CPU core but one, at most 8
     chunk: int = 1024  # images per resumable chunk (rounded up to a multiple of batch_size)
     box_type: str | None = None
+    box_conf: float | None = None  # None: the models' ModelSpec.box_conf (training's box_conf)
     shard: str | None = None  # "i/n"
 
     def check(self) -> None:
@@ -73,6 +74,8 @@ class EmbedOptions:
         for name in ("batch_size", "chunk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.box_conf is not None and not 0 <= self.box_conf <= 1:
+            raise ConfigError(f"--box-conf must be within [0, 1], got {self.box_conf}")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
 
@@ -180,6 +183,17 @@ def _open_parts(out: Path, run_key: dict, n: int, chunk: int) -> tuple[_Parts, s
     return parts, done
 
 
+def resolve_box_conf(models, options: EmbedOptions) -> float:
+    """The box confidence cut: ``--box-conf``, else the one the models were trained with."""
+    if options.box_conf is not None:
+        return options.box_conf
+    cuts = sorted({float(getattr(m.spec, "box_conf", 0.0)) for m in models})
+    if len(cuts) > 1:
+        raise ConfigError(f"the models were trained with different box_conf values {cuts}: "
+                          "choose one with --box-conf")
+    return cuts[0]
+
+
 def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out: Path,
                  options: EmbedOptions, boxes: list | None = None, shard_info: dict | None = None) -> Path:
     """Embed ``names`` (files in ``image_dir``) with every model; write ``out`` (.npz) atomically."""
@@ -187,7 +201,7 @@ def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out
 
     from whalesub.atomic import atomic_open
     from whalesub.backends import open_model
-    from whalesub.loader import make_loader
+    from whalesub.loader import apply_box_conf, make_loader
     from whalesub.store import save_embeddings
 
     options.check()
@@ -198,6 +212,8 @@ def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out
     fingerprint = combined_fingerprint(models)
     chunk = -(-options.chunk // options.batch_size) * options.batch_size
     boxes = boxes if boxes is not None else [None] * len(names)
+    if any(b is not None and len(b) == 5 for b in boxes):  # (x1, y1, x2, y2, conf) from select_boxes
+        boxes = apply_box_conf(boxes, resolve_box_conf(models, options))
     run_key = {"fingerprint": fingerprint, "images": digest_names(names), "n": len(names),
                "boxes": hashlib.sha256(repr(boxes).encode()).hexdigest(), "chunk": chunk,
                "options": {k: v for k, v in asdict(options).items() if k not in ("workers", "chunk")},

@@ -47,7 +47,11 @@ def list_images(images: Path | None, listing: Path | None) -> tuple[list[str], P
 
 
 def select_boxes(path: Path, box_type: str | None, names: list[str]) -> list[tuple | None]:
-    """Per name, its box (x1, y1, x2, y2) in original-image pixels, or None (full frame)."""
+    """Per name, its box (x1, y1, x2, y2, conf) in original-image pixels, or None (full frame).
+
+    ``conf`` is 1.0 when the file has no ``conf`` column; :func:`apply_box_conf` drops the boxes
+    below a model's ``box_conf`` once the models are known.
+    """
     from whalesub.data import read_boxes
 
     boxes = read_boxes(path)
@@ -61,7 +65,9 @@ def select_boxes(path: Path, box_type: str | None, names: list[str]) -> list[tup
             boxes = boxes[boxes["box_type"] == box_type]
     elif box_type is not None:
         raise DataError(f"--box-type {box_type!r} given but box file {path} has no 'box_type' column")
-    table = {r.image: (r.x1, r.y1, r.x2, r.y2) for r in boxes.itertuples(index=False)}
+    confs = boxes["conf"] if "conf" in boxes.columns else [1.0] * len(boxes)
+    table = {r.image: (r.x1, r.y1, r.x2, r.y2, float(c))
+             for r, c in zip(boxes.itertuples(index=False), confs, strict=True)}
     picked = [table.get(n) for n in names]
     hits = sum(b is not None for b in picked)
     if hits == 0:
@@ -73,6 +79,17 @@ def select_boxes(path: Path, box_type: str | None, names: list[str]) -> list[tup
                     len(names), path)
     return picked
 
+
+def apply_box_conf(boxes: list[tuple | None], min_conf: float) -> list[tuple | None]:
+    """(x1, y1, x2, y2, conf) boxes -> (x1, y1, x2, y2), None where conf < ``min_conf``.
+
+    The same rule as training (``box_conf``): a low-confidence box means the whole frame.
+    """
+    out = [None if b is None or b[4] < min_conf else tuple(b[:4]) for b in boxes]
+    dropped = sum(b is not None for b in boxes) - sum(b is not None for b in out)
+    if dropped:
+        log.info("%d boxes below confidence %.3g ignored: those images are embedded whole", dropped, min_conf)
+    return out
 
 
 class ImageSet:

@@ -55,6 +55,8 @@ class ModelSpec:
             their output changes.
         box_margin: when a box is given, each side is widened by this fraction of the box's width
             (left/right) or height (top/bottom) before cropping.
+        box_conf: boxes whose ``conf`` is below this are ignored and the whole frame is used, at
+            training, validation and ``whalesub embed`` alike (training's ``box_conf``).
     """
 
     backbone: str
@@ -72,6 +74,7 @@ class ModelSpec:
     interpolation: str = "area"
     preprocess: str = "v1"
     box_margin: float = 0.0
+    box_conf: float = 0.0
 
     def __post_init__(self) -> None:
         problems = _check_types(self)
@@ -81,6 +84,7 @@ class ModelSpec:
         set_(self, "gem_p", float(self.gem_p))
         set_(self, "gem_eps", float(self.gem_eps))
         set_(self, "box_margin", float(self.box_margin))
+        set_(self, "box_conf", float(self.box_conf))
         if self.mean is None or self.std is None:
             mean, std = _timm_mean_std(self.backbone, self.in_chans)
             set_(self, "mean", mean if self.mean is None else self.mean)
@@ -196,6 +200,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "std": (tuple, list, type(None)), "embed_dim": (int, type(None)), "pool": (str,),
     "gem_p": (int, float), "gem_eps": (int, float), "gem_learnable": (bool,), "stages": (int,),
     "neck": (str,), "interpolation": (str,), "preprocess": (str,), "box_margin": (int, float),
+    "box_conf": (int, float),
 }
 
 
@@ -250,6 +255,8 @@ def _check_values(s: ModelSpec) -> list[str]:
                         "(upgrade whalesub to use this model)")
     if not 0 <= s.box_margin <= 2:
         problems.append(f"box_margin: {s.box_margin}; use a fraction of the box size in [0, 2]")
+    if not 0 <= s.box_conf <= 1:
+        problems.append(f"box_conf: {s.box_conf}; use a detector confidence in [0, 1]")
     return problems
 
 
