@@ -101,6 +101,18 @@ def test_compatibility_checks_dimension_and_fingerprint():
     check_compatible(a, Embeddings(np.array(["q"]), np.ones((1, 4), np.float32), {}))  # unknown: warn only
 
 
+def test_different_box_crops_warn(caplog):
+    g = Embeddings(np.array(["a"]), np.ones((1, 4), np.float32), {"fingerprint": "x", "box_type": "body"})
+    with caplog.at_level("WARNING", logger="whalesub.store"):
+        check_compatible(g, Embeddings(np.array(["q"]), np.ones((1, 4), np.float32),
+                                       {"fingerprint": "x", "box_type": "body"}))
+    assert "box type" not in caplog.text
+    with caplog.at_level("WARNING", logger="whalesub.store"):
+        check_compatible(g, Embeddings(np.array(["q"]), np.ones((1, 4), np.float32),
+                                       {"fingerprint": "x", "box_type": None}))
+    assert "box type 'body'" in caplog.text and "None" in caplog.text
+
+
 def test_unit_float32_normalises_and_rejects_zero_rows():
     emb = Embeddings(np.array(["a", "b"]), np.array([[3, 4], [0, 2]], np.float16))
     np.testing.assert_allclose(unit_float32(emb), [[0.6, 0.8], [0, 1]], rtol=1e-3)

@@ -234,6 +234,12 @@ def check_compatible(gallery: Embeddings, queries: Embeddings) -> None:
     if fg is None or fq is None:
         log.warning("no fingerprint in %s: cannot check that both sets come from the same model",
                     " and ".join(w for w, f in ((g, fg), (q, fq)) if f is None))
+    # box crops are not part of the model fingerprint (a flipped gallery with flip-TTA queries is
+    # a valid pairing, so TTA is not either), but crops that differ are almost always a mistake
+    bg, bq = gallery.meta.get("box_type"), queries.meta.get("box_type")
+    if "box_type" in gallery.meta and "box_type" in queries.meta and bg != bq:
+        log.warning("gallery %s was embedded with box type %r but queries %s with %r: "
+                    "embed both with the same --boxes/--box-type unless this is deliberate", g, bg, q, bq)
 
 
 def average_views(emb: Embeddings) -> Embeddings:
