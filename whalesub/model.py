@@ -245,7 +245,8 @@ def load_embedding_net(path: str | os.PathLike, map_location: str | torch.device
         try:
             obj = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as exc:  # pickle/zip/unsupported-global errors all mean "not our checkpoint"
-            raise ConfigError(f"cannot read checkpoint {path}: {exc}; it must be a torch file of plain "
+            why = type(exc).__name__ + (f": {exc}" if str(exc) else " (empty or truncated file?)")
+            raise ConfigError(f"cannot read checkpoint {path}: {why}; it must be a torch file of plain "
                               "data and tensors (see whalesub.model docstring)") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
