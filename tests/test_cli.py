@@ -45,3 +45,16 @@ def test_os_errors_become_one_line_and_exit_2(tmp_path, monkeypatch):
     assert r.exit_code == 2
     assert r.output.startswith("error: ") and "Permission denied" in r.output and "x.csv" in r.output
     assert not isinstance(r.exception, PermissionError)
+
+
+def test_submit_refuses_a_folder_as_out_before_searching(tmp_path, monkeypatch):
+    import whalesub.rank
+
+    def no_search(*a, **kw):  # the check must come before the (long) search
+        raise AssertionError("searched before checking --out")
+
+    monkeypatch.setattr(whalesub.rank, "rank_queries", no_search)
+    (tmp_path / "outdir").mkdir()
+    with pytest.raises(WhalesubError, match="is a folder"):
+        whalesub.rank.submit_files(tmp_path / "g.npz", tmp_path / "q.npz", tmp_path / "t.csv", 0.5,
+                                   tmp_path / "outdir")

@@ -23,6 +23,7 @@ the threshold lets it in (so 1-5 labels, all distinct; a valid submission row).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -250,6 +251,8 @@ def submit_files(gallery_path, queries_path, train_csv, threshold: float | None,
         raise ConfigError(f"--new-share {new_share} must be within [0, 1] (e.g. 0.165)")
     if k < 1:
         raise ConfigError(f"--k {k} must be at least 1 (number of neighbours searched per query)")
+    if Path(out).is_dir():  # fail before the (long) search, not when writing
+        raise ConfigError(f"--out {out} is a folder; give a file name such as {Path(out) / 'submission.csv'}")
     data = load_ranking_inputs(gallery_path, queries_path, train_csv)
     query_ids = data["query_ids"]
     images = _check_against_sample(query_ids, sample, queries_path) if sample is not None else None
