@@ -41,6 +41,13 @@ def guarded(fn):
     return wrapper
 
 
+def _log_info_to_stderr() -> None:
+    """INFO logs on stderr (a no-op when logging is already configured)."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
 # Commands are added below, one section per command; keep each body short and call the library.
 # --- submit / tune (whalesub.rank, whalesub.threshold) -------------------------------------------
 @app.command("submit")
@@ -67,11 +74,9 @@ def submit_command(
     distinct labels per row. Gallery and queries must share dimension and model fingerprint.
     Give --threshold, or --new-share to set it from the queries' own scores.
     """
-    import logging
-
     from whalesub.rank import submit_files
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _log_info_to_stderr()
     s = submit_files(gallery, queries, train_csv, threshold, out, k=k, sample=sample, new_share=new_share)
     typer.echo(f"wrote {s['out']}: {s['rows']} rows; new_individual first in {s['new_first']} "
                f"({100 * s['new_first'] / max(s['rows'], 1):.1f}%), present in {s['new_any']}; "
@@ -100,11 +105,10 @@ def tune_command(
     One ranking serves the whole grid (only new_individual's rank depends on the threshold).
     """
     import json
-    import logging
 
     from whalesub.threshold import tune_files
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _log_info_to_stderr()
     r = tune_files(gallery, queries, train_csv, truth, grid=grid, target_new_share=target_new_share, k=k)
     if as_json:
         typer.echo(json.dumps(r))
@@ -214,13 +218,6 @@ def synth_command(
 
 
 # --- export / embed (whalesub.export, whalesub.embed) ----------------------------------------------
-def _log_info_to_stderr() -> None:
-    """INFO logs on stderr (a no-op when logging is already configured)."""
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-
 @app.command("export")
 @guarded
 def export_command(
