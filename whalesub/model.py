@@ -231,12 +231,16 @@ def save_embedding_net(model: EmbeddingNet, path: str | os.PathLike, **extra) ->
 def load_embedding_net(path: str | os.PathLike, map_location: str | torch.device = "cpu",
                        key: str = "model") -> tuple[EmbeddingNet, ModelSpec]:
     """Load one of our checkpoints strictly (format: module docstring) -> (model in eval mode, spec)."""
+    return embedding_net_from(read_checkpoint(path, map_location), path, map_location, key)
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """The raw dict of a checkpoint file (torch or ``.safetensors``); ConfigError when unreadable."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a folder; pass the checkpoint file inside it (e.g. {path}/best.pt)")
     if not path.is_file():
         raise ConfigError(f"checkpoint not found: {path}")
-    beside = path.parent / SPEC_FILENAME
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -250,6 +254,14 @@ def load_embedding_net(path: str | os.PathLike, map_location: str | torch.device
                               "data and tensors (see whalesub.model docstring)") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
+    return obj
+
+
+def embedding_net_from(obj: dict, path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                       key: str = "model") -> tuple[EmbeddingNet, ModelSpec]:
+    """(model in eval mode, spec) from ``obj`` = :func:`read_checkpoint` of ``path``, loaded strictly."""
+    path = Path(path)
+    beside = path.parent / SPEC_FILENAME
     if key in obj and isinstance(obj[key], dict):
         state, spec_data = obj[key], obj.get("spec")
     elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):

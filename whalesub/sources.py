@@ -66,14 +66,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_source(path: str | Path) -> Source:
     """Load the embedding network of a run folder or checkpoint file, strictly, on the CPU."""
-    import torch
-
-    from whalesub.model import load_embedding_net
+    from whalesub.model import embedding_net_from, read_checkpoint
 
     ckpt = resolve_checkpoint(path)
-    net, spec = load_embedding_net(ckpt, map_location="cpu")
-    raw = torch.load(ckpt, map_location="cpu", weights_only=True) if ckpt.suffix != ".safetensors" else {}
-    return Source(ckpt, net.float().eval(), spec, raw if isinstance(raw, dict) else {})
+    raw = read_checkpoint(ckpt, map_location="cpu")  # read once: the network and the heads/config
+    net, spec = embedding_net_from(raw, ckpt, map_location="cpu")
+    return Source(ckpt, net.float().eval(), spec, raw if ckpt.suffix != ".safetensors" else {})
 
 
 def _head_weight(ckpt: dict):
