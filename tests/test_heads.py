@@ -18,15 +18,31 @@ from pytorch_metric_learning.reducers import MeanReducer  # noqa: E402
 D, C = 8, 6
 
 
-def _pml_loss_and_logits(
-    weight: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor, m_rad: float, s: float
-):
-    """PML ArcFaceLoss (margin in DEGREES) with our weight; returns (loss, the logits it fed to CE)."""
+def _pml_arcface(weight: torch.Tensor, m_rad: float, s: float):
+    """PML ArcFaceLoss (margin in DEGREES) holding our weight (PML stores W as [D, C])."""
     loss_fn = pml_losses.ArcFaceLoss(C, D, margin=math.degrees(m_rad), scale=s, reducer=MeanReducer())
-    loss_fn.W.data = weight.detach().t().clone().to(torch.float64)  # PML stores W as [D, C]
+    loss_fn.W.data = weight.detach().t().clone().to(torch.float64)
+    return loss_fn
+
+
+def _run_pml(loss_fn, emb: torch.Tensor, labels: torch.Tensor):
+    """(PML loss, {"logits": the logits it fed to its cross entropy})."""
     seen = {}
     loss_fn.cross_entropy.register_forward_hook(lambda _mod, inputs, _out: seen.update(logits=inputs[0]))
-    return loss_fn, loss_fn(emb, labels), seen
+    return loss_fn(emb, labels), seen
+
+
+def _assert_equal_to_pml(head: ArcMarginHead, loss_fn, emb: torch.Tensor, labels: torch.Tensor) -> None:
+    """Our logits, CE loss and gradients (embeddings, weight) equal PML's ``loss_fn`` in float64."""
+    pml_loss, seen = _run_pml(loss_fn, emb, labels)
+    logits = head(emb, labels)
+    ours = F.cross_entropy(logits, labels)
+    torch.testing.assert_close(logits, seen["logits"], rtol=0, atol=1e-10)
+    torch.testing.assert_close(ours, pml_loss, rtol=0, atol=1e-12)
+    g_emb, g_w = torch.autograd.grad(ours, [emb, head.weight])
+    p_emb, p_w = torch.autograd.grad(pml_loss, [emb, loss_fn.W])
+    torch.testing.assert_close(g_emb, p_emb, rtol=0, atol=1e-10)
+    torch.testing.assert_close(g_w, p_w.t(), rtol=0, atol=1e-10)
 
 
 def _head(m=0.5, s=30.0, k=1, n=C, seed=0, **kw) -> ArcMarginHead:
@@ -52,16 +68,7 @@ def test_logits_loss_and_grads_equal_pml_float64_both_branches():
     theta = torch.acos(cos_t)
     assert (theta > math.pi - m).sum() >= 3 and (theta < math.pi - m).sum() >= 3  # both branches hit
 
-    loss_fn, pml_loss, seen = _pml_loss_and_logits(head.weight, emb, labels, m, s)
-    logits = head(emb, labels)
-    ours = F.cross_entropy(logits, labels)
-    torch.testing.assert_close(logits, seen["logits"], rtol=0, atol=1e-10)
-    torch.testing.assert_close(ours, pml_loss, rtol=0, atol=1e-12)
-
-    g_emb, g_w = torch.autograd.grad(ours, [emb, head.weight])
-    p_emb, p_w = torch.autograd.grad(pml_loss, [emb, loss_fn.W])
-    torch.testing.assert_close(g_emb, p_emb, rtol=0, atol=1e-10)
-    torch.testing.assert_close(g_w, p_w.t(), rtol=0, atol=1e-10)
+    _assert_equal_to_pml(head, _pml_arcface(head.weight, m, s), emb, labels)
 
 
 def test_each_branch_against_independent_formula():
@@ -114,7 +121,7 @@ def test_per_class_margins_match_pml_run_per_margin():
     logits = head(emb, labels)
     for c in range(C):
         rows = (labels == c).nonzero().reshape(-1)
-        _, _, seen = _pml_loss_and_logits(head.weight, emb[rows], labels[rows], margins[c].item(), 30.0)
+        _, seen = _run_pml(_pml_arcface(head.weight, margins[c].item(), 30.0), emb[rows], labels[rows])
         torch.testing.assert_close(logits[rows], seen["logits"], rtol=0, atol=1e-10)
 
 
@@ -283,17 +290,7 @@ def test_subcenter_logits_loss_and_grads_equal_pml_subcenter_arcface():
         num_classes=C, embedding_size=D, margin=math.degrees(m), scale=s, sub_centers=k, reducer=MeanReducer()
     )
     pml.W.data = head.weight.detach().t().clone()
-    seen = {}
-    pml.cross_entropy.register_forward_hook(lambda _mod, inputs, _out: seen.update(logits=inputs[0]))
-    pml_loss = pml(emb, labels)
-    logits = head(emb, labels)
-    ours = F.cross_entropy(logits, labels)
-    torch.testing.assert_close(logits, seen["logits"], rtol=0, atol=1e-10)
-    torch.testing.assert_close(ours, pml_loss, rtol=0, atol=1e-12)
-    g_emb, g_w = torch.autograd.grad(ours, [emb, head.weight])
-    p_emb, p_w = torch.autograd.grad(pml_loss, [emb, pml.W])
-    torch.testing.assert_close(g_emb, p_emb, rtol=0, atol=1e-10)
-    torch.testing.assert_close(g_w, p_w.t(), rtol=0, atol=1e-10)
+    _assert_equal_to_pml(head, pml, emb, labels)
 
 
 def test_heads_learn_a_toy_problem_with_species_head():
