@@ -208,8 +208,6 @@ def usage() -> str:
     """The command line and every config key with its default."""
     import dataclasses
 
-    from .config import TrainConfig
-
     lines = ["usage: python -m train --config FILE.yaml [--key=value ...]", "", __doc__.strip(), "",
              "keys (default):"]
     lines += [f"  --{f.name}={getattr(TrainConfig(), f.name)!r}" for f in dataclasses.fields(TrainConfig)]
