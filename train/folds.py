@@ -171,9 +171,10 @@ def make_folds(
         )
     else:
         groups = df[group_col].astype(str).to_numpy()[order]
-        if len(np.unique(groups)) < n_folds:
+        n_groups = len(np.unique(groups))
+        if n_groups < n_folds:
             raise DataError(
-                f"folds: column {group_col!r} has {len(np.unique(groups))} distinct group(s), fewer than "
+                f"folds: column {group_col!r} has {n_groups} distinct group(s), fewer than "
                 f"n_folds={n_folds}; lower n_folds or group by a finer column"
             )
         fold[order] = _grouped(groups, n_folds, seed)
