@@ -58,7 +58,7 @@ def test_unknown_keys_and_wrong_types_are_all_listed_with_a_suggestion():
     ({"epochs": 2.5}, "expected an integer"),
 ])
 def test_bad_values(values, needle):
-    with pytest.raises(ConfigError, match=None) as err:
+    with pytest.raises(ConfigError) as err:
         make_config(values)
     assert needle in str(err.value)
 
