@@ -90,7 +90,7 @@ def digest_names(names) -> str:
 
 def preprocess_key(spec) -> str:
     """JSON of the spec fields that decide an input tensor (models sharing it share one decode)."""
-    d = json.loads(spec.to_json())
+    d = spec.to_dict()
     keep = ("image_size", "in_chans", "mean", "std", "interpolation", "preprocess", "box_margin")
     return json.dumps({k: d.get(k) for k in keep}, sort_keys=True)
 
@@ -230,11 +230,12 @@ def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out
     workers = options.workers if options.workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
     loader = make_loader(paths, boxes, specs, batches, options.batch_size, workers,
                          pin_memory=any(m.device == "cuda" for m in models))
-    bar = tqdm(total=len(names), initial=len(names) - sum(len(parts.rows(c)) for c in todo), unit="img",
+    n_todo = sum(len(parts.rows(c)) for c in todo)
+    bar = tqdm(total=len(names), initial=len(names) - n_todo, unit="img",
                desc="embed", dynamic_ncols=True, smoothing=0.1,
                mininterval=0.2 if sys.stderr.isatty() else 30.0)  # keep notebook/kernel logs short
     pending: dict[int, list[np.ndarray]] = {}
-    started, n_todo = time.perf_counter(), sum(len(parts.rows(c)) for c in todo)
+    started = time.perf_counter()
     with bar:
         for positions, inputs in loader:
             rows = embed_batch(models, inputs, key_of, options)
@@ -288,8 +289,8 @@ def run_embed(model_paths: list[Path], out: Path, options: EmbedOptions, images:
                       "listing": digest_names(names)}
         log.info("shard %d/%d: images %d..%d of %d", index, count, start, stop, len(names))
     picked = select_boxes(boxes, options.box_type, names) if boxes is not None else None
-    names = names[start:stop]
-    if not names:
+    if start == stop:
         raise ConfigError(f"--shard {options.shard}: this shard is empty ({len(names)} images in all)")
+    names = names[start:stop]
     picked = picked[start:stop] if picked is not None else None
     return embed_images(model_paths, names, folder, out, options, picked, shard_info)
