@@ -69,7 +69,7 @@ class Model:
 
     def describe(self) -> dict:
         return {"path": str(self.path), "fingerprint": self.fingerprint, "backend": self.backend,
-                "precision": self.precision, "device": self.device, "spec": json.loads(self.spec.to_json())}
+                "precision": self.precision, "device": self.device, "spec": self.spec.to_dict()}
 
 
 def open_model(path: str | Path, backend: str = "onnx", device: str = "auto", fp16: bool = False) -> Model:
