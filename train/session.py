@@ -135,9 +135,11 @@ class FoldSession:
     def save_last(self, also_best: bool = False) -> None:
         state = self.checkpoint()  # every rank checks finiteness; rank 0 writes
         if self.dist.main:
-            if also_best:
+            if also_best:  # best first: a crash between the two leaves last.pt older, never best.pt
                 ckpt.save_checkpoint(self.best, state, self.spec)
-            ckpt.save_checkpoint(self.last, state, self.spec)
+                ckpt.copy_checkpoint(self.best, self.last)  # same bytes, serialised once
+            else:
+                ckpt.save_checkpoint(self.last, state, self.spec)
             self.state["last_good"] = (f"The last good checkpoint is {self.last} (epoch "
                                        f"{self.state['epoch']}, batch {self.state['batch_in_epoch']}, "
                                        f"step {self.state['global_step']}).")
