@@ -234,12 +234,13 @@ def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out
     bar = tqdm(total=len(names), initial=len(names) - n_todo, unit="img",
                desc="embed", dynamic_ncols=True, smoothing=0.1,
                mininterval=0.2 if sys.stderr.isatty() else 30.0)  # keep notebook/kernel logs short
+    views = options.views if options.flip_views else ("orig",)  # the rows stored per image
     pending: dict[int, list[np.ndarray]] = {}
     started = time.perf_counter()
     with bar:
         for positions, inputs in loader:
             rows = embed_batch(models, inputs, key_of, options)
-            rows = rows[: len(positions) * len(options.views) if options.flip_views else len(positions)]
+            rows = rows[: len(positions) * len(views)]  # drop the padding
             c = positions[0] // chunk
             pending.setdefault(c, []).append(rows)
             bar.update(len(positions))
@@ -250,7 +251,6 @@ def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out
     for c in range(parts.count):
         with np.load(parts.path(c), allow_pickle=False) as z:
             vectors.append(z["vectors"])
-    views = options.views if options.flip_views else ("orig",)
     ids = np.repeat(np.asarray(names, dtype=str), len(views))
     meta = {"fingerprint": fingerprint, "models": [m.describe() for m in models],
             "model": models[0].describe()["spec"], "tta": list(options.views),
