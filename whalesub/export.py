@@ -189,7 +189,7 @@ def export_model(source: str | Path, out_dir: str | Path, *, fp16: bool = False,
         files = {"fp32": {"file": FILES["fp32"], "parity": check_parity(
             net, fp32, x, FP32_COSINE_MIN, ("CPUExecutionProvider",), f"FP32 export of {source}")}}
         if fp16:
-            files["fp16"] = export_fp16(net, fp32, tmp / FILES["fp16"], x, src.pool_attr, str(source))
+            files["fp16"] = export_fp16(net, fp32, tmp / FILES["fp16"], x, str(source))
         spec.save(tmp / SPEC_FILENAME)
         for key, entry in files.items():
             entry["spec"] = SPEC_FILENAME
@@ -220,13 +220,13 @@ def export_model(source: str | Path, out_dir: str | Path, *, fp16: bool = False,
     return manifest
 
 
-def export_fp16(net, fp32: Path, path16: Path, x: np.ndarray, pool_attr: str, label: str) -> dict:
+def export_fp16(net, fp32: Path, path16: Path, x: np.ndarray, label: str) -> dict:
     """Write the mixed-precision graph of ``fp32`` to ``path16``, check it; return its manifest entry."""
     import onnx
 
     from whalesub.onnx_fp16 import check_fp16_structure, convert_backbone_to_fp16, pool_prefix
 
-    prefix = pool_prefix(pool_attr)
+    prefix = pool_prefix()  # EmbeddingNet.pool: where the FP32 tail of the graph starts
     try:
         model16 = convert_backbone_to_fp16(onnx.load(str(fp32)), prefix)
         structure = check_fp16_structure(model16, prefix)

@@ -30,7 +30,6 @@ class Source:
     net: Any
     spec: Any
     checkpoint: dict = field(default_factory=dict, repr=False)
-    pool_attr: str = "pool"  # EmbeddingNet's pooling module: where the FP32 tail of the graph starts
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
