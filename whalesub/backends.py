@@ -164,9 +164,9 @@ def _open_torch(path: Path, device: str, fp16: bool) -> Model:
     if fp16 and dev.type != "cuda":
         raise WhalesubError("--fp16 with --backend torch needs a CUDA GPU (CPU autocast FP16 is slow "
                             "and inexact); drop --fp16 or run on a GPU")
-    src = load_source(path)
-    net = src.net.eval().to(dev)
-    fingerprint = model_fingerprint(src.net, src.spec)
+    src = load_source(path)  # eval mode, on the CPU
+    fingerprint = model_fingerprint(src.net, src.spec)  # before the move: no device-to-host copies
+    net = src.net.to(dev)
 
     @torch.inference_mode()
     def run(x, flip: bool) -> np.ndarray:
