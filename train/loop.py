@@ -136,16 +136,19 @@ def train_epoch(ddp_model: nn.Module, model: TrainModel, criterion: nn.Module, l
                 loss, _parts = criterion(logits, y, sp_logits, ys)
             if cfg.debug_nan_at_step >= 0 and state["global_step"] + 1 >= cfg.debug_nan_at_step:
                 loss = loss * float("nan")
-            bad = (~torch.isfinite(loss.detach())).float().reshape(1)  # on the loss device (nccl)
-            if distributed:
+            loss_value = float(loss.item())  # the step's one host sync, before backward is queued
+            diverged = not math.isfinite(loss_value)
+            if distributed:  # every rank stops together
+                bad = torch.tensor([float(diverged)], device=loss.device)  # on the loss device (nccl)
                 torch.distributed.all_reduce(bad)
-            if bad.item() > 0:
+                diverged = bad.item() > 0
+            if diverged:
                 raise TrainingDiverged(
-                    f"loss is {loss.item()} at epoch {state['epoch'] + 1}, batch {b + 1}/{n_batches} "
+                    f"loss is {loss_value} at epoch {state['epoch'] + 1}, batch {b + 1}/{n_batches} "
                     f"(optimizer step {state['global_step'] + 1}); the run stopped. {state['last_good']} "
                     "To fix: lower lr, set clip_grad (e.g. 1.0), or use amp=bf16 instead of fp16.")
             scaler.scale(loss / accum).backward()
-        state["loss_sum"] += float(loss.item())
+        state["loss_sum"] += loss_value
         state["loss_count"] += 1
         if sync:
             if cfg.clip_grad > 0:
