@@ -74,7 +74,7 @@ def submit_command(
     distinct labels per row. Gallery and queries must share dimension and model fingerprint.
     Give --threshold, or --new-share to set it from the queries' own scores.
     """
-    from whalesub.rank import submit_files
+    from whalesub.pipeline import submit_files
 
     _log_info_to_stderr()
     s = submit_files(gallery, queries, train_csv, threshold, out, k=k, sample=sample, new_share=new_share)
@@ -106,7 +106,7 @@ def tune_command(
     """
     import json
 
-    from whalesub.threshold import tune_files
+    from whalesub.pipeline import tune_files
 
     _log_info_to_stderr()
     r = tune_files(gallery, queries, train_csv, truth, grid=grid, target_new_share=target_new_share, k=k)
