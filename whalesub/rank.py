@@ -190,7 +190,8 @@ def load_ranking_inputs(gallery_path, queries_path, train_csv) -> dict:
     """Load and check gallery, queries and labels for ranking.
 
     Returns a dict: ``gallery`` [N, D] f32 unit rows, ``gallery_labels`` [N] int64 codes,
-    ``classes`` [n_ind] str, ``query_ids`` [Q] str (unique; views averaged), ``queries`` [Q, D] f32.
+    ``classes`` [n_ind] str, ``query_ids`` [Q] str (unique; views averaged), ``queries`` [Q, D] f32,
+    ``gallery_ids`` [N] str (the image of each gallery vector).
     """
     from whalesub.data import read_train_csv
     from whalesub.store import average_views, check_compatible, load_embeddings, unit_float32
@@ -209,7 +210,7 @@ def load_ranking_inputs(gallery_path, queries_path, train_csv) -> dict:
     log.info("gallery: %d vectors of %d images, %d individuals; queries: %d images",
              len(gallery), np.unique(gallery.ids).size, classes.size, len(queries))
     return {"gallery": unit_float32(gallery), "gallery_labels": codes, "classes": classes,
-            "query_ids": queries.ids, "queries": unit_float32(queries)}
+            "query_ids": queries.ids, "queries": unit_float32(queries), "gallery_ids": gallery.ids}
 
 
 def _check_against_sample(query_ids: np.ndarray, sample, queries_path) -> list[str]:
