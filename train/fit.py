@@ -200,6 +200,10 @@ def train_fold(cfg, k, df, boxes, truth, fold_dir: Path, command: str, dist: Dis
     session = FoldSession(cfg, k, df, boxes, fold_dir, command, dist)
     if not cfg.eval_only:
         session.fit()
+    if cfg.report and dist.main and (fold_dir / "oof_embeddings.npz").is_file():
+        from .fold_report import write_fold_report
+
+        write_fold_report(cfg, fold_dir)
     if truth is not None:
         session.evaluate_test(df, truth)
 

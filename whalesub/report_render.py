@@ -114,7 +114,7 @@ class Thumbnails:
             img = Image.fromarray(load_image(path, target=self.px))
         except DataError as exc:
             self.failed.append(str(path))
-            log.warning("no thumbnail: %s", exc)
+            log.debug("no thumbnail: %s", exc)
             return None
         img.thumbnail((self.px, self.px), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
@@ -212,7 +212,10 @@ def render_report(res: dict, query_dir, gallery_dir, thumb_px: int, progress: bo
               "the truth, missed by the top 5; &dagger;: not among the ranking's candidates (cosine of "
               "the shown image).</p>", gallery_html]
     if thumbs.failed:
-        parts.append(f"<p>{len(thumbs.failed)} images could not be read (grey placeholders).</p>")
+        log.warning("%d images could not be read for thumbnails (grey placeholders), e.g. %s",
+                    len(thumbs.failed), thumbs.failed[0])
+        parts.append(f"<p>{len(thumbs.failed)} images could not be read (grey placeholders), e.g. "
+                     f"{html.escape(thumbs.failed[0])}.</p>")
     inputs = "".join(f"<tr><td>{html.escape(i['name'])}</td><td>{html.escape(i['path'])}</td>"
                      f"<td>{i['bytes']}</td><td>{i['modified']}</td></tr>" for i in res["inputs"])
     parts += ["<h2>Command and inputs</h2>", f"<pre id=\"command\">{html.escape(res['command'])}</pre>",
