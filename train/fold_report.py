@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from whalesub.report import write_report
+
 log = logging.getLogger("train")
 
 
 def write_fold_report(cfg, fold_dir: Path) -> Path:
     """Write ``fold_dir/report.html`` from the fold's OOF files; returns its path."""
-    from whalesub.report import write_report
-
     out = fold_dir / "report.html"
     r = write_report(out, fold_dir / "oof_gallery.npz", fold_dir / "oof_embeddings.npz", cfg.train_csv,
                      truth=fold_dir / "oof_labels.csv", images_dir=cfg.image_dir, grid=cfg.threshold_grid,

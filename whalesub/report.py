@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -39,16 +41,10 @@ from whalesub.atomic import atomic_write_text
 from whalesub.data import NEW_INDIVIDUAL, read_table, read_train_csv
 from whalesub.errors import ConfigError, DataError, first_few
 from whalesub.metric import score_breakdown, scores_at_5
-from whalesub.rank import (
-    NEW,
-    PAD,
-    TOP,
-    check_threshold,
-    decode_labels,
-    insert_new_individual,
-    load_ranking_inputs,
-    rank_queries,
-)
+from whalesub.pipeline import load_ranking_inputs, read_truth_for
+from whalesub.rank import NEW, PAD, TOP, check_threshold, decode_labels, insert_new_individual, rank_queries
+from whalesub.report_render import render_report
+from whalesub.submission import read_submission, score_submission
 from whalesub.threshold import grid_search, parse_grid, truth_codes
 
 log = logging.getLogger(__name__)
@@ -58,8 +54,6 @@ DEFAULT_GRID = "0.0:1.0:0.02"
 
 def read_predictions(submission, query_ids: list[str]) -> list[list[str]]:
     """The submission's labels for each query, in query order; every query needs exactly one row."""
-    from whalesub.submission import read_submission
-
     rows = read_submission(submission)
     problems = []
     if missing := [i for i in query_ids if i not in rows]:
@@ -72,25 +66,15 @@ def read_predictions(submission, query_ids: list[str]) -> list[list[str]]:
     return [rows[i] for i in query_ids]
 
 
-def read_labelled_truth(truth, query_ids: list[str]) -> tuple[list[str], list[str] | None]:
+def read_labelled_truth(truth, query_ids: list[str], queries) -> tuple[list[str], list[str] | None]:
     """Truth ids [Q] in query order and, when the file has a ``species`` column, species [Q]."""
-    from whalesub.data import read_truth
-
-    frame = read_truth(truth)  # checks columns, empty values, duplicates
-    truth_of = dict(zip(frame["image"], frame["individual_id"], strict=True))
-    problems = []
-    if missing := [i for i in query_ids if i not in truth_of]:
-        problems.append(f"{len(missing)} query images have no truth row: {first_few(missing)}")
-    if extra := sorted(set(truth_of) - set(query_ids)):
-        problems.append(f"{len(extra)} truth images are not among the queries: {first_few(extra)}")
-    if problems:
-        raise DataError(f"truth {str(truth)!r} does not match the queries:", problems)
+    labels = read_truth_for(truth, query_ids, queries)  # checks the file and that it matches the queries
     full, _ = read_table(truth, ("image",), "truth")
     species = None
     if "species" in full.columns:
         species_of = dict(zip(full["image"], full["species"], strict=True))
         species = [species_of[i] for i in query_ids]
-    return [truth_of[i] for i in query_ids], species
+    return labels, species
 
 
 def infer_threshold(cand_labels: np.ndarray, cand_scores: np.ndarray, pred_codes: np.ndarray):
@@ -188,8 +172,6 @@ def write_report(out, gallery, queries, train_csv, *, submission=None, truth=Non
     ``thumb_px``: longest thumbnail side in pixels. Keys of the result: ``n``, ``threshold``,
     ``scores`` (``whalesub score``'s breakdown), ``species``, ``curve``, ``shown``, ``out``, ...
     """
-    from whalesub.report_render import render_report
-
     if not 0 <= max_queries <= 1000:
         raise ConfigError(f"--max-queries {max_queries} must be within [0, 1000] (it caps the page size)")
     if not 16 <= thumb_px <= 512:
@@ -209,15 +191,13 @@ def write_report(out, gallery, queries, train_csv, *, submission=None, truth=Non
     result: dict = {"n": len(ids), "k": int(k), "has_truth": truth is not None, "submission": submission}
     search = truth_list = species = None
     if truth is not None:
-        truth_list, file_species = read_labelled_truth(truth, ids)
+        truth_list, file_species = read_labelled_truth(truth, ids, queries)
         search = grid_search(labels, scores, truth_codes(truth_list, classes), thresholds)
     thr = choose_threshold(threshold, preds, labels, scores, classes, search)
     if preds is None:
         preds = decode_labels(insert_new_individual(labels, scores, thr["value"]), classes)
     ap = None
     if truth is not None:
-        from whalesub.submission import score_submission
-
         result["scores"] = (score_submission(submission, truth) if submission is not None
                             else score_breakdown(preds, truth_list))
         species = truth_species(truth_list, file_species, species_of)
@@ -286,8 +266,6 @@ def describe_row(q, data, labels, scores, preds, truth, species, ap, species_of)
 
 def equivalent_command(out, gallery, queries, train_csv, **options) -> str:
     """The ``whalesub report`` command line that writes this report."""
-    import shlex
-
     parts = ["whalesub", "report", "--gallery", str(gallery), "--queries", str(queries), "--train-csv",
              str(train_csv)]
     for key, value in options.items():
@@ -301,8 +279,6 @@ def equivalent_command(out, gallery, queries, train_csv, **options) -> str:
 
 def describe_inputs(**paths) -> list[dict]:
     """Name, path, size and modification time of each input file given."""
-    from datetime import UTC, datetime
-
     out = []
     for name, path in paths.items():
         if path is None:

@@ -17,9 +17,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from whalesub import __version__
 from whalesub.data import NEW_INDIVIDUAL
 from whalesub.errors import DataError
+from whalesub.image import load_image
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +109,6 @@ class Thumbnails:
         return self.cache[key]
 
     def _make(self, path: Path) -> str | None:
-        from PIL import Image
-
-        from whalesub.image import load_image
-
         try:
             img = Image.fromarray(load_image(path, target=self.px))
         except DataError as exc:
@@ -185,8 +184,6 @@ def render_scores(res: dict) -> str:
 
 def render_report(res: dict, query_dir, gallery_dir, thumb_px: int, progress: bool = True) -> str:
     """The whole page as one HTML string."""
-    from whalesub import __version__
-
     thr = res["threshold"]
     thumbs = Thumbnails(thumb_px)
     gallery_html = render_rows(res["rows"], thumbs, query_dir, gallery_dir, thr["value"], progress)
