@@ -69,7 +69,7 @@ def plot_threshold_curve(curve: list[dict], threshold: dict) -> str:
     ax.set_ylabel("MAP@5")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     return png_uri(fig)
 
 
@@ -90,7 +90,7 @@ def plot_top1_hist(top1: np.ndarray, is_new, threshold: float) -> str:
     ax.axvline(threshold, color="crimson", lw=1.2, label=f"threshold {threshold:.3f}")
     ax.set_xlabel("top-1 cosine (best individual's score)")
     ax.set_ylabel("queries")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     return png_uri(fig)
 
 
