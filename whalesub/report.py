@@ -185,13 +185,14 @@ def write_report(out, gallery, queries, train_csv, *, submission=None, truth=Non
     ids, classes = data["query_ids"].tolist(), data["classes"]
     train = read_train_csv(train_csv)
     species_of = dict(zip(train["individual_id"], train["species"], strict=False))
-    labels, scores = rank_queries(data["gallery"], data["gallery_labels"], data["queries"], k,
-                                  use_gpu=use_gpu, progress=progress)
-    preds = read_predictions(submission, ids) if submission is not None else None
-    result: dict = {"n": len(ids), "k": int(k), "has_truth": truth is not None, "submission": submission}
-    search = truth_list = species = None
+    preds = read_predictions(submission, ids) if submission is not None else None  # checked before the
+    search = truth_list = species = None  # search, which is the long part
     if truth is not None:
         truth_list, file_species = read_labelled_truth(truth, ids, queries)
+    labels, scores = rank_queries(data["gallery"], data["gallery_labels"], data["queries"], k,
+                                  use_gpu=use_gpu, progress=progress)
+    result: dict = {"n": len(ids), "k": int(k), "has_truth": truth is not None, "submission": submission}
+    if truth is not None:
         search = grid_search(labels, scores, truth_codes(truth_list, classes), thresholds)
     thr = choose_threshold(threshold, preds, labels, scores, classes, search)
     if preds is None:
