@@ -89,6 +89,7 @@ class TrainConfig:
     knn_k: int = 50
     threshold_grid: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(-4, 21)])
     threshold: float | None = None  # fixed threshold for test scoring when there is no validation
+    report: bool = False  # write report.html (whalesub.report) of each fold from its OOF files
     eval_only: bool = False  # skip training; score best.pt (else last.pt) on test_csv
     # --- reproducibility / runtime --------------------------------------------------------------
     seed: int = 42

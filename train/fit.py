@@ -28,6 +28,7 @@ from whalesub.synth import make_dataset
 
 from .config import TrainConfig, config_to_yaml, load_config
 from .dataset import check_images_exist
+from .fold_report import write_fold_report
 from .folds import make_folds, save_folds
 from .pseudo import read_pseudo
 from .session import FoldSession
@@ -176,6 +177,8 @@ def train_fold(cfg, k, df, boxes, truth, fold_dir: Path, command: str, dist: Dis
     session = FoldSession(cfg, k, df, boxes, fold_dir, command, dist)
     if not cfg.eval_only:
         session.fit()
+    if cfg.report and dist.main and (fold_dir / "oof_embeddings.npz").is_file():
+        write_fold_report(cfg, fold_dir)
     if truth is not None:
         session.evaluate_test(df, truth)
 

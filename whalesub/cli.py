@@ -358,6 +358,39 @@ def pseudo_label_command(
                                                if s.get("precision") is not None else ""))
 
 
+# --- report (whalesub.report) ----------------------------------------------------------------------
+@app.command("report")
+@guarded
+def report_command(
+    gallery: Path = typer.Option(..., "--gallery", help="Gallery embeddings .npz (train images)."),
+    queries: Path = typer.Option(..., "--queries", help="Query embeddings .npz."),
+    train_csv: Path = typer.Option(..., "--train-csv", help="train.csv: gallery image -> individual_id, "
+                                   "species."),
+    out: Path = typer.Option(..., "--out", help="HTML file to write (self-contained, atomically)."),
+    submission: Path | None = typer.Option(None, "--submission", help="Submission CSV to analyse (default: "
+                                           "the ranking of these embeddings at the threshold)."),
+    truth: Path | None = typer.Option(None, "--truth", help="Truth CSV image,individual_id[,species]; "
+                                      "without it: candidates and scores only."),
+    images_dir: Path | None = typer.Option(None, "--images-dir", help="Folder of the query images."),
+    gallery_images_dir: Path | None = typer.Option(None, "--gallery-images-dir", help="Folder of the "
+                                                   "gallery images (default: --images-dir)."),
+    threshold: float | None = typer.Option(None, "--threshold", help="Threshold to mark (default: inferred "
+                                           "from the submission, else the grid's best)."),
+    grid: str = typer.Option("0.0:1.0:0.02", "--grid", help="Thresholds of the curve, as for tune."),
+    k: int = typer.Option(100, "--k", help="Neighbours searched per query."),
+    max_queries: int = typer.Option(50, "--max-queries", help="Worst queries shown (caps the page size)."),
+    thumb_px: int = typer.Option(96, "--thumb-px", help="Longest thumbnail side in pixels."),
+) -> None:
+    """Write an HTML error report: MAP@5 tables, threshold curve, top-1 cosine histograms, worst queries."""
+    from whalesub.report import write_report
+
+    _log_info_to_stderr()
+    r = write_report(out, gallery, queries, train_csv, submission=submission, truth=truth,
+                     images_dir=images_dir, gallery_images_dir=gallery_images_dir, threshold=threshold,
+                     grid=grid, k=k, max_queries=max_queries, thumb_px=thumb_px)
+    typer.echo(f"wrote {r['out']}: {r['n']} queries, {r['shown']} shown, {r['bytes'] / 1024:.0f} KB")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

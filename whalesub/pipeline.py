@@ -34,7 +34,8 @@ def load_ranking_inputs(gallery_path, queries_path, train_csv) -> dict:
     """Load and check gallery, queries and labels for ranking.
 
     Returns a dict: ``gallery`` [N, D] f32 unit rows, ``gallery_labels`` [N] int64 codes,
-    ``classes`` [n_ind] str, ``query_ids`` [Q] str (unique; views averaged), ``queries`` [Q, D] f32.
+    ``classes`` [n_ind] str, ``query_ids`` [Q] str (unique; views averaged), ``queries`` [Q, D] f32,
+    ``gallery_ids`` [N] str (the image of each gallery vector).
     """
     gallery, queries = load_embeddings(gallery_path), load_embeddings(queries_path)
     check_compatible(gallery, queries)
@@ -50,7 +51,7 @@ def load_ranking_inputs(gallery_path, queries_path, train_csv) -> dict:
     log.info("gallery: %d vectors of %d images, %d individuals; queries: %d images",
              len(gallery), np.unique(gallery.ids).size, classes.size, len(queries))
     return {"gallery": unit_float32(gallery), "gallery_labels": codes, "classes": classes,
-            "query_ids": queries.ids, "queries": unit_float32(queries)}
+            "query_ids": queries.ids, "queries": unit_float32(queries), "gallery_ids": gallery.ids}
 
 
 def _check_against_sample(query_ids: np.ndarray, sample, queries_path) -> list[str]:
@@ -129,16 +130,23 @@ def tune_files(gallery_path, queries_path, train_csv, truth_csv, grid: str = "0.
     if target_new_share is not None and not 0.0 <= target_new_share <= 1.0:
         raise ConfigError(f"--target-new-share {target_new_share} must be within [0, 1] (e.g. 0.165)")
     data = load_ranking_inputs(gallery_path, queries_path, train_csv)
+    truth = read_truth_for(truth_csv, data["query_ids"].tolist(), queries_path)
+    return tune_arrays(data["gallery"], data["classes"][data["gallery_labels"]], data["queries"],
+                       truth, thresholds, target_new_share, k, use_gpu=use_gpu, progress=progress)
+
+
+def read_truth_for(truth_csv, query_ids: list[str], queries_path) -> list[str]:
+    """The truth ``individual_id`` of each query, in query order (:func:`whalesub.data.read_truth`).
+
+    Query images without a truth row and truth rows naming no query are one error naming them.
+    """
     truth_df = read_truth(truth_csv)
     truth_of = dict(zip(truth_df["image"].astype(str), truth_df["individual_id"].astype(str), strict=True))
-    ids = data["query_ids"].tolist()
     problems = []
-    if missing := [i for i in ids if i not in truth_of]:
+    if missing := [i for i in query_ids if i not in truth_of]:
         problems.append(f"{len(missing)} query images have no truth row: {first_few(missing)}")
-    if extra := sorted(set(truth_of) - set(ids)):
+    if extra := sorted(set(truth_of) - set(query_ids)):
         problems.append(f"{len(extra)} truth images are not among the queries: {first_few(extra)}")
     if problems:
         raise DataError(f"truth {str(truth_csv)!r} does not match queries {str(queries_path)!r}:", problems)
-    return tune_arrays(data["gallery"], data["classes"][data["gallery_labels"]], data["queries"],
-                       [truth_of[i] for i in ids], thresholds, target_new_share, k, use_gpu=use_gpu,
-                       progress=progress)
+    return [truth_of[i] for i in query_ids]
