@@ -57,6 +57,10 @@ MANIFEST = "export.json"
 CENTRES = "class_centres.npz"
 
 
+class FP16ExportError(WhalesubError):
+    """The FP32 graph could not be converted to the mixed-precision layout (exit 2, nothing written)."""
+
+
 def model_fingerprint(net, spec) -> str:
     """The fingerprint of ``spec`` and ``net``'s weights (as training and ``whalesub embed`` compute it)."""
 
@@ -190,8 +194,9 @@ def export_fp16(net, fp32: Path, path16: Path, x: np.ndarray, label: str) -> dic
     try:
         model16 = convert_backbone_to_fp16(onnx.load(str(fp32)), prefix)
         structure = check_fp16_structure(model16, prefix)
-    except ValueError as exc:
-        raise WhalesubError(f"FP16 conversion of {label} failed: {exc}") from None
+    except Exception as exc:  # onnx's checker/inference errors are no ValueError; any failure is ours
+        raise FP16ExportError(f"FP16 conversion of {label} failed ({type(exc).__name__}: {exc}); nothing "
+                              "was written. Export without --fp16, and report the model") from None
     onnx.save(model16, str(path16))
     # CPU: the provider upcasts to FP32, so this only catches conversion mistakes.
     entry = {"file": path16.name, "structure": structure, "cpu_check": check_parity(
