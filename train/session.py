@@ -74,6 +74,7 @@ class FoldSession:
         self.train_df, self.valid_df = split_fold(df, k)
         self.has_val = len(self.valid_df) > 0
         self.boxes = BoxTable(boxes, cfg.box_mix, cfg.box_conf)
+        self.boxes.eval_type(cfg.eval_box_type)  # a box rule validation cannot follow fails now, not later
         self.classes = sorted(self.train_df["individual_id"].unique())
         self.species_classes = sorted(self.train_df["species"].unique())
         y = self.train_df["individual_id"].map({c: i for i, c in enumerate(self.classes)}).to_numpy()
