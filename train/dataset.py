@@ -130,8 +130,11 @@ class BoxTable:
 
 
 def decode(path: Path, box, spec) -> np.ndarray:
-    """uint8 [H, W, 3] RGB through whalesub.image (box crop mapped to the decoded scale); JPEGs are
-    DCT-downscaled but kept >= 1.5x the input side so random crops still have detail."""
+    """uint8 [H, W, 3] RGB through whalesub.image.load_image (box crop mapped to the decoded scale).
+
+    JPEGs are decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps both sides of the frame
+    or crop >= 1.5x the input side (full resolution when the original is smaller); the training
+    transform (:func:`build_train_transform`) makes the S x S input from it."""
 
     return image.load_image(path, target=int(1.5 * spec.image_size), box=box, margin=spec.box_margin)
 
