@@ -45,6 +45,7 @@ from whalesub.runtime import cuda_provider_active, ort_session
 from whalesub.sources import class_centres, load_source
 from whalesub.spec import SPEC_FILENAME, weights_digest
 from whalesub.store import save_embeddings
+from whalesub.vectors import unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,8 @@ def export_onnx(net, spec, path: Path, opset: int = 17, batch: int = 2) -> None:
 
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-row cosine of two [N, D] arrays (float64 arithmetic)."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+    """Per-row cosine of two [N, D] arrays (float64 arithmetic; 0 for an all-zero row)."""
+    return (unit_rows(a, np.float64) * unit_rows(b, np.float64)).sum(1)
 
 
 def parity_inputs(spec, images: Sequence[Path] = (), n_random: int = 4, seed: int = 0) -> np.ndarray:
