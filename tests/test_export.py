@@ -77,20 +77,68 @@ def test_fp32_parity_on_real_photos(exported, nyala):
     np.testing.assert_allclose(alone[0], got[3], atol=1e-5)
 
 
+def _first_principles_fingerprint(ckpt: Path, spec_json: Path) -> str:
+    """The documented fingerprint, recomputed with hashlib from the files alone (no whalesub code):
+    sha256 over "name|dtype|shape|" + raw bytes per tensor in sorted name order, then 16 hex of
+    sha256 over the compact, key-sorted JSON {"spec": <model_spec.json>, "weights": digest}."""
+    import hashlib
+    import json
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    payload = {"spec": json.loads(spec_json.read_text()), "weights": h.hexdigest()}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def test_manifest_and_spec(exported):
     import json
 
-    from whalesub.export import model_fingerprint
+    from whalesub.backends import open_model
     from whalesub.model import load_embedding_net
 
     ckpt, out = exported
     m = json.loads((out / "export.json").read_text())
+    assert m["fingerprint"] == _first_principles_fingerprint(ckpt, out / "model_spec.json")
+    # the torch backend (embed --backend torch) and the ONNX export agree on the model's identity
+    assert open_model(ckpt, "torch", "cpu").fingerprint == m["fingerprint"]
+    assert open_model(out, "onnx", "cpu").fingerprint == m["fingerprint"]
     net, spec = load_embedding_net(ckpt)
-    assert m["fingerprint"] == model_fingerprint(net, spec)
     assert ModelSpec.load(out).to_dict() == spec.to_dict()
     assert m["input"]["shape"] == ["batch", 3, 64, 64] and m["output"]["shape"] == ["batch", 32]
     assert m["opset"] >= 17 and m["files"]["fp32"]["parity"]["min_cosine"] >= FP32_COSINE_MIN
     assert set(m["files"]) == {"fp32", "fp16"}
+
+
+def test_fingerprint_changes_with_one_weight_or_the_spec_mean(tmp_path):
+    """Exports of the same network agree; one changed weight or a changed mean gives another one."""
+    import json
+
+    from whalesub.model import load_embedding_net
+
+    ckpt = make_checkpoint(tmp_path / "a" / "best.pt")
+    net, spec = load_embedding_net(ckpt)
+    with torch.no_grad():
+        next(net.neck.parameters()).view(-1)[0] += 1e-3
+    save_embedding_net(net, tmp_path / "b" / "best.pt")
+    net, _ = load_embedding_net(ckpt)
+    save_embedding_net(net.__class__(spec.replace(mean=(0.5, 0.5, 0.5))), tmp_path / "c" / "best.pt")
+    c_net, _ = load_embedding_net(tmp_path / "c" / "best.pt")
+    c_net.load_state_dict(net.state_dict())
+    save_embedding_net(c_net, tmp_path / "c" / "best.pt")
+    prints = {}
+    for name in ("a", "b", "c"):
+        export_model(tmp_path / name / "best.pt", tmp_path / f"out_{name}")
+        prints[name] = json.loads((tmp_path / f"out_{name}" / "export.json").read_text())["fingerprint"]
+        assert prints[name] == _first_principles_fingerprint(tmp_path / name / "best.pt",
+                                                             tmp_path / f"out_{name}" / "model_spec.json")
+    export_model(tmp_path / "a" / "best.pt", tmp_path / "out_a2")
+    assert json.loads((tmp_path / "out_a2" / "export.json").read_text())["fingerprint"] == prints["a"]
+    assert len(set(prints.values())) == 3, prints
 
 
 def _types(model) -> dict[str, int]:

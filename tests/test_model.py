@@ -153,6 +153,48 @@ def test_pretrained_weights_come_from_a_local_file_only(tmp_path):
         build_embedding_net(spec, weights_file=tmp_path / "missing.pth")
 
 
+@pytest.fixture
+def reworded_timm_log():
+    """timm rewords (here: hides) its "Missing keys" log line: the check must not depend on it."""
+    import logging
+
+    class Reword(logging.Filter):
+        def filter(self, record):
+            record.msg, record.args = "some keys were not found in the checkpoint", ()
+            return True
+
+    logger, f = logging.getLogger("timm.models._builder"), Reword()
+    logger.addFilter(f)
+    yield
+    logger.removeFilter(f)
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_pretrained_fit_is_judged_from_the_state_dict(tmp_path, reworded_timm_log, stages):
+    import timm
+
+    torch.manual_seed(7)
+    full = timm.create_model("resnet18", pretrained=False).state_dict()  # with fc, like a timm file
+    spec = ModelSpec(backbone="resnet18", image_size=S, stages=stages)
+
+    def save(name, sd):
+        torch.save(sd, tmp_path / name)
+        return tmp_path / name
+
+    net = EmbeddingNet(spec, weights_file=save("ok.pth", full))  # matches: every tensor is the file's
+    for k, v in net.backbone.state_dict().items():
+        torch.testing.assert_close(v, full[k])
+    missing = {k: v for k, v in full.items() if not k.startswith("layer4.1.bn2.")}
+    with pytest.raises(ConfigError, match=r"missing from the file: .*layer4\.1\.bn2\.weight"):
+        EmbeddingNet(spec, weights_file=save("missing.pth", missing))
+    shapes = dict(full, **{"layer3.0.conv1.weight": torch.zeros(256, 128, 1, 1)})
+    with pytest.raises(ConfigError, match=r"layer3\.0\.conv1\.weight"):
+        EmbeddingNet(spec, weights_file=save("shapes.pth", shapes))
+    if stages == 1:  # a tensor with no place in the backbone means another architecture
+        with pytest.raises(ConfigError, match=r"no place in the backbone: 'layer5\.weight'"):
+            EmbeddingNet(spec, weights_file=save("extra.pth", dict(full, **{"layer5.weight": torch.ones(2)})))
+
+
 # --- saving and strict loading -------------------------------------------------------------------
 def test_save_and_load_round_trip(tmp_path):
     net = _net(stages=2, gem_learnable=True, neck="linear_bn", embed_dim=16)

@@ -122,6 +122,78 @@ def test_whalesub_never_imports_train():
     assert not {m: d for m, d in bad.items() if d}, "whalesub must not import train/"
 
 
+# The README's "Module map", as data: module (or package prefix ending in ".") -> layer.
+# 1 contract/utilities, 2 arrays, 3 files & vision, 4 pipelines, 5 faces (CLI, train/).
+LAYERS = {
+    "whalesub": 1, "whalesub.errors": 1, "whalesub.atomic": 1, "whalesub.data": 1,
+    "whalesub.vectors": 2, "whalesub.index": 2, "whalesub.rank": 2, "whalesub.threshold": 2,
+    "whalesub.metric": 2,
+    "whalesub.store": 3, "whalesub.submission": 3, "whalesub.image": 3, "whalesub.spec": 3,
+    "whalesub.model": 3, "whalesub.sources": 3, "whalesub.onnx_fp16": 3, "whalesub.export": 3,
+    "whalesub.runtime": 3, "whalesub.backends": 3, "whalesub.loader": 3, "whalesub.shards": 3,
+    "whalesub.synth": 3, "whalesub.synth.": 3, "whalesub.boxes": 3,
+    "whalesub.pipeline": 4, "whalesub.embed": 4,
+    "whalesub.cli": 5, "train": 5, "train.": 5,
+}
+
+
+def layer_of(module: str, table: dict[str, int] = LAYERS) -> int | None:
+    """The module's layer: its own entry, else the longest package prefix ("pkg.") that holds it."""
+    if module in table:
+        return table[module]
+    prefixes = [p for p in table if p.endswith(".") and module.startswith(p)]
+    return table[max(prefixes, key=len)] if prefixes else None
+
+
+def layer_violations(graph: dict[str, set[str]], table: dict[str, int] = LAYERS) -> list[str]:
+    """Every import of a module from a higher layer, and every module the table does not place."""
+    out = [f"{m} has no layer: add it to LAYERS here and to the README's module map"
+           for m in sorted(graph) if layer_of(m, table) is None]
+    for m, deps in sorted(graph.items()):
+        lm = layer_of(m, table)
+        for d in sorted(deps):
+            ld = layer_of(d, table)
+            if lm is not None and ld is not None and ld > lm:
+                out.append(f"{m} (layer {lm}) imports {d} (layer {ld})")
+    return out
+
+
+def test_layer_checker_finds_a_planted_upward_import_and_an_unplaced_module():
+    table = {"whalesub.rank": 2, "whalesub.store": 3, "train.": 5}
+    graph = {"whalesub.rank": {"whalesub.store"}, "whalesub.store": set(), "train.fit": {"whalesub.rank"},
+             "whalesub.new": set()}
+    assert layer_violations(graph, table) == [
+        "whalesub.new has no layer: add it to LAYERS here and to the README's module map",
+        "whalesub.rank (layer 2) imports whalesub.store (layer 3)"]
+
+
+def test_every_import_goes_to_the_same_or_a_lower_layer():
+    assert layer_violations(import_graph()) == []
+
+
+def _readme_name(entry: str) -> str:
+    """How the README's module map writes a LAYERS entry."""
+    special = {"whalesub": "whalesub/__init__", "whalesub.synth": "synth/*", "whalesub.synth.": "synth/*",
+               "train": "train/", "train.": "train/"}
+    return special.get(entry, entry.rpartition(".")[2])
+
+
+def test_the_readme_module_map_matches_the_layers_table():
+    """Each README row (layer N) names exactly the LAYERS entries of layer N (train/ ones by file)."""
+    import re
+
+    rows = {int(m.group(1)): m.group(2) for m in re.finditer(r"^\| ([1-5]) [^|]*\|([^|]*)\|",
+                                                             (ROOT / "README.md").read_text(encoding="utf-8"),
+                                                             re.MULTILINE)}
+    assert sorted(rows) == [1, 2, 3, 4, 5], "README's Development section: one module-map row per layer"
+    for layer, cell in rows.items():
+        named = set(re.findall(r"`([^`]+)`", cell))
+        want = {_readme_name(m) for m, n in LAYERS.items() if n == layer}
+        if layer == 5:  # train/'s own modules are listed by name after `train/`
+            named -= {m.rpartition(".")[2] for m in project_modules() if m.startswith("train.")}
+        assert named == want, f"layer {layer}: README names {sorted(named)}, LAYERS has {sorted(want)}"
+
+
 def test_every_module_imports_in_a_fresh_interpreter():
     mods = sorted(m for m in project_modules() if not m.endswith("__main__"))
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"

@@ -76,6 +76,33 @@ def test_threshold_for_new_share_hits_the_share(ranked):
         threshold_for_new_share(scores, 1.5)
 
 
+def test_new_share_of_one_and_zero_hold_with_duplicate_photos_and_rounded_scores():
+    """A duplicate photo scores exactly 1.0 (float32 sums may also give one step above 1, or below -1)."""
+    eye = np.eye(6, dtype=np.float32)  # gallery rows are the queries themselves: exact 1.0 scores
+    labels, scores = rank_queries(eye, np.arange(6), eye[[0, 2, 4]], k=6)
+    assert (scores[:, 0] == 1.0).all()
+    codes = insert_new_individual(labels, scores, threshold_for_new_share(scores, 1.0))
+    assert (codes[:, 0] == NEW).all()
+    up, down = np.nextafter(np.float32(1), np.float32(2)), np.nextafter(np.float32(-1), np.float32(-2))
+    hand = np.array([[up, 0.5], [1.0, 0.2], [0.3, down], [down, down]], np.float32)
+    cand = np.array([[0, 1], [1, 0], [2, 3], [3, 2]])
+    for share in (0.0, 0.25, 0.5, 0.75, 1.0):  # the oracle: round(share * Q) rows get new first
+        codes = insert_new_individual(cand, hand, threshold_for_new_share(hand, share), top=2)
+        assert (codes[:, 0] == NEW).sum() == round(share * 4), share
+
+
+@pytest.mark.parametrize("share", [-0.01, 1.01, float("nan")])
+def test_new_share_outside_zero_one_is_refused_everywhere(share, tmp_path):
+    from whalesub.pipeline import submit_files, tune_files
+
+    scores = np.zeros((3, 5), np.float32)
+    for call in (lambda: threshold_for_new_share(scores, share),
+                 lambda: submit_files("g", "q", "t", None, tmp_path / "s.csv", new_share=share),
+                 lambda: tune_files("g", "q", "t", "truth", target_new_share=share)):
+        with pytest.raises(ConfigError, match=r"must be within \[0, 1\]"):
+            call()
+
+
 def test_parse_grid():
     np.testing.assert_allclose(parse_grid("0.0:1.0:0.25"), [0, 0.25, 0.5, 0.75, 1.0])
     np.testing.assert_allclose(parse_grid("0.3,0.5"), [0.3, 0.5])

@@ -55,7 +55,9 @@ def test_box_table_confidence_cut_mix_and_fallback():
     assert table.sample("zzz", rng) is None
     only_body = BoxTable(boxes, {"body": 1.0}, conf=0.0)
     assert only_body.sample("c", rng) is None and only_body.best("b", "body") == (2, 0, 10, 10)
-    assert table.best("a", "fin") == (1, 0, 10, 10) and table.best("a", None) == (0, 0, 10, 10)
+    assert table.best("a", "fin") == (1, 0, 10, 10)
+    with pytest.raises(DataError, match=r"several box types \['body', 'fin'\].*eval_box_type"):
+        table.best("a", None)  # the rule of `whalesub embed` without --box-type
 
 
 def test_evaluation_box_ignores_the_training_mix():

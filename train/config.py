@@ -31,7 +31,7 @@ class TrainConfig:
     boxes_csv: str | None = None  # image,x1,y1,x2,y2[,conf][,box_type] in original pixels
     box_mix: dict[str, float] = field(default_factory=dict)  # box_type -> sampling weight; {} = any box
     box_conf: float = 0.0  # boxes below this confidence are ignored (whole image is the fallback)
-    eval_box_type: str | None = None  # box type for validation/test images; None = first usable box
+    eval_box_type: str | None = None  # None: the only box type (data.choose_box_type)
     synth_if_missing: bool = False  # generate whalesub.synth data at train_csv's folder if absent
     synth_seed: int = 0
     synth_individuals: int = 60

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from whalesub import image
-from whalesub.data import find_missing_files
+from whalesub.data import choose_box_type, find_missing_files
 from whalesub.errors import DataError
 from whalesub.image import load_for_model, to_model_input
 
@@ -94,8 +94,10 @@ class BoxTable:
     def __init__(self, boxes: pd.DataFrame | None, mix: dict[str, float], conf: float):
         self.by_image: dict[str, list[tuple]] = {}
         self.all_by_image: dict[str, list[tuple]] = {}  # evaluation: every type (embed --box-type)
+        self.kinds: list[str] = []  # every box type of the table, before the confidence cut
         if boxes is None:
             return
+        self.kinds = sorted(boxes["box_type"].unique()) if "box_type" in boxes.columns else ["box"]
         if "conf" in boxes.columns:
             boxes = boxes[boxes["conf"] >= conf]
         for r in boxes.itertuples(index=False):
@@ -113,22 +115,26 @@ class BoxTable:
         o = options[int(rng.choice(len(options), p=w / w.sum()))]
         return o[:4]
 
-    def best(self, image: str, box_type: str | None) -> tuple | None:
-        """The deterministic evaluation box: the first box of ``box_type`` (any type if None).
+    def eval_type(self, box_type: str | None) -> str | None:
+        """The box type evaluation crops: :func:`whalesub.data.choose_box_type`, the rule of
+        ``whalesub embed --box-type`` (one type in the table: that one; several: name one)."""
+        return choose_box_type(self.kinds, box_type, "boxes_csv", "eval_box_type")
 
-        A named ``box_type`` ignores the training mix: evaluation crops what ``whalesub embed
-        --box-type`` crops. None keeps to the mix's types.
+    def best(self, image: str, box_type: str | None) -> tuple | None:
+        """The deterministic evaluation box of ``image`` (:meth:`eval_type`), or None (whole frame).
+
+        It ignores the training mix: evaluation crops what ``whalesub embed --box-type`` crops.
         """
-        table = self.by_image if box_type is None else self.all_by_image
-        for o in table.get(os.path.basename(image), []):
-            if box_type is None or o[4] == box_type:
-                return o[:4]
-        return None
+        kind = self.eval_type(box_type)
+        return next((o[:4] for o in self.all_by_image.get(os.path.basename(image), []) if o[4] == kind), None)
 
 
 def decode(path: Path, box, spec) -> np.ndarray:
-    """uint8 [H, W, 3] RGB through whalesub.image (box crop mapped to the decoded scale); JPEGs are
-    DCT-downscaled but kept >= 1.5x the input side so random crops still have detail."""
+    """uint8 [H, W, 3] RGB through whalesub.image.load_image (box crop mapped to the decoded scale).
+
+    JPEGs are decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps both sides of the frame
+    or crop >= 1.5x the input side (full resolution when the original is smaller); the training
+    transform (:func:`build_train_transform`) makes the S x S input from it."""
 
     return image.load_image(path, target=int(1.5 * spec.image_size), box=box, margin=spec.box_margin)
 

@@ -69,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     # embed exactly as the run's validation did: its box type and its TTA (the debug recipe's
     # synthetic marks are chiral, so it trains and validates without flips)
     cfg = yaml.safe_load((fold / "config.yaml").read_text())
-    box_type = cfg.get("eval_box_type")  # None: validation used whole frames, so the demo does too
-    boxes = ["--boxes", str(data / "boxes.csv"), "--box-type", box_type] if box_type else []
+    # the same box rule (whalesub.data.choose_box_type): no box file -> whole frames; no type named
+    # -> the file's only type (training refuses a file of several types without eval_box_type)
+    box_type = cfg.get("eval_box_type")
+    boxes = (["--boxes", str(data / "boxes.csv")] + (["--box-type", box_type] if box_type else [])
+             if cfg.get("boxes_csv") else [])
     gallery_tta, query_tta = (["--flip-views"], ["--tta", "flip"]) if cfg["tta_flip"] else (
         ["--tta", "none"], ["--tta", "none"])
     run(whalesub + ["embed", "--model", str(models), "--list", str(data / "train.csv"),

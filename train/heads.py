@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from whalesub.vectors import sub_centre_means
+
 # 1st place Happywhale (knshnb) individual-id margins: m_c = 0.27126 * n_c ** -0.364399 + 0.05
 # (margin_coef_id, margin_power_id, margin_cons_id in that solution's config).
 HAPPYWHALE_MARGIN = {"a": 0.27126, "b": -0.364399, "c": 0.05}
@@ -190,7 +192,8 @@ class ArcMarginHead(nn.Module):
         """One unit vector per class [C, D] float32: the normalised mean of its normalised
         sub-centres (equal to the centre itself when k = 1). Used for class-centre scoring;
         for max-over-sub-centres scoring use :meth:`sub_centres` instead."""
-        return F.normalize(self.sub_centres().mean(dim=1), dim=1)
+        w = self.weight.detach().float().cpu().numpy()
+        return torch.from_numpy(sub_centre_means(w, self.n_classes)).to(self.weight.device)
 
     @torch.no_grad()
     def init_from_embeddings(

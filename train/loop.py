@@ -26,6 +26,7 @@ from torch import nn
 from whalesub import metric, rank
 from whalesub import threshold as thr
 from whalesub.errors import WhalesubError
+from whalesub.vectors import average_views
 
 log = logging.getLogger("train")
 
@@ -206,12 +207,6 @@ def embed_set(net: nn.Module, dataset, cfg, device: torch.device, rank: int = 0,
     return full
 
 
-def query_vectors(views: np.ndarray) -> np.ndarray:
-    """[N, V, D] -> [N, D]: views averaged and re-normalised (one query per image)."""
-    q = views.mean(axis=1)
-    return (q / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
-
-
 def score(gallery_views: np.ndarray, gallery_labels, query_views: np.ndarray, truths, grid, k: int,
           threshold: float | None = None) -> dict:
     """MAP@5 of queries against a gallery with whalesub's ranking, over a threshold grid.
@@ -224,7 +219,7 @@ def score(gallery_views: np.ndarray, gallery_labels, query_views: np.ndarray, tr
     v = gallery_views.shape[1]
     gallery = np.ascontiguousarray(gallery_views.reshape(-1, gallery_views.shape[-1]))
     codes, classes = rank.encode_labels(np.repeat(np.asarray(gallery_labels, dtype=str), v))
-    cand_l, cand_s = rank.rank_queries(gallery, codes, query_vectors(query_views), k=k)
+    cand_l, cand_s = rank.rank_queries(gallery, codes, average_views(query_views), k=k)
     search = thr.grid_search(cand_l, cand_s, thr.truth_codes(truths, classes), np.asarray(grid))
     t = search.best_threshold if threshold is None else threshold
     preds = rank.decode_labels(rank.insert_new_individual(cand_l, cand_s, t), classes)

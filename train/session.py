@@ -76,6 +76,7 @@ class FoldSession:
         self.train_df = add_pseudo_rows(self.train_df, read_pseudo(cfg, df), fold_dir, cfg, dist.main)
         self.has_val = len(self.valid_df) > 0
         self.boxes = BoxTable(boxes, cfg.box_mix, cfg.box_conf)
+        self.boxes.eval_type(cfg.eval_box_type)  # a box rule validation cannot follow fails now, not later
         self.classes = sorted(self.train_df["individual_id"].unique())
         self.species_classes = sorted(self.train_df["species"].unique())
         y = self.train_df["individual_id"].map({c: i for i, c in enumerate(self.classes)}).to_numpy()

@@ -70,7 +70,7 @@ def submit_command(
     """Rank every query against the gallery and write a validated submission.
 
     Exact cosine top-k (FAISS, GPU when present) -> best cosine per individual -> new_individual
-    inserted with score THRESHOLD (an individual scoring exactly THRESHOLD ranks first) -> five
+    inserted with score THRESHOLD (an individual scoring exactly THRESHOLD stays ahead of it) -> five
     distinct labels per row. Gallery and queries must share dimension and model fingerprint.
     Give --threshold, or --new-share to set it from the queries' own scores.
     """

@@ -321,3 +321,24 @@ def read_boxes(path: str | os.PathLike) -> pd.DataFrame:
         raise DataError(f"box file {path} has {len(problems)} problem(s):", problems)
     keep = list(BOX_COLUMNS) + [c for c in ("conf", "box_type") if c in frame.columns]
     return frame[keep].reset_index(drop=True)
+
+
+def choose_box_type(kinds: Iterable[str], box_type: str | None, source,
+                    option: str = "--box-type") -> str | None:
+    """The one rule for which box crops an image (``whalesub embed`` and training's validation).
+
+    ``kinds``: the box types of the box table (``read_boxes``' ``box_type`` values; a table without
+    that column has one type). A named ``box_type`` must be one of them. Without a name, a table of
+    one type uses it, and a table of several types is an error that lists them (the first box of
+    whatever type comes first in the file would crop bodies for some images and fins for others).
+    Returns the type to crop, or None when there are no boxes. ``source`` and ``option`` name the
+    file and the setting in the message.
+    """
+    kinds = sorted({str(k) for k in kinds})
+    if box_type is not None:
+        if box_type not in kinds:
+            raise DataError(f"{option} {box_type!r} not in box file {source} (it has {kinds})")
+        return box_type
+    if len(kinds) > 1:
+        raise DataError(f"box file {source} has several box types {kinds}: choose one with {option}")
+    return kinds[0] if kinds else None

@@ -44,6 +44,7 @@ from whalesub.errors import ConfigError, WhalesubError
 from whalesub.loader import apply_box_conf, list_images, make_loader, select_boxes
 from whalesub.shards import parse_shard
 from whalesub.store import save_embeddings
+from whalesub.vectors import average_views, unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -118,20 +119,15 @@ def embed_batch(models, inputs: list, key_of: list[int], options: EmbedOptions) 
     per_model = []
     for model, k in zip(models, key_of, strict=True):
         x = inputs[k]
-        e = _unit(model(x, flip=len(options.views) == 2))
+        e = unit_rows(model(x, flip=len(options.views) == 2))
         if len(options.views) == 2:
             e, f = e[: len(e) // 2], e[len(e) // 2:]
             if options.flip_views:
                 e = np.stack([e, f], axis=1).reshape(-1, e.shape[1])  # [B*2, D]
             else:
-                e = _unit(e + f)
+                e = average_views(np.stack([e, f], axis=1))
         per_model.append(e)
-    return _unit(np.concatenate(per_model, axis=1)) if len(per_model) > 1 else per_model[0]
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32, copy=False)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return unit_rows(np.concatenate(per_model, axis=1)) if len(per_model) > 1 else per_model[0]
 
 
 @dataclass

@@ -45,6 +45,7 @@ from whalesub.runtime import cuda_provider_active, ort_session
 from whalesub.sources import class_centres, load_source
 from whalesub.spec import SPEC_FILENAME, weights_digest
 from whalesub.store import save_embeddings
+from whalesub.vectors import unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,10 @@ FP16_COSINE_MIN = 0.999
 FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx"}
 MANIFEST = "export.json"
 CENTRES = "class_centres.npz"
+
+
+class FP16ExportError(WhalesubError):
+    """The FP32 graph could not be converted to the mixed-precision layout (exit 2, nothing written)."""
 
 
 def model_fingerprint(net, spec) -> str:
@@ -84,9 +89,8 @@ def export_onnx(net, spec, path: Path, opset: int = 17, batch: int = 2) -> None:
 
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-row cosine of two [N, D] arrays (float64 arithmetic)."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+    """Per-row cosine of two [N, D] arrays (float64 arithmetic; 0 for an all-zero row)."""
+    return (unit_rows(a, np.float64) * unit_rows(b, np.float64)).sum(1)
 
 
 def parity_inputs(spec, images: Sequence[Path] = (), n_random: int = 4, seed: int = 0) -> np.ndarray:
@@ -190,8 +194,9 @@ def export_fp16(net, fp32: Path, path16: Path, x: np.ndarray, label: str) -> dic
     try:
         model16 = convert_backbone_to_fp16(onnx.load(str(fp32)), prefix)
         structure = check_fp16_structure(model16, prefix)
-    except ValueError as exc:
-        raise WhalesubError(f"FP16 conversion of {label} failed: {exc}") from None
+    except Exception as exc:  # onnx's checker/inference errors are no ValueError; any failure is ours
+        raise FP16ExportError(f"FP16 conversion of {label} failed ({type(exc).__name__}: {exc}); nothing "
+                              "was written. Export without --fp16, and report the model") from None
     onnx.save(model16, str(path16))
     # CPU: the provider upcasts to FP32, so this only catches conversion mistakes.
     entry = {"file": path16.name, "structure": structure, "cpu_check": check_parity(

@@ -1,4 +1,4 @@
-"""Image decoding and THE preprocessing: training validation, ``whalesub embed`` and the kernel call it.
+"""Image decoding and THE preprocessing: training validation and ``whalesub embed`` both call it.
 
 Pipeline (version ``preprocess='v1'`` of :class:`~whalesub.spec.ModelSpec`):
 

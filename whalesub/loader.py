@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from whalesub.data import find_missing_files, read_boxes, read_test_listing
+from whalesub.data import choose_box_type, find_missing_files, read_boxes, read_test_listing
 from whalesub.errors import ConfigError, DataError, first_few
 from whalesub.image import load_for_model
 
@@ -56,13 +56,7 @@ def select_boxes(path: Path, box_type: str | None, names: list[str]) -> list[tup
 
     boxes = read_boxes(path)
     if "box_type" in boxes.columns:
-        kinds = sorted(boxes["box_type"].unique())
-        if box_type is None and len(kinds) > 1:
-            raise DataError(f"box file {path} has several box types {kinds}: choose one with --box-type")
-        if box_type is not None:
-            if box_type not in kinds:
-                raise DataError(f"--box-type {box_type!r} not in box file {path} (it has {kinds})")
-            boxes = boxes[boxes["box_type"] == box_type]
+        boxes = boxes[boxes["box_type"] == choose_box_type(boxes["box_type"], box_type, path)]
     elif box_type is not None:
         raise DataError(f"--box-type {box_type!r} given but box file {path} has no 'box_type' column")
     confs = boxes["conf"] if "conf" in boxes.columns else [1.0] * len(boxes)

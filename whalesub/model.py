@@ -17,7 +17,6 @@ is strict: missing or unexpected keys, or shape mismatches, raise ConfigError li
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -100,19 +99,14 @@ class EmbeddingNet(nn.Module):
             kwargs |= {"features_only": True, "out_indices": (-2, -1)}
         src = f" with weights {weights_file}" if weights_file else ""
         try:
-            with _TimmMissingKeys() as missing:
+            with _StateDictLoads() as loads:
                 self.backbone = timm.create_model(spec.backbone, pretrained=pretrained, **kwargs)
         except (RuntimeError, ValueError, KeyError, OSError) as exc:
             raise ConfigError(f"cannot build timm backbone {spec.backbone!r} (stages={spec.stages}){src}: "
                               f"{exc}; check the name (timm.list_models), that the architecture supports "
                               "features_only for stages=2, and that the weights file fits it") from None
-        # timm loads with strict=False when it drops the classifier and only logs what was missing:
-        # a wrong file would silently leave random weights.
-        lost = missing.keys(spec.backbone)
-        if lost:
-            raise ConfigError(f"pretrained weights {weights_file} do not fit {spec.backbone!r}: "
-                              f"{len(lost)} backbone tensor(s) missing from the file: {first_few(lost, 8)}; "
-                              "pass the file saved from this architecture")
+        if pretrained:
+            check_pretrained_load(loads.results, spec, weights_file)
         if spec.stages == 1:
             dims = [int(self.backbone.num_features)]
         else:
@@ -164,42 +158,60 @@ class EmbeddingNet(nn.Module):
             return F.normalize(f.float(), dim=1, eps=1e-12)
 
 
-class _TimmMissingKeys(logging.Handler):
-    """Collect timm's "Missing keys (...)" log records while a pretrained backbone is built."""
+class _StateDictLoads:
+    """Record the ``(missing_keys, unexpected_keys)`` of every ``Module.load_state_dict`` call made
+    while timm builds a pretrained backbone: the keys torch itself compared, not timm's log text."""
 
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-        self._logger = logging.getLogger("timm.models._builder")
+    def __enter__(self) -> _StateDictLoads:
+        self.results: list[tuple[list[str], list[str]]] = []
+        self._real = real = nn.Module.load_state_dict
+        results = self.results
 
-    def emit(self, record: logging.LogRecord) -> None:
-        text = record.getMessage()
-        if text.startswith("Missing keys"):
-            self.messages.append(text)
+        def recording(module, state_dict, strict=True, assign=False):
+            out = real(module, state_dict, strict=strict, assign=assign)
+            results.append((list(out.missing_keys), list(out.unexpected_keys)))
+            return out
 
-    def keys(self, backbone_name: str) -> list[str]:
-        """Missing keys, except the classifier's (dropped on purpose with num_classes=0)."""
-        from timm.models import get_pretrained_cfg
-
-        cfg = get_pretrained_cfg(backbone_name)
-        heads = (cfg.classifier if cfg is not None else None) or ()
-        heads = (heads,) if isinstance(heads, str) else tuple(heads)
-        out = []
-        for text in self.messages:
-            inner = text[text.find("(") + 1: text.rfind(") discovered")]
-            out += [k for k in inner.split(", ") if k and not any(k.startswith(h + ".") for h in heads)]
-        return out
-
-    def __enter__(self) -> _TimmMissingKeys:
-        self._level = self._logger.level
-        self._logger.addHandler(self)
-        if not self._logger.isEnabledFor(logging.INFO):
-            self._logger.setLevel(logging.INFO)
+        nn.Module.load_state_dict = recording
         return self
 
     def __exit__(self, *exc) -> None:
-        self._logger.removeHandler(self)
-        self._logger.setLevel(self._level)
+        nn.Module.load_state_dict = self._real
+
+
+def check_pretrained_load(results: list[tuple[list[str], list[str]]], spec: ModelSpec,
+                          weights_file) -> None:
+    """Raise ConfigError unless timm's load of ``weights_file`` filled every backbone tensor.
+
+    ``results``: one ``(missing_keys, unexpected_keys)`` per ``load_state_dict`` call (shape
+    mismatches already raised inside torch); the classifier's own keys (timm's pretrained config
+    names it) may be missing. timm loads with ``strict=False`` when it drops the
+    classifier (``num_classes=0``) or builds a features-only model, so a wrong file would otherwise
+    leave random weights. Missing keys are always an error; unexpected keys are an error for
+    ``stages=1`` (the classifier is removed before loading, so any extra tensor means another
+    architecture) and tolerated for ``stages=2`` (the feature wrapper drops the head layers).
+    """
+    fix = "pass the file saved from this architecture (torch.save(timm_model.state_dict(), path))"
+    if not results:
+        raise ConfigError(f"timm built {spec.backbone!r} without loading {weights_file}: no weights were "
+                          f"loaded; {fix}")
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(spec.backbone)
+    heads = (cfg.classifier if cfg is not None else None) or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    # timm deletes the classifier's tensors from the file before loading a model built without one
+    missing = [k for miss, _ in results for k in miss if not any(k.startswith(h + ".") for h in heads)]
+    unexpected = [k for _, extra in results for k in extra] if spec.stages == 1 else []
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} backbone tensor(s) missing from the file: {first_few(missing, 8)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) of the file have no place in the backbone: "
+                        f"{first_few(unexpected, 8)}")
+    if problems:
+        raise ConfigError(f"pretrained weights {weights_file} do not fit {spec.backbone!r} "
+                          f"(stages={spec.stages}); {fix}", problems=problems)
 
 
 class _AvgPool(nn.Module):

@@ -89,10 +89,12 @@ def convert_to_fp16(model, fp16_nodes: set[int], label: str = "the FP16 part"):
     fp16 = [i in fp16_nodes for i in range(len(g.node))]
     if not any(fp16):
         raise ValueError(f"no ONNX node belongs to {label!r}: cannot find the backbone to convert")
-    consumers: dict[str, set[bool]] = {}
+    for i in float_parameter_nodes(g):  # Resize scales and the Constants computing them stay FP32
+        fp16[i] = False
+    consumers: dict[str, set[bool]] = {}  # tensor -> {does an FP16 slot read it?}
     for node, half in zip(g.node, fp16, strict=True):
-        for name in node.input:
-            consumers.setdefault(name, set()).add(half)
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, set()).add(half and (node.op_type, i) not in _KEEP_FLOAT_INPUTS)
     produced_half = {out for node, half in zip(g.node, fp16, strict=True) if half for out in node.output}
 
     new_inits, new_nodes = [], []
@@ -156,6 +158,33 @@ def convert_to_fp16(model, fp16_nodes: set[int], label: str = "the FP16 part"):
     converted.ir_version = src.ir_version
     onnx.checker.check_model(converted)
     return onnx.shape_inference.infer_shapes(converted, strict_mode=True)
+
+
+def float_parameter_nodes(graph) -> set[int]:
+    """Indices of the nodes that only compute FLOAT parameters (Resize/Upsample scales and roi).
+
+    A node belongs here when every consumer of each of its outputs is a keep-FLOAT input slot
+    (:data:`_KEEP_FLOAT_INPUTS`) or another node of the set: the ``Constant`` holding a scale of
+    1.1, or a small ``Mul``/``Div`` chain computing it. Rounding such a value to FP16 (1.1 ->
+    1.0996) changes the output size, and an FP16 scales tensor is invalid ONNX.
+    """
+    consumers: dict[str, list[tuple[int, int]]] = {}
+    for j, node in enumerate(graph.node):
+        for k, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((j, k))
+    graph_outputs = {o.name for o in graph.output}
+    keep: set[int] = set()
+    changed = True
+    while changed:  # grows upwards from the keep-FLOAT slots until nothing changes
+        changed = False
+        for i, node in enumerate(graph.node):
+            if i in keep or not node.output or any(o in graph_outputs for o in node.output):
+                continue
+            uses = [c for o in node.output for c in consumers.get(o, [])]
+            if uses and all((graph.node[j].op_type, k) in _KEEP_FLOAT_INPUTS or j in keep for j, k in uses):
+                keep.add(i)
+                changed = True
+    return keep
 
 
 def _copy(node):

@@ -25,7 +25,7 @@ from whalesub.rank import (
 )
 from whalesub.store import average_views, check_compatible, load_embeddings, unit_float32
 from whalesub.submission import write_submission
-from whalesub.threshold import parse_grid, threshold_for_new_share, tune_arrays
+from whalesub.threshold import check_new_share, parse_grid, threshold_for_new_share, tune_arrays
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,8 @@ def submit_files(gallery_path, queries_path, train_csv, threshold: float | None,
                           "(share of rows to get new_individual first, e.g. 0.165)")
     if threshold is not None:
         threshold = check_threshold(threshold)
-    elif not 0.0 <= new_share <= 1.0:
-        raise ConfigError(f"--new-share {new_share} must be within [0, 1] (e.g. 0.165)")
+    else:
+        check_new_share(new_share, "--new-share")
     if k < 1:
         raise ConfigError(f"--k {k} must be at least 1 (number of neighbours searched per query)")
     if Path(out).is_dir():  # fail before the (long) search, not when writing
@@ -127,8 +127,8 @@ def tune_files(gallery_path, queries_path, train_csv, truth_csv, grid: str = "0.
     not in the gallery); images missing on either side are an error naming them.
     """
     thresholds = parse_grid(grid)
-    if target_new_share is not None and not 0.0 <= target_new_share <= 1.0:
-        raise ConfigError(f"--target-new-share {target_new_share} must be within [0, 1] (e.g. 0.165)")
+    if target_new_share is not None:
+        check_new_share(target_new_share, "--target-new-share")
     data = load_ranking_inputs(gallery_path, queries_path, train_csv)
     truth = read_truth_for(truth_csv, data["query_ids"].tolist(), queries_path)
     return tune_arrays(data["gallery"], data["classes"][data["gallery_labels"]], data["queries"],

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from whalesub.errors import ConfigError, WhalesubError
+from whalesub.vectors import sub_centre_means
 
 log = logging.getLogger(__name__)
 
@@ -86,22 +87,6 @@ def _head_weight(ckpt: dict):
     return w if w is not None and getattr(w, "ndim", 0) == 2 else None
 
 
-def sub_centre_means(weight: np.ndarray, n_classes: int) -> np.ndarray:
-    """[C * k, D] sub-centres (rows c*k .. c*k+k-1 belong to class c) -> [C, D] float32 unit rows.
-
-    Each sub-centre is L2-normalised, the k of a class are averaged and the mean renormalised
-    (equal to the normalised centre when k = 1). Max-over-sub-centres scoring needs the raw
-    sub-centres instead; this single centre per class is what class-centre kNN blending uses.
-    """
-    w = np.asarray(weight, dtype=np.float64)
-    if w.ndim != 2 or w.shape[0] % n_classes:
-        raise ConfigError(f"head weight of shape {w.shape} does not split into {n_classes} classes")
-    k = w.shape[0] // n_classes
-    w = w / np.linalg.norm(w, axis=1, keepdims=True)
-    mean = w.reshape(n_classes, k, w.shape[1]).mean(axis=1)
-    return (mean / np.linalg.norm(mean, axis=1, keepdims=True)).astype(np.float32)
-
-
 def class_centres(src: Source) -> tuple[np.ndarray, np.ndarray, dict] | None:
     """(ids [C] str individual_id, centres [C, D] float32 unit rows, info) or None without a head."""
     weight = _head_weight(src.checkpoint)
@@ -114,7 +99,10 @@ def class_centres(src: Source) -> tuple[np.ndarray, np.ndarray, dict] | None:
     if w.shape[1] != src.spec.embed_dim:
         raise WhalesubError(f"{src.path}: head weight has D={w.shape[1]} but the embedding has "
                             f"D={src.spec.embed_dim}; the checkpoint is inconsistent")
-    centres = sub_centre_means(w, len(labels))
+    try:
+        centres = sub_centre_means(w, len(labels))
+    except ValueError as exc:
+        raise ConfigError(f"{src.path}: {exc}") from None
     k = w.shape[0] // len(labels)
     return np.asarray(labels, dtype=str), centres, {"sub_centres": k, "reduce": "normalised mean of "
                                                    "normalised sub-centres, renormalised"}

@@ -44,6 +44,7 @@ import numpy as np
 from whalesub import __version__
 from whalesub.atomic import atomic_open
 from whalesub.errors import DataError, first_few
+from whalesub.vectors import average_groups, unit_rows, zero_rows
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ def unit_float32(emb: Embeddings) -> np.ndarray:
     if np.abs(norms - 1).max() > _NORM_TOL:
         log.warning("%s: vectors are not L2-normalised; normalising them (cosine similarity)",
                     _where(emb.path))
-        x = x / norms[:, None]
+        x = unit_rows(x)
     return x
 
 
@@ -251,16 +252,12 @@ def average_views(emb: Embeddings) -> Embeddings:
     uniq, first, inverse = np.unique(emb.ids, return_index=True, return_inverse=True)
     if uniq.size == len(emb):
         return emb
-    x = unit_float32(emb)
-    sums = np.zeros((uniq.size, x.shape[1]), dtype=np.float64)
-    np.add.at(sums, inverse, x)
-    order = np.argsort(first, kind="stable")
-    sums = sums[order]
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    if (norms == 0).any():
-        bad = uniq[order][norms[:, 0] == 0]
-        raise DataError(
-            f"{_where(emb.path)}: the views of {first_few(bad.tolist())} cancel out (sum to zero)")
+    order = np.argsort(first, kind="stable")  # output row r: the r-th distinct id by first appearance
+    rank_of = np.empty_like(order)
+    rank_of[order] = np.arange(order.size)
+    vectors = average_groups(unit_float32(emb), rank_of[inverse.ravel()], uniq.size)
+    if (bad := zero_rows(vectors)).any():
+        raise DataError(f"{_where(emb.path)}: the views of {first_few(uniq[order][bad].tolist())} "
+                        "cancel out (sum to zero)")
     log.info("%s: averaged %d views into %d images", _where(emb.path), len(emb), uniq.size)
-    vectors = (sums / norms).astype(np.float32)
     return Embeddings(ids=uniq[order], vectors=vectors, meta=emb.meta, path=emb.path)

@@ -99,14 +99,24 @@ def grid_search(cand_labels: np.ndarray, cand_scores: np.ndarray, truth: np.ndar
         best_threshold=float(thresholds[best]), best_map5=float(map5[best]))
 
 
+def check_new_share(share: float, flag: str = "--new-share") -> float:
+    """Raise ConfigError unless ``share`` (a fraction of queries, ``flag`` names the option) is in [0, 1]."""
+    if not 0.0 <= share <= 1.0:  # NaN fails too
+        raise ConfigError(f"{flag} {share} must be within [0, 1] (e.g. 0.165)")
+    return float(share)
+
+
 def threshold_for_new_share(cand_scores: np.ndarray, share: float) -> float:
     """Threshold at which ``round(share * Q)`` queries get new_individual first.
 
     Those are the queries whose best candidate scores below it; the threshold is the midpoint
-    between the two best-scores around that cut (exact unless they tie).
+    between the two best-scores around that cut (exact unless they tie). It is not clipped to
+    [-1, 1]: when every query must get new_individual first and the best score is exactly 1.0 (a
+    duplicate photo) or a float32 rounding above it, only a threshold one float32 step above that
+    score does it. So a chosen threshold may exceed 1 by a rounding step; a threshold typed by the
+    user (``--threshold``, :func:`whalesub.rank.check_threshold`) is still a cosine in [-1, 1].
     """
-    if not 0.0 <= share <= 1.0:
-        raise ConfigError(f"target new share {share} must be within [0, 1] (e.g. 0.165)")
+    check_new_share(share, "target new share")
     best = np.sort(cand_scores[:, 0].astype(np.float32))
     n = int(round(share * best.size))
     if n == 0:
@@ -116,7 +126,7 @@ def threshold_for_new_share(cand_scores: np.ndarray, share: float) -> float:
     else:  # compared in float32, like the scores: never round onto best[n - 1]
         t = np.float32((np.float64(best[n - 1]) + np.float64(best[n])) / 2)
         t = best[n] if t <= best[n - 1] else t
-    return float(np.clip(t, -1.0, 1.0))
+    return float(t)
 
 
 def parse_grid(text: str) -> np.ndarray:
@@ -149,8 +159,8 @@ def tune_arrays(gallery: np.ndarray, gallery_label_strs, queries: np.ndarray, tr
     ``best`` (threshold, map5, new_share) and, with ``target_new_share``, ``target``.
     """
 
-    if target_new_share is not None and not 0.0 <= target_new_share <= 1.0:
-        raise ConfigError(f"--target-new-share {target_new_share} must be within [0, 1] (e.g. 0.165)")
+    if target_new_share is not None:
+        check_new_share(target_new_share, "--target-new-share")
     codes, classes = encode_labels(gallery_label_strs)
     truth = truth_codes(truth_labels, classes)
     if (unreachable := int((truth == UNREACHABLE).sum())):
