@@ -106,6 +106,13 @@ def synth_set(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session", params=["synthetic", "nyala"])
+def photo_set(request) -> Path:
+    """A Happywhale-format set (train_images/, test_images/, train.csv, test_truth.csv,
+    test_truth_full.csv, sample_submission.csv): ``synth_set``, then nyala when it is present."""
+    return request.getfixturevalue("synth_set" if request.param == "synthetic" else "nyala")
+
+
 def pytest_collection_modifyitems(config, items):
     if _has_cuda():
         return
