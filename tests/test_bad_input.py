@@ -148,6 +148,30 @@ def test_embed_refuses_every_bad_image_at_once_and_writes_nothing(tiny_ckpt, tmp
     assert_refused(_embed(tiny_ckpt, out, "--list", listing, "--images", folder), "folder.jpg", out=out)
 
 
+class _Decoding(torch.utils.data.Dataset):
+    """What a training or embedding loader worker does: decode one file per item."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(load_image(self.paths[i], target=32).copy())
+
+
+def test_a_bad_image_met_in_a_loader_worker_keeps_its_own_message(tmp_path):
+    """torch re-raises a worker's error with the worker's traceback in its text; the user sees only ours."""
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(BAD_IMAGES["truncated.jpg"]())
+    loader = torch.utils.data.DataLoader(_Decoding([bad]), num_workers=1)
+    with pytest.raises(DataError) as info:
+        list(loader)
+    text = str(info.value)
+    assert text.startswith(f"cannot decode image {bad}") and "Traceback" not in text and "DataLoader" not in text
+
+
 # --- images: fallbacks ---------------------------------------------------------------------------
 def _exif(orientation: int) -> bytes:
     exif = Image.Exif()
