@@ -169,7 +169,8 @@ def test_a_bad_image_met_in_a_loader_worker_keeps_its_own_message(tmp_path):
     with pytest.raises(DataError) as info:
         list(loader)
     text = str(info.value)
-    assert text.startswith(f"cannot decode image {bad}") and "Traceback" not in text and "DataLoader" not in text
+    assert text.startswith(f"cannot decode image {bad}")
+    assert "Traceback" not in text and "DataLoader" not in text
 
 
 # --- images: fallbacks ---------------------------------------------------------------------------
@@ -555,3 +556,29 @@ def test_bad_safetensors_is_refused_by_embed(tmp_path, data):
     out = tmp_path / "e.npz"
     assert_refused(_embed(weights, out, "--images", folder), "w.safetensors", "not a safetensors file",
                    out=out)
+
+
+@pytest.mark.parametrize("case", ["empty", "truncated", "text", "pickled_object", "a_list"])
+def test_bad_training_checkpoint_is_a_data_error_on_resume(good_ckpt, tmp_path, case):
+    from train.checkpoint import load_checkpoint
+
+    make, _ = BAD_CHECKPOINTS[case]
+    ckpt = tmp_path / "last.pt"
+    make(good_ckpt, ckpt)
+    with pytest.raises(DataError, match=r"last\.pt") as info:
+        load_checkpoint(ckpt)
+    assert "delete it" in str(info.value) or "not a whalesub training checkpoint" in str(info.value)
+
+
+@pytest.mark.parametrize("manifest", [b"{oops", b"[1, 2]", b"\xff\xfe\x00junk"],
+                         ids=["bad_json", "a_list", "binary"])
+def test_bad_export_manifest_is_refused_by_embed(tmp_path, manifest):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "export.json").write_bytes(manifest)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(jpeg_bytes())
+    out = tmp_path / "e.npz"
+    res = cli("embed", "--model", folder, "--device", "cpu", "--workers", 0, "--images", images, "--out", out)
+    assert_refused(res, "export.json", "re-run `whalesub export`", out=out)
