@@ -1,13 +1,21 @@
-"""Shared test fixtures: paths to the real data set and GPU detection."""
+"""Shared test fixtures: the real data set (when present), synthetic photos that stand in for it,
+and GPU detection.
+
+Every behaviour tested on the real nyala photos also has a test on images generated here
+(``synth_photos``, ``synth_big_jpeg``, ``synth_set``), so the suite proves it without the data.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NYALA = REPO.parent / "shared" / "data" / "nyala"
+NYALA_SKIP = (f"real data set 'nyala' not found at {NYALA} (needs ../shared/data/nyala/train.csv); "
+              "this real-photo check is skipped, its synthetic twin still runs")
 
 
 def _has_cuda() -> bool:
@@ -19,12 +27,90 @@ def _has_cuda() -> bool:
         return False
 
 
+def pytest_report_header(config) -> str:
+    found = (NYALA / "train.csv").is_file()
+    return f"real data set nyala: {'found at ' + str(NYALA) if found else 'absent: its tests skip (see -ra)'}"
+
+
 @pytest.fixture(scope="session")
 def nyala() -> Path:
-    """The real nyala set (../shared/data/nyala); tests using it skip when it is absent."""
+    """The real nyala set (../shared/data/nyala); tests using it skip, with the reason, when it is absent."""
     if not (NYALA / "train.csv").is_file():
-        pytest.skip(f"real data set not found at {NYALA}")
+        pytest.skip(NYALA_SKIP)
     return NYALA
+
+
+def textured_image(width: int, height: int, seed: int) -> np.ndarray:
+    """A photo-like RGB uint8 [height, width, 3]: smooth colour fields, sharp-edged shapes at several
+    scales (an animal's outline, marks) and sensor noise (sigma 4 grey levels)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(30, 220, (max(2, height // 300), max(2, width // 300), 3)).astype(np.float32)
+    img = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+    scale = min(width, height)
+    for _ in range(14):
+        centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        axes = (int(rng.uniform(0.03, 0.3) * scale), int(rng.uniform(0.02, 0.15) * scale))
+        colour = tuple(float(c) for c in rng.uniform(0, 255, 3))
+        cv2.ellipse(img, centre, axes, float(rng.uniform(0, 180)), 0, 360, colour, -1, cv2.LINE_AA)
+    for _ in range(10):  # thin lines: fine detail that a downscaled decode must keep
+        p1 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        p2 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        colour = tuple(float(c) for c in rng.uniform(0, 255, 3))
+        cv2.line(img, p1, p2, colour, max(1, scale // 200), cv2.LINE_AA)
+    img += rng.normal(0, 4, img.shape).astype(np.float32)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def save_jpeg(img: np.ndarray, path: Path, quality: int = 90, orientation: int | None = None) -> Path:
+    """Write RGB uint8 as a JPEG, with the EXIF orientation tag (0x0112) when given."""
+    from PIL import Image
+
+    kw = {}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kw["exif"] = exif.tobytes()
+    Image.fromarray(img).save(path, quality=quality, **kw)
+    return path
+
+
+#: (width, height) of the synthetic stand-ins for real photos: the first is landscape (so a missed
+#: EXIF rotation changes the shape), portrait and square ones follow, all >= 256 px on each side.
+SYNTH_PHOTO_SIZES = [(512, 366), (512, 486), (446, 512), (600, 400), (384, 512), (512, 512)]
+
+
+@pytest.fixture(scope="session")
+def synth_photos(tmp_path_factory) -> list[Path]:
+    """Six photo-sized textured JPEGs (quality 90) standing in for the real photos."""
+    root = tmp_path_factory.mktemp("synth_photos")
+    return [save_jpeg(textured_image(w, h, seed=i), root / f"photo_{i}.jpg")
+            for i, (w, h) in enumerate(SYNTH_PHOTO_SIZES)]
+
+
+@pytest.fixture(scope="session")
+def synth_big_jpeg(tmp_path_factory) -> Path:
+    """A native 3600x2400 textured JPEG with noise (the Happywhale frame size; quality 90)."""
+    return save_jpeg(textured_image(3600, 2400, seed=99), tmp_path_factory.mktemp("synth_big") / "big.jpg")
+
+
+@pytest.fixture(scope="session")
+def synth_set(tmp_path_factory) -> Path:
+    """A small synthetic Happywhale-format set (train/test images, train.csv, truth files, sample
+    submission, boxes.csv), the stand-in for nyala: 16 animals, none with a single photo."""
+    from whalesub.synth import make_dataset
+
+    out = tmp_path_factory.mktemp("synth_set") / "set"
+    make_dataset(out, seed=5, n_individuals=16, singleton_share=0.0, max_images=8, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session", params=["synthetic", "nyala"])
+def photo_set(request) -> Path:
+    """A Happywhale-format set (train_images/, test_images/, train.csv, test_truth.csv,
+    test_truth_full.csv, sample_submission.csv): ``synth_set``, then nyala when it is present."""
+    return request.getfixturevalue("synth_set" if request.param == "synthetic" else "nyala")
 
 
 def pytest_collection_modifyitems(config, items):

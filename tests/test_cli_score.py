@@ -99,14 +99,15 @@ def test_help_documents_both_commands():
         assert result.exit_code == 0 and option in result.output
 
 
-def test_real_nyala_sample_through_the_cli(nyala):
-    sample = nyala / "sample_submission.csv"
+def test_sample_submission_through_the_cli(photo_set):
+    sample = photo_set / "sample_submission.csv"
     ok = runner.invoke(app, ["validate", str(sample), "--sample", str(sample),
-                             "--train-csv", str(nyala / "train.csv")])
+                             "--train-csv", str(photo_set / "train.csv")])
     assert ok.exit_code == 0, ok.output
-    result = runner.invoke(app, ["score", str(sample), "--truth", str(nyala / "test_truth.csv"), "--json"])
+    truth = photo_set / "test_truth.csv"
+    result = runner.invoke(app, ["score", str(sample), "--truth", str(truth), "--json"])
     assert result.exit_code == 0, result.output
-    with open(nyala / "test_truth.csv", newline="") as fh:
+    with open(photo_set / "test_truth.csv", newline="") as fh:
         labels = [r["individual_id"] for r in csv.DictReader(fh)]
     share_new = sum(label == NEW for label in labels) / len(labels)
     obj = json.loads(result.stdout)

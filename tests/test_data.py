@@ -142,9 +142,9 @@ def test_unreadable_train_file_is_a_data_error(tmp_path, case):
         read_train_csv(path)
 
 
-def test_real_nyala_train(nyala):
-    frame = read_train_csv(nyala / "train.csv", image_dir=nyala / "train_images")
-    with open(nyala / "train.csv", newline="") as fh:
+def test_a_whole_train_csv_reads_every_row(photo_set):
+    frame = read_train_csv(photo_set / "train.csv", image_dir=photo_set / "train_images")
+    with open(photo_set / "train.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert frame["image"].tolist() == [r["image"] for r in rows]
     assert frame["individual_id"].tolist() == [r["individual_id"] for r in rows]
@@ -178,20 +178,20 @@ def test_listing_from_csv_keeps_file_order_and_checks(tmp_path):
         read_test_listing(dup)
 
 
-def test_real_nyala_sample_submission_lists_the_test_folder(nyala):
-    names = read_test_listing(nyala / "sample_submission.csv", image_dir=nyala / "test_images")
-    assert sorted(names) == read_test_listing(nyala / "test_images")
-    with open(nyala / "sample_submission.csv", newline="") as fh:
+def test_sample_submission_lists_the_test_folder(photo_set):
+    names = read_test_listing(photo_set / "sample_submission.csv", image_dir=photo_set / "test_images")
+    assert sorted(names) == read_test_listing(photo_set / "test_images")
+    with open(photo_set / "sample_submission.csv", newline="") as fh:
         assert names == [r["image"] for r in csv.DictReader(fh)]
 
 
 # --- truth ---------------------------------------------------------------------------------------
 
 
-def test_truth_drops_extra_columns_and_checks(tmp_path, nyala):
-    truth = read_truth(nyala / "test_truth_full.csv")
+def test_truth_drops_extra_columns_and_checks(tmp_path, photo_set):
+    truth = read_truth(photo_set / "test_truth_full.csv")
     assert list(truth.columns) == ["image", "individual_id"]
-    assert truth.equals(read_truth(nyala / "test_truth.csv"))
+    assert truth.equals(read_truth(photo_set / "test_truth.csv"))
     bad = write(tmp_path / "t.csv", "image,individual_id\na.jpg,\nb.jpg,x\nb.jpg,y\n")
     with pytest.raises(DataError) as err:
         read_truth(bad)

@@ -1,7 +1,7 @@
 """whalesub embed: flip TTA, fold concatenation, resume after SIGKILL, sharding, errors.
 
 Tiny timm models (test_efficientnet / test_resnet at 32-64 px, pretrained=False) exported once per
-session; real photos from ../shared/data/nyala where the test needs them.
+session; photos from the suite's synthetic set and again from ../shared/data/nyala when present.
 """
 
 from __future__ import annotations
@@ -334,7 +334,7 @@ def test_tampered_onnx_file_is_refused(models, pictures, tmp_path):
         run_embed([copy], tmp_path / "x.npz", _opts(), images=pictures)
 
 
-def test_same_vectors_as_training_validation(models, nyala, tmp_path):
+def test_same_vectors_as_training_validation(models, photo_set, tmp_path):
     """whalesub embed --flip-views == training's validation (train.dataset.EvalSet + the same net),
     with box crops: the kernel and CV cannot drift apart (the classic CV/LB-gap bug)."""
     import torch
@@ -342,19 +342,19 @@ def test_same_vectors_as_training_validation(models, nyala, tmp_path):
     from train.dataset import EvalSet
     from whalesub.model import load_embedding_net
 
-    names = sorted(p.name for p in (nyala / "test_images").iterdir())[:6]
-    boxes = [(10.0, 20.0, 300.0, 250.0) if i % 2 else None for i in range(len(names))]
+    names = sorted(p.name for p in (photo_set / "test_images").iterdir())[:6]
+    boxes = [(10.0, 20.0, 200.0, 150.0) if i % 2 else None for i in range(len(names))]
     csv = tmp_path / "boxes.csv"
     csv.write_text("image,x1,y1,x2,y2\n" + "".join(f"{n},{b[0]},{b[1]},{b[2]},{b[3]}\n"
                                                       for n, b in zip(names, boxes, strict=True) if b))
     listing = tmp_path / "l.csv"
     listing.write_text("image\n" + "\n".join(names) + "\n")
     opts = _opts(backend="torch", tta="none", flip_views=True)
-    out = run_embed([models["a_ckpt"]], tmp_path / "e.npz", opts, images=nyala / "test_images",
+    out = run_embed([models["a_ckpt"]], tmp_path / "e.npz", opts, images=photo_set / "test_images",
                     listing=listing, boxes=csv)
     got = load_embeddings(out).vectors.reshape(len(names), 2, -1)
     net, spec = load_embedding_net(models["a_ckpt"])
-    ds = EvalSet(names, nyala / "test_images", spec, boxes, flip=True)
+    ds = EvalSet(names, photo_set / "test_images", spec, boxes, flip=True)
     with torch.no_grad():
         want = np.stack([net(ds[i][0]).numpy() for i in range(len(names))])
     np.testing.assert_allclose(got, want, atol=1e-5)

@@ -1,4 +1,5 @@
-"""whalesub export: ONNX FP32 parity on real photos, FP16 graph layout, loud failures, class centres."""
+"""whalesub export: ONNX FP32 parity on photos (synthetic, and real ones when present), FP16 graph layout,
+loud failures, class centres."""
 
 from __future__ import annotations
 
@@ -61,12 +62,12 @@ def exported(tmp_path_factory):
     return ckpt, root / "out"
 
 
-def test_fp32_parity_on_real_photos(exported, nyala):
+def test_fp32_parity_on_photos(exported, photo_set):
     from whalesub.image import load_for_model
 
     ckpt, out = exported
     spec = ModelSpec.load(out)
-    photos = sorted((nyala / "test_images").iterdir())[:12]
+    photos = sorted((photo_set / "test_images").iterdir())[:12]
     x = np.stack([load_for_model(p, spec) for p in photos]).astype(np.float32)
     ref, got = _torch_and_onnx(ckpt, out / "model.onnx", x)
     cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
@@ -193,12 +194,12 @@ def test_fp16_two_stage_gem_converts_both_branches(tmp_path):
     assert m["files"]["fp16"]["structure"]["fp16_initializers"] >= n_conv
 
 
-def test_fp16_runs_on_cpu_close_to_fp32(exported, nyala):
+def test_fp16_runs_on_cpu_close_to_fp32(exported, photo_set):
     from whalesub.image import load_for_model
 
     ckpt, out = exported
     spec = ModelSpec.load(out)
-    x = np.stack([load_for_model(p, spec) for p in sorted((nyala / "train_images").iterdir())[:6]])
+    x = np.stack([load_for_model(p, spec) for p in sorted((photo_set / "train_images").iterdir())[:6]])
     ref, got = _torch_and_onnx(ckpt, out / "model_fp16.onnx", x.astype(np.float32))
     assert got.dtype == np.float32
     assert ((ref * got).sum(1)).min() > 0.999  # weights rounded to FP16 only (CPU upcasts)
@@ -267,7 +268,7 @@ def test_class_centres_match_sub_centre_oracle(exported):
 
 
 @pytest.mark.gpu
-def test_fp16_parity_on_cuda(exported, nyala):
+def test_fp16_parity_on_cuda(exported, photo_set):
     """Needs ONNX Runtime's CUDA provider: per-row cosine >= 0.999 and top-5 agreement >= 99 %."""
     from whalesub.image import load_for_model
     from whalesub.runtime import cuda_provider_active
@@ -276,8 +277,8 @@ def test_fp16_parity_on_cuda(exported, nyala):
     if not cuda_provider_active(out / "model_fp16.onnx"):
         pytest.skip("ONNX Runtime's CUDAExecutionProvider is not active (CUDA/cuDNN mismatch?)")
     spec = ModelSpec.load(out)
-    gal = np.stack([load_for_model(p, spec) for p in sorted((nyala / "train_images").iterdir())[:200]])
-    qry = np.stack([load_for_model(p, spec) for p in sorted((nyala / "test_images").iterdir())[:100]])
+    gal = np.stack([load_for_model(p, spec) for p in sorted((photo_set / "train_images").iterdir())[:200]])
+    qry = np.stack([load_for_model(p, spec) for p in sorted((photo_set / "test_images").iterdir())[:100]])
 
     def run(file, x):
         s = ort_session(out / file, ("CUDAExecutionProvider",))
@@ -315,10 +316,10 @@ def test_resolve_checkpoint_layouts(tmp_path):
         resolve_checkpoint(tmp_path / "nope")
 
 
-def test_parity_uses_the_runs_training_images(tmp_path, nyala):
+def test_parity_uses_the_runs_training_images(tmp_path, photo_set):
     ckpt = make_checkpoint(tmp_path / "run" / "best.pt")
     raw = torch.load(ckpt, weights_only=True)
-    raw["config"] = {"image_dir": str(nyala / "train_images")}
+    raw["config"] = {"image_dir": str(photo_set / "train_images")}
     torch.save(raw, ckpt)
     m = export_model(ckpt, tmp_path / "out")
     assert m["files"]["fp32"]["parity"]["rows"] == 4 + 8  # 4 random + the first 8 photos

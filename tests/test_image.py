@@ -1,4 +1,8 @@
-"""Decoding and preprocessing: DCT-domain downscale vs full decode, EXIF, boxes, modes, errors."""
+"""Decoding and preprocessing: DCT-domain downscale vs full decode, EXIF, boxes, modes, errors.
+
+The photo tests run on generated textured JPEGs (tests/conftest.py) and again on the real nyala
+photos when ../shared/data/nyala exists.
+"""
 
 from __future__ import annotations
 
@@ -37,15 +41,20 @@ def full_decode(path) -> np.ndarray:
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
-@pytest.fixture(scope="module")
-def photos(nyala):
-    return sorted((nyala / "train_images").glob("*.jpg"))[:6]
+@pytest.fixture(scope="module", params=["synthetic", "nyala"])
+def photos(request, synth_photos):
+    """Six photos: generated textured JPEGs, or (when ../shared/data/nyala exists) real ones."""
+    if request.param == "synthetic":
+        return synth_photos
+    return sorted((request.getfixturevalue("nyala") / "train_images").glob("*.jpg"))[:6]
 
 
-@pytest.fixture(scope="module")
-def big_jpeg(nyala, tmp_path_factory):
-    """A 3600x2400 JPEG made by upscaling a real photo (the Happywhale frame size)."""
-    src = full_decode(sorted((nyala / "train_images").glob("*.jpg"))[0])
+@pytest.fixture(scope="module", params=["synthetic", "nyala"])
+def big_jpeg(request, tmp_path_factory, synth_big_jpeg):
+    """A 3600x2400 JPEG (the Happywhale frame size): native textured noise, or an upscaled real photo."""
+    if request.param == "synthetic":
+        return synth_big_jpeg
+    src = full_decode(sorted((request.getfixturevalue("nyala") / "train_images").glob("*.jpg"))[0])
     path = tmp_path_factory.mktemp("big") / "big.jpg"
     Image.fromarray(cv2.resize(src, (3600, 2400), interpolation=cv2.INTER_CUBIC)).save(path, quality=90)
     return path
@@ -61,7 +70,7 @@ def test_draft_scale_hand_worked():
     assert draft_scale(3600, 900, (512, 512)) == 1  # the short side decides
 
 
-def test_real_photos_downscaled_decode_matches_full_decode(photos):
+def test_photos_downscaled_decode_matches_full_decode(photos):
     assert photos
     for path in photos:
         full = full_decode(path)

@@ -68,9 +68,13 @@ def read_export_manifest(folder: Path) -> dict:
                 f"`whalesub export {folder} --out DIR`") if folder.exists() else "the path does not exist"
         raise WhalesubError(f"--model {folder}: not an export folder (no {MANIFEST}); {hint}")
     try:
-        return json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WhalesubError(f"{manifest_path} is not valid JSON ({exc}); re-run `whalesub export`") from None
+    if not isinstance(manifest, dict):
+        raise WhalesubError(f"{manifest_path} must hold a JSON object, got {type(manifest).__name__}; "
+                            "re-run `whalesub export`")
+    return manifest
 
 
 def _open_onnx(folder: Path, device: str, fp16: bool) -> Model:

@@ -5,11 +5,12 @@ Every reader here checks its input and reports *all* problems at once in one
 name, duplicate images, empty ids, files missing on disk...), naming the file and the CSV
 line a person sees in an editor (the header is line 1, the first data row line 2).
 
-Robustness a Kaggler expects: UTF-8 with or without a byte-order mark (other encodings fall
-back to Latin-1 with a warning), surrounding whitespace stripped from names and values, blank
-lines ignored, extra columns ignored, ids always read as strings (``"007"`` stays ``"007"``),
-and the usual spellings of a missing value (``""``, ``NaN``, ``None``, ``NULL``...) treated as
-missing.
+Robustness a Kaggler expects: UTF-8 with or without a byte-order mark (UTF-16/32 with a mark and
+other encodings are read with a warning, the latter as Latin-1), CRLF or LF line ends, surrounding
+whitespace stripped from names and values, blank lines ignored, extra columns ignored, ids always
+read as strings (``"007"`` stays ``"007"``), and the usual spellings of a missing value (``""``,
+``NaN``, ``None``, ``NULL``...) treated as missing. A file separated by ``;``, tabs or ``|`` or a
+binary file (a spreadsheet) is an error that says so; duplicate rows are errors, never dropped.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ SPECIES_FIXES: dict[str, str] = {
     "globis": "short_finned_pilot_whale",
     "pilot_whale": "short_finned_pilot_whale",
 }
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 #: Spellings of a missing value (compared after stripping whitespace, case-insensitively).
 MISSING_VALUES = frozenset({"", "nan", "-nan", "none", "null", "na", "n/a", "#n/a", "<na>"})
 TRAIN_COLUMNS = ("image", "species", "individual_id")
@@ -61,7 +62,7 @@ def read_table(path: str | os.PathLike, required: Iterable[str],
         raise DataError(f"{what} file not found: {path}. Check the path.")
     if path.is_dir():
         raise DataError(f"{what} path {path} is a folder; expected a CSV file.")
-    encoding = "utf-8-sig"
+    encoding = _sniff_encoding(path, what)
     try:
         frame = _read_csv_strings(path, encoding=encoding)
     except UnicodeDecodeError as exc:
@@ -83,6 +84,8 @@ def read_table(path: str | os.PathLike, required: Iterable[str],
         log.info("%s: renamed columns %s", path, renames)
         frame = frame.rename(columns=renames)
     missing = [c for c in required if c not in frame.columns]
+    if missing and len(frame.columns) == 1:
+        _check_delimiter(str(frame.columns[0]), path, what)
     if missing:
         problems = []
         for col in missing:
@@ -103,6 +106,36 @@ def read_table(path: str | os.PathLike, required: Iterable[str],
     blank = (frame == "").all(axis=1).to_numpy()
     frame, lines = frame.loc[~blank].reset_index(drop=True), lines[~blank]
     return frame, lines
+
+
+_DELIMITERS = {";": "semicolons (';')", "\t": "tabs", "|": "pipes ('|')"}
+
+
+def _sniff_encoding(path: Path, what: str) -> str:
+    """The encoding to read ``path`` with: UTF-16/32 when it starts with their byte-order mark (read
+    with a warning), else UTF-8 (BOM optional). A file holding NUL bytes otherwise is binary: DataError."""
+    with open(path, "rb") as fh:
+        head = fh.read(65536)
+    for bom, name in ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+                      (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
+        if head.startswith(bom):
+            log.warning("%s is %s text (byte-order mark); reading it as such. Re-save it as UTF-8.",
+                        path, name.upper())
+            return name
+    if b"\x00" in head:
+        raise DataError(f"{what} file {path} is not a text CSV file (it holds binary data: a spreadsheet, an "
+                        "image or a compressed file?); export it as comma-separated UTF-8 text (.csv)")
+    return "utf-8-sig"
+
+
+def _check_delimiter(header: str, path: Path, what: str) -> None:
+    """Raise DataError when a one-column header is really split by another delimiter."""
+    for sep, name in _DELIMITERS.items():
+        if sep in header:
+            cols = [c.strip() for c in header.split(sep)]
+            raise DataError(f"{what} file {path} is separated by {name}, not commas (its header reads as "
+                            f"{len(cols)} columns {', '.join(map(repr, cols[:6]))}); save it as a "
+                            "comma-separated CSV (e.g. pandas: df.to_csv(path, index=False))")
 
 
 def _read_csv_strings(path: Path, encoding: str) -> pd.DataFrame:
@@ -214,6 +247,8 @@ def read_train_csv(path: str | os.PathLike, image_dir: str | os.PathLike | None 
                         "each animal its own id or drop these rows")
     if image_dir is not None:
         problems += _check_image_dir(frame["image"][~is_missing(frame["image"])], image_dir, path, "train")
+    if len(frame) == 0:
+        problems.append("no rows: the file has a header but lists no images")
     if problems:
         raise DataError(f"train file {path} has {len(problems)} problem(s):", problems)
 
@@ -242,8 +277,7 @@ def read_test_listing(path: str | os.PathLike, image_dir: str | os.PathLike | No
     """
     path = Path(path)
     if path.is_dir():
-        names = sorted(p.name for p in path.iterdir()
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        names = list_image_folder(path)
         if not names:
             raise DataError(f"test folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                             "pass the folder of test images or a CSV with an 'image' column.")
@@ -259,6 +293,26 @@ def read_test_listing(path: str | os.PathLike, image_dir: str | os.PathLike | No
     if problems:
         raise DataError(f"test listing {path} has {len(problems)} problem(s):", problems)
     return frame["image"].tolist()
+
+
+def list_image_folder(folder: Path) -> list[str]:
+    """Sorted names of the image files in ``folder`` (suffix in :data:`IMAGE_SUFFIXES`, any case).
+
+    Hidden files (``.DS_Store``, macOS ``._x.jpg``) and sub-folders are skipped; other files with
+    another suffix are skipped with a warning naming them, so nothing is dropped unseen.
+    """
+    names, hidden, other = [], [], []
+    for p in folder.iterdir():
+        if p.name.startswith("."):
+            hidden.append(p.name)
+        elif p.is_file():
+            (names if p.suffix.lower() in IMAGE_SUFFIXES else other).append(p.name)
+    if other:
+        log.warning("%s: skipped %d file(s) that are not images (suffix not in %s): %s", folder, len(other),
+                    " ".join(sorted(IMAGE_SUFFIXES)), first_few(sorted(other)))
+    if hidden:
+        log.info("%s: skipped %d hidden file(s): %s", folder, len(hidden), first_few(sorted(hidden)))
+    return sorted(names)
 
 
 def read_truth(path: str | os.PathLike) -> pd.DataFrame:

@@ -15,10 +15,30 @@ class WhalesubError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, problems: list[str] | None = None):
+        message = _unwrap_worker_message(str(message), type(self))
         self.problems = list(problems or [])
         if self.problems:
             message = message.rstrip() + "\n" + "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(message)
+
+
+_WORKER_MARK = "\nOriginal Traceback (most recent call last):\n"
+
+
+def _unwrap_worker_message(message: str, cls: type) -> str:
+    """The error's own message when torch's DataLoader re-raises it from a worker process.
+
+    torch re-raises a worker's exception as ``type(exc)("Caught X in DataLoader worker ...
+    Original Traceback ...: <message>")``; keeping only ``<message>`` means a bad image met by a
+    loader worker still reaches the user as one readable message, never a traceback.
+    """
+    if not message.startswith("Caught ") or _WORKER_MARK not in message:
+        return message
+    for name in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: "):
+        at = message.rfind("\n" + name)
+        if at >= 0:
+            return message[at + 1 + len(name):].rstrip("\n")
+    return message
 
 
 class DataError(WhalesubError):

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from whalesub.atomic import atomic_write_text
-from whalesub.data import IMAGE_SUFFIXES
+from whalesub.data import list_image_folder
 from whalesub.errors import WhalesubError
 from whalesub.image import load_for_model
 from whalesub.onnx_fp16 import check_fp16_structure, convert_backbone_to_fp16, pool_prefix
@@ -249,7 +249,7 @@ def pick_parity_images(folder: Path | None, n: int = 8) -> list[Path]:
 
     if not Path(folder).is_dir():
         raise WhalesubError(f"--parity-images {folder} is not a folder of images")
-    found = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:n]
+    found = [Path(folder) / name for name in list_image_folder(Path(folder))[:n]]  # no hidden ._x.jpg
     if not found:
         raise WhalesubError(f"--parity-images {folder} holds no images")
     return found

@@ -68,10 +68,17 @@ def load_image(path: str | os.PathLike, *, target: int | tuple[int, int] | None 
     try:
         with Image.open(path) as im:
             return _decode(im, path, target, box, margin)
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"image not found: {path}; check the image folder and the image column") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot decode image {path}: {exc}; the file is corrupt, truncated or "
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"cannot decode image {path}: {exc}; its header declares more pixels than Pillow "
+                        "allows (a decompression bomb or a damaged header): re-export the photo at a normal "
+                        "size, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file, never a traceback
+        why = f"{type(exc).__name__}: {exc}" if not isinstance(exc, UnidentifiedImageError) else str(exc)
+        raise DataError(f"cannot decode image {path}: {why}; the file is empty, corrupt, truncated or "
                         "not an image; re-download it or drop it from the list") from None
 
 

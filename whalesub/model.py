@@ -253,17 +253,19 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise ConfigError(f"{path} is a folder; pass the checkpoint file inside it (e.g. {path}/best.pt)")
     if not path.is_file():
         raise ConfigError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        obj = load_file(str(path), device=str(map_location))
-    else:
-        try:
+            obj = load_file(str(path), device=str(map_location))
+        else:
             obj = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as exc:  # pickle/zip/unsupported-global errors all mean "not our checkpoint"
-            why = type(exc).__name__ + (f": {exc}" if str(exc) else " (empty or truncated file?)")
-            raise ConfigError(f"cannot read checkpoint {path}: {why}; it must be a torch file of plain "
-                              "data and tensors (see whalesub.model docstring)") from None
+    except Exception as exc:  # pickle/zip/header/unsupported-global errors all mean "not our checkpoint"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        why = type(exc).__name__ + (f": {first}" if first else "")
+        kind = "safetensors file" if path.suffix == ".safetensors" else "torch file of plain data and tensors"
+        raise ConfigError(f"cannot read checkpoint {path} ({why}): it is empty, truncated or not a {kind} "
+                          "(see whalesub.model docstring); copy it again from the training run") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj

@@ -173,8 +173,14 @@ def load_embeddings(path: str | os.PathLike) -> Embeddings:
             f"{_where(path)} cannot be read without pickle ({exc}); store 'ids' as a unicode "
             "array (np.array(names, dtype=str)) and 'meta' as a JSON string"
         ) from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{_where(path)} is not a readable .npz file ({exc}); re-create it") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged member (bad .npy header, CRC...) is a bad file
+        raise DataError(f"{_where(path)} is not a readable .npz file ({type(exc).__name__}: {exc}); "
+                        "re-create it with numpy.savez or save_embeddings") from None
+    not_arrays = [k for k, v in (("ids", ids), ("embeddings", vectors), ("meta", meta_raw))
+                  if v is not None and not isinstance(v, np.ndarray)]
+    if not_arrays:  # np.load hands back the raw bytes of a member that is not a .npy file
+        raise DataError(f"{_where(path)}: member(s) {first_few(not_arrays)} are not numpy arrays (.npy); "
+                        "re-create the file with numpy.savez or save_embeddings")
     if ids.dtype.kind == "S":
         ids = np.char.decode(ids, "utf-8")
     problems = _check_arrays(ids, vectors, _where(path))
