@@ -297,6 +297,12 @@ def merge_embeddings_command(
     typer.echo(str(merge_embeddings(files, out)))
 
 
+# --- kaggle build / upload / submit (whalesub.kaggle) ------------------------------------------------
+from whalesub.kaggle.commands import kaggle_app  # noqa: E402  (after guarded, which it wraps commands with)
+
+app.add_typer(kaggle_app(guarded, _log_info_to_stderr), name="kaggle")
+
+
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
