@@ -119,6 +119,10 @@ class FakeKaggle:
             }
         if method == "GetKernelSessionStatus":
             return 200, {"status": self.kernel_status.pop(0) if self.kernel_status else "COMPLETE"}
+        if method == "StartSubmissionUpload":
+            return 200, {"token": "sub1", "createUrl": "http://localhost/upload/sub1"}
+        if method == "CreateSubmission":
+            return 200, {"message": f"Successfully submitted to {body.get('competitionName')}", "ref": 7}
         if method == "ListKernelSessionOutput":
             return 200, {"files": [], "log": ""}
         return 200, {}

@@ -54,7 +54,8 @@ def test_build_layout_and_what_the_files_say(kaggle_build):
         assert manifest["whalesub_version"] == version("whalesub")
         assert manifest["kind"] == f"whalesub-{sub}"
     models = _json(build / "models" / "manifest.json")
-    assert models["threshold"] == kaggle_build["threshold"] and models["box_type"] == "body" and models["boxes_file"] == "boxes.csv"
+    assert models["threshold"] == kaggle_build["threshold"]
+    assert models["box_type"] == "body" and models["boxes_file"] == "boxes.csv"
     assert models["fingerprint"] == _json(export / "export.json")["fingerprint"]  # one model: its own
     # wheels: a flat folder with whalesub's wheel, which ships the kernel modules
     wheels = _json(build / "wheels" / "manifest.json")
@@ -206,3 +207,28 @@ def test_build_checks_a_packaged_gallery_fingerprint(kaggle_build, tmp_path):
     opts = BuildOptions(owner="someone", threshold=0.3, packages=[], whalesub_wheel=wheel, gallery=gallery)
     with pytest.raises(ConfigError, match="fingerprint 0123456789abcdef"):
         build_package([kaggle_build["export"]], tmp_path / "out", opts)
+
+
+def test_cli_build_then_dry_run_upload(kaggle_build, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from whalesub.cli import app
+
+    for var in ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_CONFIG_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    wheel = next((kaggle_build["build"] / "wheels").glob("*.whl"))
+    out = tmp_path / "b"
+    args = ["kaggle", "build", str(kaggle_build["export"]), "--owner", "someone", "--threshold", "0.25",
+            "--out", str(out), "--no-extra-wheels", "--whalesub-wheel", str(wheel), "--prefix", "hw b5"]
+    runner = CliRunner()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "someone/hw-b5-models" in result.output and "whalesub==" in result.output
+    assert json.loads((out / "models" / "manifest.json").read_text())["threshold"] == 0.25
+    dry = runner.invoke(app, ["kaggle", "upload", str(out), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    plan = json.loads(dry.output)
+    assert plan["kernel"] == "someone/hw-b5-inference" and plan["credentials"].startswith("none")
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--overwrite" in again.output

@@ -148,9 +148,8 @@ def upload_dataset(
             ["datasets", "version", "-p", str(folder), "--dir-mode", "zip", "-m", message], expect=OK_VERSION
         )
         action = "versioned"
-    wait_until(
-        f"dataset {ref}", lambda: dataset_status(ref), ("ready",), ("error", "failed"), timeout_s, interval_s
-    )
+    gone = ("failed", "deleted")
+    wait_until(f"dataset {ref}", lambda: dataset_status(ref), ("ready",), gone, timeout_s, interval_s)
     log.info("dataset %s %s and ready", ref, action)
     return action
 

@@ -63,6 +63,11 @@ def kaggle_app(guarded: Callable, log_to_stderr: Callable[[], None]) -> typer.Ty
             "--package",
             help="Wheel to ship (repeat; replaces the defaults faiss-gpu-cu12, 'onnxruntime-gpu<1.27').",
         ),
+        no_extra_wheels: bool = typer.Option(
+            False,
+            "--no-extra-wheels",
+            help="Ship only whalesub's wheel (an image that already has FAISS and ONNX Runtime).",
+        ),
         python_version: str = typer.Option("3.12", "--python-version", help="Kaggle's Python."),
         platform: list[str] | None = typer.Option(
             None,
@@ -100,7 +105,7 @@ def kaggle_app(guarded: Callable, log_to_stderr: Callable[[], None]) -> typer.Ty
             box_conf=box_conf,
             boxes=boxes,
             gallery=gallery,
-            packages=list(package) if package else list(DEFAULT_PACKAGES),
+            packages=[] if no_extra_wheels else list(package or DEFAULT_PACKAGES),
             python_version=python_version,
             platforms=tuple(platform) if platform else DEFAULT_PLATFORMS,
             whalesub_wheel=whalesub_wheel,
