@@ -82,10 +82,11 @@ def main() -> None:
     import torch
 
     from whalesub.embed import EmbedOptions, embed_images
-    from whalesub.export import INPUT_NAME, export_model, ort_session
+    from whalesub.export import INPUT_NAME, export_model
     from whalesub.image import load_for_model
     from whalesub.loader import make_loader
     from whalesub.model import EmbeddingNet, save_embedding_net
+    from whalesub.runtime import ort_session
     from whalesub.spec import ModelSpec
 
     tmp = Path(tempfile.mkdtemp(prefix="whalesub-bench-embed-"))
@@ -113,7 +114,7 @@ def main() -> None:
                 net(torch.from_numpy(t).to(dev)).cpu()
 
     if args.device == "cuda":
-        from whalesub.backends import prepare_cuda_libraries
+        from whalesub.runtime import prepare_cuda_libraries
 
         prepare_cuda_libraries()
     sess = ort_session(tmp / "export" / "model.onnx", ["CUDAExecutionProvider"] if args.device == "cuda"

@@ -64,8 +64,9 @@ def versions() -> str:
 def export(tmp: Path) -> str:
     import torch
 
-    from whalesub.export import cuda_provider_active, export_model
+    from whalesub.export import export_model
     from whalesub.model import EmbeddingNet, save_embedding_net
+    from whalesub.runtime import cuda_provider_active
     from whalesub.spec import ModelSpec
 
     torch.manual_seed(0)

@@ -93,7 +93,7 @@ def make_inputs(work: Path) -> tuple[Path, Path]:
 def reference_submission(export: Path, data: Path, out: Path, new_share: float) -> float:
     """``whalesub embed`` + ``submit`` here; the threshold puts new_individual first in ``new_share``."""
     from whalesub.embed import EmbedOptions, run_embed
-    from whalesub.rank import submit_files
+    from whalesub.pipeline import submit_files
 
     run_embed([export], out / "gallery.npz", EmbedOptions(tta="none", flip_views=True),
               images=data / "train_images", listing=data / "train.csv")

@@ -49,7 +49,7 @@ def kaggle_build(tmp_path_factory):
     from whalesub.embed import EmbedOptions, run_embed
     from whalesub.export import export_model
     from whalesub.kaggle.package import BuildOptions, build_package
-    from whalesub.rank import submit_files
+    from whalesub.pipeline import submit_files
     from whalesub.synth import make_dataset
 
     root = tmp_path_factory.mktemp("kaggle")

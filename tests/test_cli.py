@@ -34,12 +34,12 @@ def test_submit_with_a_folder_as_out_exits_2_without_traceback(tmp_path):
 
 
 def test_os_errors_become_one_line_and_exit_2(tmp_path, monkeypatch):
-    import whalesub.rank
+    import whalesub.pipeline
 
     def boom(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path / "x.csv"))
 
-    monkeypatch.setattr(whalesub.rank, "submit_files", boom)
+    monkeypatch.setattr(whalesub.pipeline, "submit_files", boom)
     r = CliRunner().invoke(app, ["submit", "--gallery", "g", "--queries", "q", "--train-csv", "t",
                                  "--threshold", "0.5", "--out", "o.csv"])
     assert r.exit_code == 2
@@ -48,13 +48,13 @@ def test_os_errors_become_one_line_and_exit_2(tmp_path, monkeypatch):
 
 
 def test_submit_refuses_a_folder_as_out_before_searching(tmp_path, monkeypatch):
-    import whalesub.rank
+    import whalesub.pipeline
 
     def no_search(*a, **kw):  # the check must come before the (long) search
         raise AssertionError("searched before checking --out")
 
-    monkeypatch.setattr(whalesub.rank, "rank_queries", no_search)
+    monkeypatch.setattr(whalesub.pipeline, "rank_queries", no_search)
     (tmp_path / "outdir").mkdir()
     with pytest.raises(WhalesubError, match="is a folder"):
-        whalesub.rank.submit_files(tmp_path / "g.npz", tmp_path / "q.npz", tmp_path / "t.csv", 0.5,
-                                   tmp_path / "outdir")
+        whalesub.pipeline.submit_files(tmp_path / "g.npz", tmp_path / "q.npz", tmp_path / "t.csv", 0.5,
+                                       tmp_path / "outdir")

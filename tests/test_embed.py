@@ -307,7 +307,7 @@ def test_cli_embed_and_merge(models, pictures, tmp_path):
 @pytest.mark.gpu
 def test_cuda_embed_matches_cpu(models, pictures, tmp_path):
     """Needs a GPU with a working ONNX Runtime CUDA provider: FP32 and FP16 graphs vs the CPU run."""
-    from whalesub.export import cuda_provider_active
+    from whalesub.runtime import cuda_provider_active
 
     if not cuda_provider_active(models["a"] / "model.onnx"):
         pytest.skip("ONNX Runtime's CUDAExecutionProvider is not active (CUDA/cuDNN mismatch?)")

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from whalesub.errors import WhalesubError
-from whalesub.export import FP32_COSINE_MIN, INPUT_NAME, export_model, ort_session
+from whalesub.export import FP32_COSINE_MIN, INPUT_NAME, export_model
 from whalesub.model import EmbeddingNet, save_embedding_net
+from whalesub.runtime import ort_session
 from whalesub.spec import ModelSpec
 
 
@@ -220,8 +221,8 @@ def test_class_centres_match_sub_centre_oracle(exported):
 @pytest.mark.gpu
 def test_fp16_parity_on_cuda(exported, nyala):
     """Needs ONNX Runtime's CUDA provider: per-row cosine >= 0.999 and top-5 agreement >= 99 %."""
-    from whalesub.export import cuda_provider_active
     from whalesub.image import load_for_model
+    from whalesub.runtime import cuda_provider_active
 
     ckpt, out = exported
     if not cuda_provider_active(out / "model_fp16.onnx"):

@@ -32,6 +32,7 @@ import numpy as np
 
 from whalesub.atomic import atomic_path
 from whalesub.errors import DataError
+from whalesub.spec import SPEC_FILENAME
 
 FORMAT = "whalesub.train_checkpoint"
 FORMAT_VERSION = 1
@@ -76,7 +77,6 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], spec=None) -
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     if spec is not None:
-        from whalesub.spec import SPEC_FILENAME
 
         spec.save(path.parent / SPEC_FILENAME)
     return path

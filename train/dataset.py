@@ -19,14 +19,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from whalesub import image
+from whalesub.data import find_missing_files
 from whalesub.errors import DataError
+from whalesub.image import load_for_model, to_model_input
 
 log = logging.getLogger(__name__)
 
 
 def check_images_exist(images, image_dir: str | os.PathLike, what: str) -> None:
     """Raise DataError listing EVERY image of ``images`` missing in ``image_dir`` (checked up front)."""
-    from whalesub.data import find_missing_files
 
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
@@ -127,7 +129,6 @@ class BoxTable:
 def decode(path: Path, box, spec) -> np.ndarray:
     """uint8 [H, W, 3] RGB through whalesub.image (box crop mapped to the decoded scale); JPEGs are
     DCT-downscaled but kept >= 1.5x the input side so random crops still have detail."""
-    from whalesub import image
 
     return image.load_image(path, target=int(1.5 * spec.image_size), box=box, margin=spec.box_margin)
 
@@ -152,7 +153,6 @@ class TrainSet:
     def __getitem__(self, i: int):
         import torch
 
-        from whalesub.image import to_model_input
 
         seed = sample_seed(self.cfg.seed, self.epoch, i)
         rng = np.random.default_rng(seed)
@@ -177,7 +177,6 @@ class EvalSet:
     def __getitem__(self, i: int):
         import torch
 
-        from whalesub.image import load_for_model
 
         x = load_for_model(self.image_dir / self.images[i], self.spec, box=self.boxes[i])
         views = np.stack([x, x[:, :, ::-1]]) if self.flip else x[None]

@@ -21,17 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-from whalesub.atomic import atomic_open, atomic_write_text
+from whalesub.atomic import atomic_write_text
+from whalesub.data import read_boxes, read_train_csv, read_truth
 from whalesub.errors import ConfigError, WhalesubError
+from whalesub.synth import make_dataset
 
 from .config import TrainConfig, config_to_yaml, load_config
+from .dataset import check_images_exist
+from .folds import make_folds, save_folds
+from .session import FoldSession
 
 log = logging.getLogger("train")
-METRIC_COLUMNS = ["epoch", "global_step", "lr_backbone", "lr_head", "train_loss", "val_map5",
-                  "val_threshold", "val_map5_known", "val_map5_new", "val_top1_known", "val_new_share",
-                  "all_new_baseline", "improved"]
-
-
 @dataclass
 class Dist:
     rank: int = 0
@@ -93,14 +93,10 @@ def setup_logging(main: bool) -> None:
 
 def prepare_data(cfg: TrainConfig, dist: Dist):
     """(train frame with folds, box table or None, test truth or None); every problem up front."""
-    from whalesub.data import read_boxes, read_train_csv, read_truth
 
-    from .dataset import check_images_exist
-    from .folds import make_folds
 
     if cfg.synth_if_missing and not Path(cfg.train_csv).is_file():
         if dist.main:
-            from whalesub.synth import make_dataset
 
             log.info("generating synthetic data in %s (synth_if_missing)", Path(cfg.train_csv).parent)
             make_dataset(Path(cfg.train_csv).parent, seed=cfg.synth_seed, n_individuals=cfg.synth_individuals,
@@ -124,7 +120,6 @@ def prepare_data(cfg: TrainConfig, dist: Dist):
 
 def run(cfg: TrainConfig, argv: list[str]) -> int:
     """Train the configured fold(s); returns the exit status."""
-    from .folds import save_folds
 
     dist = setup_runtime(cfg)
     setup_logging(dist.main)
@@ -174,28 +169,7 @@ def fold_logging(fold_dir: Path, main: bool):
         handler.close()
 
 
-def write_metrics(path: Path, history: list[dict]) -> None:
-    """metrics.csv from the history rows (no wall-clock values: resumed == uninterrupted)."""
-    def fmt(v):
-        return "" if v is None else (repr(float(v)) if isinstance(v, float) else str(v))
-
-    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
-        fh.write(",".join(METRIC_COLUMNS) + "\n")
-        for row in history:
-            fh.write(",".join(fmt(row.get(c)) for c in METRIC_COLUMNS) + "\n")
-
-
-def tb_writer(fold_dir: Path, purge_step: int):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.info("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
-        return None
-    return SummaryWriter(str(fold_dir / "tb"), purge_step=purge_step)
-
-
 def train_fold(cfg, k, df, boxes, truth, fold_dir: Path, command: str, dist: Dist) -> None:
-    from .session import FoldSession
 
     session = FoldSession(cfg, k, df, boxes, fold_dir, command, dist)
     if not cfg.eval_only:

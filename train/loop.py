@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from whalesub import metric, rank
+from whalesub import threshold as thr
 from whalesub.errors import WhalesubError
 
 log = logging.getLogger("train")
@@ -218,8 +220,6 @@ def score(gallery_views: np.ndarray, gallery_labels, query_views: np.ndarray, tr
     truths [Q] str (``new_individual`` for new animals). Returns the best grid threshold and the
     breakdown (whalesub.metric.score_breakdown) at ``threshold`` if given, else at the best one.
     """
-    from whalesub import metric, rank
-    from whalesub import threshold as thr
 
     v = gallery_views.shape[1]
     gallery = np.ascontiguousarray(gallery_views.reshape(-1, gallery_views.shape[-1]))

@@ -13,10 +13,15 @@ import numpy as np
 
 from whalesub.atomic import atomic_open, atomic_write_text
 from whalesub.errors import ConfigError
+from whalesub.model import EmbeddingNet
+from whalesub.spec import ModelSpec, weights_digest
+from whalesub.store import save_embeddings
 
 from . import checkpoint as ckpt
 from .config import config_to_dict
 from .dataset import BoxTable, EvalSet, TrainSet, sample_seed
+from .folds import split_fold
+from .heads import ArcMarginHead, MultiHeadLoss, class_counts, dynamic_margins
 from .loop import (
     TrainingDiverged,
     TrainModel,
@@ -33,15 +38,36 @@ from .loop import (
 log = logging.getLogger("train")
 
 
+METRIC_COLUMNS = ["epoch", "global_step", "lr_backbone", "lr_head", "train_loss", "val_map5",
+                  "val_threshold", "val_map5_known", "val_map5_new", "val_top1_known", "val_new_share",
+                  "all_new_baseline", "improved"]
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    """metrics.csv from the history rows (no wall-clock values: resumed == uninterrupted)."""
+    def fmt(v):
+        return "" if v is None else (repr(float(v)) if isinstance(v, float) else str(v))
+
+    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
+        fh.write(",".join(METRIC_COLUMNS) + "\n")
+        for row in history:
+            fh.write(",".join(fmt(row.get(c)) for c in METRIC_COLUMNS) + "\n")
+
+
+def tb_writer(fold_dir: Path, purge_step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(fold_dir / "tb"), purge_step=purge_step)
+
+
 class FoldSession:
     def __init__(self, cfg, k: int, df, boxes, fold_dir: Path, command: str, dist):
         import torch
 
-        from whalesub.model import EmbeddingNet
-        from whalesub.spec import ModelSpec
 
-        from .folds import split_fold
-        from .heads import ArcMarginHead, MultiHeadLoss, class_counts, dynamic_margins
 
         self.cfg, self.k, self.fold_dir, self.command, self.dist = cfg, k, fold_dir, command, dist
         self.device = dist.device
@@ -121,7 +147,6 @@ class FoldSession:
             raise TrainingDiverged(f"weights became NaN/inf at step {self.state['global_step']}; not saving. "
                                    f"{self.state['last_good']} Lower lr or set clip_grad.")
         net_sd = {k: v.detach().cpu() for k, v in self.model.net.state_dict().items()}
-        from whalesub.spec import weights_digest
 
         return {"model": net_sd, "spec": self.spec.to_dict(), "weights_digest": weights_digest(net_sd),
                 "heads": {k: v.detach().cpu() for k, v in self.model.head_state().items()},
@@ -149,8 +174,6 @@ class FoldSession:
     def fit(self) -> None:
         import torch
         from torch.utils.data import DataLoader
-
-        from .fit import tb_writer, write_metrics
 
         cfg, st, main = self.cfg, self.state, self.dist.main
         if st["finished"]:
@@ -270,8 +293,6 @@ class FoldSession:
 
     def save_oof(self, res: dict) -> None:
         """OOF query and gallery embeddings (whalesub.store) + labels, for `whalesub tune`."""
-        from whalesub.spec import weights_digest
-        from whalesub.store import save_embeddings
 
         v = self._queries.shape[1]
         meta = {"fingerprint": self.spec.fingerprint(weights_digest(self.model.net.state_dict())),

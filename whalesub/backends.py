@@ -16,35 +16,12 @@ from typing import Any
 import numpy as np
 
 from whalesub.errors import ConfigError, WhalesubError
+from whalesub.export import INPUT_NAME, MANIFEST, model_fingerprint, sha256_file
+from whalesub.runtime import CUDA_MISMATCH_HELP, cuda_driver_present, ort_session, prepare_cuda_libraries
+from whalesub.sources import load_source
+from whalesub.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-
-CUDA_MISMATCH_HELP = (
-    "ONNX Runtime's CUDAExecutionProvider is not active ({why}). Usually the installed onnxruntime-gpu "
-    "and the CUDA/cuDNN libraries do not match: onnxruntime-gpu >= 1.27 needs the CUDA 13 runtime and "
-    "cuDNN 9 (the system CUDA 13 toolkit, or `pip install 'nvidia-cuda-runtime>=13' nvidia-cudnn-cu13`, "
-    "which PyTorch's cu13x wheels bring), while CUDA 12 systems need `pip install 'onnxruntime-gpu<1.27'`. "
-    "(what counts is the session's active providers, not onnxruntime.get_available_providers()). "
-    "Or run on the CPU with --device cpu, or on the GPU with --backend torch"
-)
-
-
-def prepare_cuda_libraries() -> None:
-    """Load the CUDA/cuDNN libraries ONNX Runtime's CUDA provider needs before a session is made.
-
-    Importing torch first loads its CUDA runtime and cuDNN (ONNX Runtime's documented way to share
-    PyTorch's CUDA wheels); ``onnxruntime.preload_dlls`` (>= 1.21) also finds the nvidia-* pip wheels.
-    """
-    import contextlib
-
-    with contextlib.suppress(Exception):
-        import torch  # noqa: F401
-    import onnxruntime as ort
-
-    if hasattr(ort, "preload_dlls"):
-        with contextlib.suppress(Exception):
-            ort.preload_dlls()
-
 
 @dataclass
 class Model:
@@ -84,7 +61,6 @@ def open_model(path: str | Path, backend: str = "onnx", device: str = "auto", fp
 
 def read_export_manifest(folder: Path) -> dict:
     """The ``export.json`` of an export folder, or WhalesubError saying how to make one."""
-    from whalesub.export import MANIFEST
 
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
@@ -100,8 +76,6 @@ def read_export_manifest(folder: Path) -> dict:
 def _open_onnx(folder: Path, device: str, fp16: bool) -> Model:
     import onnxruntime as ort
 
-    from whalesub.export import INPUT_NAME, cuda_driver_present, ort_session, sha256_file
-    from whalesub.spec import ModelSpec
 
     manifest = read_export_manifest(folder)
     key = "fp16" if fp16 else "fp32"
@@ -154,8 +128,6 @@ def _open_onnx(folder: Path, device: str, fp16: bool) -> Model:
 def _open_torch(path: Path, device: str, fp16: bool) -> Model:
     import torch
 
-    from whalesub.export import model_fingerprint
-    from whalesub.sources import load_source
 
     if device == "cuda" and not torch.cuda.is_available():
         raise WhalesubError("--device cuda with --backend torch, but torch sees no CUDA GPU "

@@ -74,7 +74,7 @@ def submit_command(
     distinct labels per row. Gallery and queries must share dimension and model fingerprint.
     Give --threshold, or --new-share to set it from the queries' own scores.
     """
-    from whalesub.rank import submit_files
+    from whalesub.pipeline import submit_files
 
     _log_info_to_stderr()
     s = submit_files(gallery, queries, train_csv, threshold, out, k=k, sample=sample, new_share=new_share)
@@ -106,7 +106,7 @@ def tune_command(
     """
     import json
 
-    from whalesub.threshold import tune_files
+    from whalesub.pipeline import tune_files
 
     _log_info_to_stderr()
     r = tune_files(gallery, queries, train_csv, truth, grid=grid, target_new_share=target_new_share, k=k)
@@ -297,11 +297,49 @@ def merge_embeddings_command(
     typer.echo(str(merge_embeddings(files, out)))
 
 
+boxes_app = typer.Typer(help="Box tables: convert the public Happywhale box files into boxes.csv.",
+                        no_args_is_help=True)
+app.add_typer(boxes_app, name="boxes")
+
+
+@boxes_app.command("convert")
+@guarded
+def boxes_convert_command(
+    source: Path = typer.Argument(..., help="A public box file: YOLOv5 (bbox numpy text + conf), Detic "
+                                  "(box 'x1 y1 x2 y2') or the cropped set's literal lists."),
+    out: Path = typer.Option(..., "--out", help="boxes.csv to write (image,x1,y1,x2,y2,conf,box_type)."),
+    box_type: str = typer.Option(..., "--box-type", help="Kind of box, e.g. body or fin (embed --box-type)."),
+    images: Path | None = typer.Option(None, "--images", help="Image folder: check the boxes against the "
+                                       "upright image sizes when the file has no width/height columns."),
+    image_col: str | None = typer.Option(None, "--image-col", help="Column of image names (default: "
+                                         "image, else the base name of image_path, else image_id)."),
+    box_col: str | None = typer.Option(None, "--box-col", help="Column of boxes (default: bbox or box)."),
+    conf_col: str | None = typer.Option(None, "--conf-col", help="Column of confidences (default: conf; "
+                                        "none = 1.0)."),
+    inclusive: bool = typer.Option(False, "--inclusive", help="The source's x2/y2 are the last pixel "
+                                   "inside the box: add 1."),
+    append: bool = typer.Option(False, "--append", help="Add to an existing --out (another box type)."),
+) -> None:
+    """Convert a public box file into whalesub's boxes.csv, joined on the image name.
+
+    Empty cells mean "no box" (the image is embedded whole); with several boxes the most confident
+    is kept; boxes past the image are clipped; every problem is reported with its line.
+    """
+    from whalesub.boxes import convert_boxes
+
+    _log_info_to_stderr()
+    s = convert_boxes(source, out, box_type, images=images, image_col=image_col, box_col=box_col,
+                      conf_col=conf_col, inclusive=inclusive, append=append)
+    typer.echo(f"wrote {s['out']}: {s['boxes']} {s['box_type']} boxes from {s['rows']} rows; "
+               f"{s['empty']} without a box, {s['several']} with several (most confident kept), "
+               f"{s['clipped']} clipped to the image"
+               + ("" if s["sizes_checked"] else " (sizes not checked: give --images)"))
+
+
 # --- kaggle build / upload / submit (whalesub.kaggle) ------------------------------------------------
 from whalesub.kaggle.commands import kaggle_app  # noqa: E402  (after guarded, which it wraps commands with)
 
 app.add_typer(kaggle_app(guarded, _log_info_to_stderr), name="kaggle")
-
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -38,7 +38,12 @@ from pathlib import Path
 
 import numpy as np
 
+from whalesub.atomic import atomic_open, atomic_write_text
+from whalesub.backends import open_model
 from whalesub.errors import ConfigError, WhalesubError
+from whalesub.loader import apply_box_conf, list_images, make_loader, select_boxes
+from whalesub.shards import parse_shard
+from whalesub.store import save_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +153,6 @@ class _Parts:
 
 def _open_parts(out: Path, run_key: dict, n: int, chunk: int) -> tuple[_Parts, set[int]]:
     """The parts folder for ``out``, checked against ``run_key``; returns it and the done chunks."""
-    from whalesub.atomic import atomic_write_text
 
     parts = _Parts(out.with_name(out.name + ".parts"), chunk, n)
     manifest = parts.folder / PARTS_MANIFEST
@@ -199,10 +203,6 @@ def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out
     """Embed ``names`` (files in ``image_dir``) with every model; write ``out`` (.npz) atomically."""
     from tqdm import tqdm
 
-    from whalesub.atomic import atomic_open
-    from whalesub.backends import open_model
-    from whalesub.loader import apply_box_conf, make_loader
-    from whalesub.store import save_embeddings
 
     options.check()
     models = [open_model(p, options.backend, options.device, options.fp16) for p in model_paths]
@@ -270,8 +270,6 @@ def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out
 def run_embed(model_paths: list[Path], out: Path, options: EmbedOptions, images: Path | None = None,
               listing: Path | None = None, boxes: Path | None = None) -> Path:
     """The ``whalesub embed`` command: list and check the images, pick boxes and the shard, embed."""
-    from whalesub.loader import list_images, select_boxes
-    from whalesub.shards import parse_shard
 
     options.check()
     if not model_paths:

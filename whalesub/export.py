@@ -37,7 +37,14 @@ from pathlib import Path
 import numpy as np
 
 from whalesub.atomic import atomic_write_text
+from whalesub.data import IMAGE_SUFFIXES
 from whalesub.errors import WhalesubError
+from whalesub.image import load_for_model
+from whalesub.onnx_fp16 import check_fp16_structure, convert_backbone_to_fp16, pool_prefix
+from whalesub.runtime import cuda_provider_active, ort_session
+from whalesub.sources import class_centres, load_source
+from whalesub.spec import SPEC_FILENAME, weights_digest
+from whalesub.store import save_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +59,6 @@ CENTRES = "class_centres.npz"
 
 def model_fingerprint(net, spec) -> str:
     """The fingerprint of ``spec`` and ``net``'s weights (as training and ``whalesub embed`` compute it)."""
-    from whalesub.spec import weights_digest
 
     return spec.fingerprint(weights_digest(net.state_dict()))
 
@@ -77,15 +83,6 @@ def export_onnx(net, spec, path: Path, opset: int = 17, batch: int = 2) -> None:
         )
 
 
-def ort_session(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)):
-    """An ONNX Runtime session on ``path`` with the given providers (in priority order)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
-
-
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-row cosine of two [N, D] arrays (float64 arithmetic)."""
     a, b = a.astype(np.float64), b.astype(np.float64)
@@ -98,7 +95,6 @@ def parity_inputs(spec, images: Sequence[Path] = (), n_random: int = 4, seed: in
     s = spec.image_size
     arrays = [rng.standard_normal((n_random, spec.in_chans, s, s)).astype(np.float32)]
     if images:
-        from whalesub.image import load_for_model
 
         arrays.append(np.stack([load_for_model(p, spec) for p in images]).astype(np.float32))
     return np.concatenate(arrays)
@@ -128,38 +124,6 @@ def check_parity(net, onnx_path: Path, x: np.ndarray, min_cosine: float, provide
     return result
 
 
-def cuda_driver_present() -> bool:
-    """False when the NVIDIA driver library cannot be loaded (then no CUDA provider can work).
-
-    Checked first so that CPU machines with onnxruntime-gpu do not log a provider-load error.
-    """
-    import ctypes
-    import sys
-
-    name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
-    try:
-        ctypes.CDLL(name)
-    except OSError:
-        return sys.platform == "darwin"  # no NVIDIA driver on macOS; let ONNX Runtime decide elsewhere
-    return True
-
-
-def cuda_provider_active(onnx_path: Path) -> bool:
-    """True when ONNX Runtime really runs ``onnx_path`` on the CUDA provider (not a CPU fallback)."""
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers() or not cuda_driver_present():
-        return False
-    from whalesub.backends import prepare_cuda_libraries
-
-    prepare_cuda_libraries()
-    try:
-        sess = ort_session(onnx_path, ("CUDAExecutionProvider", "CPUExecutionProvider"))
-    except Exception:  # noqa: BLE001 - a broken CUDA install is "not active"
-        return False
-    return "CUDAExecutionProvider" in sess.get_providers()
-
-
 def export_model(source: str | Path, out_dir: str | Path, *, fp16: bool = False, opset: int = 17,
                  parity_images: Sequence[Path] = ()) -> dict:
     """Export the checkpoint or run folder ``source`` to ``out_dir``; return the manifest dict.
@@ -167,8 +131,6 @@ def export_model(source: str | Path, out_dir: str | Path, *, fp16: bool = False,
     Everything is written to a temporary folder first and moved into ``out_dir`` only after
     every parity check passed, so a failed export leaves ``out_dir`` as it was.
     """
-    from whalesub.sources import class_centres, load_source
-    from whalesub.spec import SPEC_FILENAME, weights_digest
 
     src = load_source(source)
     net, spec = src.net, src.spec
@@ -206,7 +168,6 @@ def export_model(source: str | Path, out_dir: str | Path, *, fp16: bool = False,
         }
         centres = class_centres(src)
         if centres is not None:
-            from whalesub.store import save_embeddings
 
             ids, mat, info = centres
             save_embeddings(tmp / CENTRES, ids, mat,
@@ -224,7 +185,6 @@ def export_fp16(net, fp32: Path, path16: Path, x: np.ndarray, label: str) -> dic
     """Write the mixed-precision graph of ``fp32`` to ``path16``, check it; return its manifest entry."""
     import onnx
 
-    from whalesub.onnx_fp16 import check_fp16_structure, convert_backbone_to_fp16, pool_prefix
 
     prefix = pool_prefix()  # EmbeddingNet.pool: where the FP32 tail of the graph starts
     try:
@@ -281,7 +241,6 @@ def pick_parity_images(folder: Path | None, n: int = 8) -> list[Path]:
     """The first ``n`` images (sorted names) of ``folder``, or [] when it is None."""
     if folder is None:
         return []
-    from whalesub.data import IMAGE_SUFFIXES
 
     if not Path(folder).is_dir():
         raise WhalesubError(f"--parity-images {folder} is not a folder of images")

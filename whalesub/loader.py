@@ -16,14 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
+from whalesub.data import find_missing_files, read_boxes, read_test_listing
 from whalesub.errors import ConfigError, DataError, first_few
+from whalesub.image import load_for_model
 
 log = logging.getLogger(__name__)
 
 
 def list_images(images: Path | None, listing: Path | None) -> tuple[list[str], Path]:
     """Image names in listing order and their folder; every missing file is reported at once."""
-    from whalesub.data import find_missing_files, read_test_listing
 
     if images is None and listing is None:
         raise ConfigError("say which images to embed: --images DIR (all images in it) "
@@ -52,7 +53,6 @@ def select_boxes(path: Path, box_type: str | None, names: list[str]) -> list[tup
     ``conf`` is 1.0 when the file has no ``conf`` column; :func:`apply_box_conf` drops the boxes
     below a model's ``box_conf`` once the models are known.
     """
-    from whalesub.data import read_boxes
 
     boxes = read_boxes(path)
     if "box_type" in boxes.columns:
@@ -102,7 +102,6 @@ class ImageSet:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from whalesub.image import load_for_model
 
         try:
             return i, [load_for_model(self.paths[i], spec, box=self.boxes[i]) for spec in self.specs]

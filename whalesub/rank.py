@@ -23,11 +23,12 @@ the threshold lets it in (so 1-5 labels, all distinct; a valid submission row).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
-from whalesub.errors import ConfigError, DataError, first_few
+from whalesub.data import NEW_INDIVIDUAL
+from whalesub.errors import ConfigError
+from whalesub.index import FlatIndex
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,6 @@ def rank_queries(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.nd
     codes. Searches the top ``k`` neighbours in batches (neighbour arrays are batch x k), then
     re-ranks exactly the rows with fewer than ``min(n_max, individuals)`` candidates.
     """
-    from whalesub.index import FlatIndex
 
     index = FlatIndex(gallery, use_gpu=use_gpu)
     q = queries.shape[0]
@@ -157,7 +157,6 @@ def insert_new_individual(cand_labels: np.ndarray, cand_scores: np.ndarray, thre
 
 def decode_labels(codes: np.ndarray, classes: np.ndarray) -> list[list[str]]:
     """[Q, top] codes (NEW, PAD or index into ``classes``) -> per row the label strings, PAD dropped."""
-    from whalesub.data import NEW_INDIVIDUAL
 
     names = np.append(np.asarray(classes, dtype=object), NEW_INDIVIDUAL)
     idx = np.where(codes == NEW, len(classes), codes)
@@ -184,99 +183,3 @@ def check_threshold(threshold: float) -> float:
             f"--threshold {threshold} is outside [-1, 1]: it is the cosine score given to new_individual; "
             "pick one with `whalesub tune` (typical values 0.3-0.7)")
     return float(threshold)
-
-
-def load_ranking_inputs(gallery_path, queries_path, train_csv) -> dict:
-    """Load and check gallery, queries and labels for ranking.
-
-    Returns a dict: ``gallery`` [N, D] f32 unit rows, ``gallery_labels`` [N] int64 codes,
-    ``classes`` [n_ind] str, ``query_ids`` [Q] str (unique; views averaged), ``queries`` [Q, D] f32.
-    """
-    from whalesub.data import read_train_csv
-    from whalesub.store import average_views, check_compatible, load_embeddings, unit_float32
-
-    gallery, queries = load_embeddings(gallery_path), load_embeddings(queries_path)
-    check_compatible(gallery, queries)
-    train = read_train_csv(train_csv)
-    label_of = dict(zip(train["image"].astype(str), train["individual_id"].astype(str), strict=True))
-    missing = sorted({i for i in gallery.ids.tolist() if i not in label_of})
-    if missing:
-        raise DataError(
-            f"{len(missing)} gallery images in {str(gallery_path)!r} are not in {str(train_csv)!r}: "
-            f"{first_few(missing)}; embed the gallery from that train.csv's images or add their rows to it")
-    queries = average_views(queries)
-    codes, classes = encode_labels([label_of[i] for i in gallery.ids.tolist()])
-    log.info("gallery: %d vectors of %d images, %d individuals; queries: %d images",
-             len(gallery), np.unique(gallery.ids).size, classes.size, len(queries))
-    return {"gallery": unit_float32(gallery), "gallery_labels": codes, "classes": classes,
-            "query_ids": queries.ids, "queries": unit_float32(queries)}
-
-
-def _check_against_sample(query_ids: np.ndarray, sample, queries_path) -> list[str]:
-    from whalesub.data import read_test_listing
-
-    images = [str(i) for i in read_test_listing(sample)]
-    have, want = set(query_ids.tolist()), set(images)
-    problems = []
-    if want - have:
-        problems.append(f"{len(want - have)} images of the sample are missing from the queries: "
-                        f"{first_few(sorted(want - have))} (embed every test image)")
-    if have - want:
-        problems.append(f"{len(have - want)} query images are not in the sample: "
-                        f"{first_few(sorted(have - want))} (embed exactly the test images of the sample)")
-    if problems:
-        raise DataError(f"queries {str(queries_path)!r} do not match the sample {str(sample)!r}:", problems)
-    return images
-
-
-def submit_files(gallery_path, queries_path, train_csv, threshold: float | None, out, k: int = 100,
-                 sample=None, *, new_share: float | None = None, use_gpu: bool | None = None,
-                 progress: bool = True) -> dict:
-    """Rank the queries against the gallery and write a validated submission CSV to ``out``.
-
-    Give exactly one of ``threshold`` (a cosine in [-1, 1]) or ``new_share``: the threshold is
-    then chosen on these queries so that that share of rows get ``new_individual`` first
-    (:func:`whalesub.threshold.threshold_for_new_share`; 1st place used ~0.165). Rows follow the
-    sample's order when ``sample`` (sample_submission.csv or an image folder) is given, else the
-    queries' order. Returns counts: rows, new_first, new_any, individuals, threshold, ...
-    """
-    from whalesub.submission import write_submission
-
-    if (threshold is None) == (new_share is None):
-        raise ConfigError("give exactly one of --threshold (a cosine in [-1, 1]) and --new-share "
-                          "(share of rows to get new_individual first, e.g. 0.165)")
-    if threshold is not None:
-        threshold = check_threshold(threshold)
-    elif not 0.0 <= new_share <= 1.0:
-        raise ConfigError(f"--new-share {new_share} must be within [0, 1] (e.g. 0.165)")
-    if k < 1:
-        raise ConfigError(f"--k {k} must be at least 1 (number of neighbours searched per query)")
-    if Path(out).is_dir():  # fail before the (long) search, not when writing
-        raise ConfigError(f"--out {out} is a folder; give a file name such as {Path(out) / 'submission.csv'}")
-    data = load_ranking_inputs(gallery_path, queries_path, train_csv)
-    query_ids = data["query_ids"]
-    images = _check_against_sample(query_ids, sample, queries_path) if sample is not None else None
-    labels, scores = rank_queries(data["gallery"], data["gallery_labels"], data["queries"], k,
-                                  use_gpu=use_gpu, progress=progress)
-    if threshold is None:
-        from whalesub.threshold import threshold_for_new_share
-
-        threshold = threshold_for_new_share(scores, new_share)
-        log.info("threshold %.6f puts new_individual first in %.1f%% of the queries", threshold,
-                 100 * new_share)
-    codes = insert_new_individual(labels, scores, threshold)
-    preds = decode_labels(codes, data["classes"])
-    if images is None:
-        images = query_ids.tolist()
-    else:
-        row_of = {name: r for r, name in enumerate(query_ids.tolist())}
-        preds = [preds[row_of[name]] for name in images]
-    # Checked against the sample and the train ids before anything is written.
-    write_submission(out, images, preds, sample_images=images if sample is not None else None,
-                     train_ids=data["classes"].tolist())
-    summary = {"out": str(out), "rows": len(images), "new_first": int((codes[:, 0] == NEW).sum()),
-               "new_any": int((codes == NEW).any(axis=1).sum()), "individuals": int(data["classes"].size),
-               "gallery_vectors": int(data["gallery"].shape[0]), "threshold": threshold, "k": int(k)}
-    log.info("wrote %(out)s: %(rows)d rows, new_individual first in %(new_first)d, present in %(new_any)d",
-             summary)
-    return summary

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from whalesub.errors import ConfigError, DataError, first_few
+from whalesub.store import load_embeddings, save_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ def parse_shard(shard: str | None, n: int) -> tuple[int, int, int, int]:
 
 def merge_embeddings(paths: list[Path], out: Path) -> Path:
     """Merge shard files of one ``whalesub embed --shard i/n`` run into ``out`` (listing order)."""
-    from whalesub.store import load_embeddings, save_embeddings
 
     if not paths:
         raise ConfigError("merge-embeddings needs the shard files to merge")

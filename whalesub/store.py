@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from whalesub import __version__
 from whalesub.atomic import atomic_open
 from whalesub.errors import DataError, first_few
 
@@ -112,7 +113,6 @@ def _check_arrays(ids: np.ndarray, vectors: np.ndarray, where: str) -> list[str]
 
 def default_meta(**extra) -> dict:
     """The provenance keys every written file carries, plus ``extra``."""
-    from whalesub import __version__
 
     meta = {
         "format": FORMAT,

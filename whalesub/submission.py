@@ -29,6 +29,7 @@ from whalesub.data import (
     read_truth,
 )
 from whalesub.errors import DataError, first_few
+from whalesub.metric import score_breakdown
 
 COLUMNS = ("image", "predictions")
 MAX_LABELS = 5
@@ -219,7 +220,6 @@ def score_submission(submission: str | os.PathLike, truth: str | os.PathLike) ->
     Both must name the same images; otherwise :class:`DataError` names the images each lacks.
     Returns :func:`whalesub.metric.score_breakdown` in the truth file's row order.
     """
-    from whalesub.metric import score_breakdown
 
     preds = read_submission(submission)
     truth_frame = read_truth(truth)

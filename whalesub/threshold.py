@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from whalesub.errors import ConfigError, DataError, first_few
-from whalesub.rank import NEW, TOP
+from whalesub.data import NEW_INDIVIDUAL
+from whalesub.errors import ConfigError
+from whalesub.rank import NEW, TOP, encode_labels, rank_queries
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ class ThresholdSearch:
 
 def truth_codes(truth_labels, classes: np.ndarray) -> np.ndarray:
     """Truth strings [Q] -> int64 codes: index into ``classes``, NEW (-2), or UNREACHABLE (-3)."""
-    from whalesub.data import NEW_INDIVIDUAL
 
     truth = np.asarray(truth_labels, dtype=str)
     pos = np.searchsorted(classes, truth).clip(0, max(len(classes) - 1, 0))
@@ -148,7 +148,6 @@ def tune_arrays(gallery: np.ndarray, gallery_label_strs, queries: np.ndarray, tr
     Returns a JSON-ready dict: ``n``, ``n_new``, ``k``, ``table`` (one dict per threshold),
     ``best`` (threshold, map5, new_share) and, with ``target_new_share``, ``target``.
     """
-    from whalesub.rank import encode_labels, rank_queries
 
     if target_new_share is not None and not 0.0 <= target_new_share <= 1.0:
         raise ConfigError(f"--target-new-share {target_new_share} must be within [0, 1] (e.g. 0.165)")
@@ -168,33 +167,3 @@ def tune_arrays(gallery: np.ndarray, gallery_label_strs, queries: np.ndarray, tr
         one = grid_search(labels, scores, truth, np.array([t]))
         result["target"] = {"new_share": float(one.new_share[0]), "threshold": t, "map5": float(one.map5[0])}
     return result
-
-
-def tune_files(gallery_path, queries_path, train_csv, truth_csv, grid: str = "0.0:1.0:0.02",
-               target_new_share: float | None = None, k: int = 100, *, use_gpu: bool | None = None,
-               progress: bool = True) -> dict:
-    """:func:`tune_arrays` on embedding files, ``train.csv`` and a truth CSV.
-
-    ``truth_csv``: ``image,individual_id`` for every query image (``new_individual`` for animals
-    not in the gallery); images missing on either side are an error naming them.
-    """
-    from whalesub.data import read_truth
-    from whalesub.rank import load_ranking_inputs
-
-    thresholds = parse_grid(grid)
-    if target_new_share is not None and not 0.0 <= target_new_share <= 1.0:
-        raise ConfigError(f"--target-new-share {target_new_share} must be within [0, 1] (e.g. 0.165)")
-    data = load_ranking_inputs(gallery_path, queries_path, train_csv)
-    truth_df = read_truth(truth_csv)
-    truth_of = dict(zip(truth_df["image"].astype(str), truth_df["individual_id"].astype(str), strict=True))
-    ids = data["query_ids"].tolist()
-    problems = []
-    if missing := [i for i in ids if i not in truth_of]:
-        problems.append(f"{len(missing)} query images have no truth row: {first_few(missing)}")
-    if extra := sorted(set(truth_of) - set(ids)):
-        problems.append(f"{len(extra)} truth images are not among the queries: {first_few(extra)}")
-    if problems:
-        raise DataError(f"truth {str(truth_csv)!r} does not match queries {str(queries_path)!r}:", problems)
-    return tune_arrays(data["gallery"], data["classes"][data["gallery_labels"]], data["queries"],
-                       [truth_of[i] for i in ids], thresholds, target_new_share, k, use_gpu=use_gpu,
-                       progress=progress)

@@ -17,9 +17,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from whalesub.backends import open_model
+from whalesub.embed import EmbedOptions, run_embed
 from whalesub.errors import WhalesubError
 from whalesub.kaggle import KIND_BOXES, KIND_MODELS, MANIFEST
 from whalesub.kaggle.kernel_script import COMPETITION, timed, verify_files
+from whalesub.pipeline import submit_files
+from whalesub.store import load_embeddings
+from whalesub.submission import check_submission_file
 
 SUBMISSION = "submission.csv"
 
@@ -75,8 +80,6 @@ def report_environment(model_dir: Path, fp16: bool) -> dict:
     import faiss
     import onnxruntime as ort
 
-    from whalesub.backends import open_model
-
     model = open_model(model_dir, "onnx", "auto", fp16)
     env["onnxruntime"] = ort.__version__
     env["ort_available"] = ort.get_available_providers()
@@ -93,11 +96,6 @@ def predict_submission(
     model_dirs: list[Path], competition: Path, manifest: dict, working: Path, boxes: Path | None, times: dict
 ) -> dict:
     """Embed (gallery unless packaged, then the test images), submit, validate; returns submit's counts."""
-    from whalesub.embed import EmbedOptions, run_embed
-    from whalesub.rank import submit_files
-    from whalesub.store import load_embeddings
-    from whalesub.submission import check_submission_file
-
     emb = working / "whalesub_embeddings"
     train_csv, sample = competition / "train.csv", competition / "sample_submission.csv"
     common = {

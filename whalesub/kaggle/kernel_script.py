@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import subprocess
@@ -172,8 +173,6 @@ def install_wheels(folder: Path, target: str | None) -> list[str]:
         )
     if target:
         sys.path.insert(0, target)
-    import importlib
-
     importlib.invalidate_caches()
     return install
 
@@ -190,9 +189,10 @@ def main() -> int:
                 print(f"[whalesub]   {k}: {v}", flush=True)
         with timed("install wheels", times):
             install_wheels(inputs["whalesub-wheels"], os.environ.get("WHALESUB_KAGGLE_TARGET"))
-        from whalesub.kaggle.kernel import run_kernel  # from the wheel just installed
-
-        run_kernel(inputs, working, times)
+        # whalesub exists only now, installed from the wheel; this file is its standalone entry point
+        # (the modules of the package import its helpers, never the other way round)
+        kernel = importlib.import_module("whalesub.kaggle.kernel")
+        kernel.run_kernel(inputs, working, times)
     except Exception as exc:
         # whalesub's own errors (bad input, named): one message; anything else: the traceback
         if not any(c.__name__ in ("KernelInputError", "WhalesubError") for c in type(exc).__mro__):

@@ -20,6 +20,8 @@ import re
 from pathlib import Path
 
 from whalesub.errors import ConfigError
+from whalesub.kaggle import DATASET_METADATA, DATASETS, KERNEL_DIR, KERNEL_METADATA, MANIFEST
+from whalesub.kaggle.kernel_script import verify_files
 
 LICENSES = (
     "CC0-1.0",
@@ -204,9 +206,6 @@ def check_build(folder: Path) -> dict:
     values match the files. The kernel: its metadata rules, and ``dataset_sources`` equal to the ids
     of the datasets built beside it. Returns ``{"datasets": {sub: id}, "kernel": id}``.
     """
-    from whalesub.kaggle import DATASET_METADATA, DATASETS, KERNEL_DIR, KERNEL_METADATA, MANIFEST
-    from whalesub.kaggle.kernel_script import verify_files
-
     problems, ids = [], {}
     for sub, kind in DATASETS.items():
         d = folder / sub

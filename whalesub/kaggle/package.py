@@ -27,7 +27,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from whalesub.atomic import atomic_write_text
+from whalesub.backends import read_export_manifest
+from whalesub.embed import EmbedOptions, combined_fingerprint
 from whalesub.errors import ConfigError
+from whalesub.export import MANIFEST as EXPORT_MANIFEST
+from whalesub.export import export_model
 from whalesub.kaggle import (
     DATASET_METADATA,
     DATASETS,
@@ -39,9 +43,12 @@ from whalesub.kaggle import (
     KIND_WHEELS,
     MANIFEST,
 )
+from whalesub.kaggle.kernel import installed_version
 from whalesub.kaggle.kernel_script import sha256_file
-from whalesub.kaggle.metadata import dataset_metadata, kernel_metadata
+from whalesub.kaggle.metadata import check_build, dataset_metadata, kernel_metadata, read_json
 from whalesub.kaggle.wheels import DEFAULT_PACKAGES, DEFAULT_PLATFORMS, DEFAULT_PYTHON, collect_wheels
+from whalesub.rank import check_threshold
+from whalesub.store import load_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +86,6 @@ class BuildOptions:
 
 def resolve_threshold(opts: BuildOptions) -> float:
     """``--threshold``, or the best threshold of a ``whalesub tune --json`` file."""
-    from whalesub.rank import check_threshold
-
     if (opts.threshold is None) == (opts.threshold_json is None):
         raise ConfigError(
             "give exactly one of --threshold (cosine score of new_individual) and "
@@ -88,8 +93,6 @@ def resolve_threshold(opts: BuildOptions) -> float:
         )
     if opts.threshold is not None:
         return check_threshold(opts.threshold)
-    from whalesub.kaggle.metadata import read_json
-
     tuned = read_json(opts.threshold_json)
     try:
         return check_threshold(float(tuned["best"]["threshold"]))
@@ -101,9 +104,6 @@ def resolve_threshold(opts: BuildOptions) -> float:
 
 def stage_exports(sources: list[Path], out: Path) -> list[str]:
     """Copy each export folder (or export each training run) to ``out/fold<i>``; return the names."""
-    from whalesub.export import MANIFEST as EXPORT_MANIFEST
-    from whalesub.export import export_model
-
     if not sources:
         raise ConfigError("pass at least one export folder or training run (one per fold)")
     names = []
@@ -122,9 +122,6 @@ def stage_exports(sources: list[Path], out: Path) -> list[str]:
 
 def models_fingerprint(folders: list[Path]) -> str:
     """The fingerprint ``whalesub embed`` gives these models together (from their export.json)."""
-    from whalesub.backends import read_export_manifest
-    from whalesub.embed import combined_fingerprint
-
     return combined_fingerprint(
         [SimpleNamespace(fingerprint=read_export_manifest(f)["fingerprint"]) for f in folders]
     )
@@ -132,8 +129,6 @@ def models_fingerprint(folders: list[Path]) -> str:
 
 def write_manifest(folder: Path, kind: str, **extra) -> dict:
     """``manifest.json``: kind, whalesub version, sha256 of every other file (relative paths)."""
-    from whalesub.kaggle.kernel import installed_version
-
     files = {
         p.relative_to(folder).as_posix(): sha256_file(p)
         for p in sorted(folder.rglob("*"))
@@ -156,9 +151,6 @@ def _write_json(path: Path, data: dict) -> None:
 
 def build_models(tmp: Path, sources: list[Path], opts: BuildOptions) -> dict:
     """The models dataset in ``tmp/models``; returns its manifest."""
-    from whalesub.embed import EmbedOptions
-    from whalesub.store import load_embeddings
-
     folder = tmp / "models"
     folder.mkdir()
     threshold = resolve_threshold(opts)
@@ -203,8 +195,6 @@ def build_models(tmp: Path, sources: list[Path], opts: BuildOptions) -> dict:
 
 def build_package(sources: list[Path], out: Path, opts: BuildOptions, overwrite: bool = False) -> dict:
     """Build the three datasets and the kernel in ``out``; return a summary (slugs, files, sizes)."""
-    from whalesub.kaggle.metadata import check_build
-
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} is not empty: pass --overwrite to replace the previous build")
     if opts.boxes is not None and not opts.boxes.is_file():

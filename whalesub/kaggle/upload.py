@@ -21,6 +21,7 @@ from whalesub.kaggle.client import (
     wait_kernel,
 )
 from whalesub.kaggle.metadata import check_build
+from whalesub.submission import check_submission_file
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,6 @@ def submit_file(
     dry_run: bool = False,
 ) -> dict:
     """Validate ``csv`` against ``sample`` (and ``train_csv``), then submit it to ``competition``."""
-    from whalesub.submission import check_submission_file
-
     summary = check_submission_file(csv, sample, train_csv)
     if not dry_run:
         summary["submitted"] = submit_csv(csv, competition, message)

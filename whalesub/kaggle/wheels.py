@@ -23,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import whalesub
 from whalesub.errors import ConfigError, WhalesubError
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,6 @@ def build_whalesub_wheel(source: Path | None, out: Path) -> Path:
     ``source`` None: the checkout this whalesub runs from, when it is one (an installed whalesub
     has no pyproject.toml beside it: pass ``--whalesub-wheel`` or ``--source``).
     """
-    import whalesub
-
     if source is None:
         source = Path(whalesub.__file__).resolve().parents[1]
     if not (source / "pyproject.toml").is_file():
