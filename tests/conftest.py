@@ -43,7 +43,8 @@ def kaggle_build(tmp_path_factory):
     submission ``whalesub embed`` + ``submit`` make from them in this process (``reference``; the
     threshold puts new_individual first in half of the rows), and two Kaggle builds with that
     threshold (whalesub's wheel only, no downloads; body boxes): ``build`` (the kernel embeds the
-    gallery) and ``build_gallery`` (the reference gallery packaged)."""
+    gallery) and ``build_gallery`` (made from the run folder, which the build exports itself, with
+    the reference gallery packaged)."""
     from test_export import make_checkpoint
 
     from whalesub.embed import EmbedOptions, run_embed
@@ -69,6 +70,6 @@ def kaggle_build(tmp_path_factory):
     build_package([export], root / "build", opts)
     wheel = next((root / "build" / "wheels").glob("*.whl"))
     opts_g = BuildOptions(**{**opts.__dict__, "gallery": ref / "gallery.npz", "whalesub_wheel": wheel})
-    build_package([export], root / "build_gallery", opts_g)
+    build_package([root / "run"], root / "build_gallery", opts_g)  # a run: exported by the build
     return {"export": export, "data": data, "build": root / "build", "build_gallery": root / "build_gallery",
             "reference": ref, "threshold": s["threshold"], "root": root}

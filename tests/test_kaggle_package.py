@@ -70,6 +70,16 @@ def test_build_layout_and_what_the_files_say(kaggle_build):
     assert (build / "kernel" / "whalesub_kernel.py").read_text() == kernel_py.read_text()
 
 
+def test_a_training_run_is_exported_by_the_build(kaggle_build):
+    fold = kaggle_build["build_gallery"] / "models" / "fold0"
+    names = {p.name for p in fold.iterdir()}
+    assert {"model.onnx", "model_fp16.onnx", "model_spec.json", "export.json"} <= names
+    # the same weights: the same fingerprint as the separately exported folder (and its gallery)
+    exported = _json(kaggle_build["export"] / "export.json")["fingerprint"]
+    assert _json(fold / "export.json")["fingerprint"] == exported
+    assert (kaggle_build["build_gallery"] / "models" / "gallery.npz").is_file()
+
+
 def test_written_metadata_obeys_every_rule(kaggle_build, kernel_meta):
     build = kaggle_build["build"]
     ids = []

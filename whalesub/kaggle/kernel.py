@@ -105,6 +105,11 @@ def predict_submission(
         "box_type": manifest.get("box_type"),
         "box_conf": manifest.get("box_conf"),
     }
+
+    def embed(name: str, images: str, listing: Path, options: dict) -> Path:
+        return run_embed(model_dirs, emb / name, EmbedOptions(**options, **common),
+                         images=competition / images, listing=listing, boxes=boxes)
+
     if manifest.get("gallery_file"):
         gallery = model_dirs[0].parent / manifest["gallery_file"]
         found = load_embeddings(gallery).fingerprint
@@ -116,23 +121,9 @@ def predict_submission(
         print(f"[whalesub] packaged gallery {gallery.name}: fingerprint {found} matches", flush=True)
     else:
         with timed("embed train images (gallery)", times):
-            gallery = run_embed(
-                model_dirs,
-                emb / "gallery.npz",
-                EmbedOptions(**manifest["gallery"], **common),
-                images=competition / manifest["train_images"],
-                listing=train_csv,
-                boxes=boxes,
-            )
+            gallery = embed("gallery.npz", manifest["train_images"], train_csv, manifest["gallery"])
     with timed("embed test images", times):
-        queries = run_embed(
-            model_dirs,
-            emb / "test.npz",
-            EmbedOptions(**manifest["queries"], **common),
-            images=competition / manifest["test_images"],
-            listing=sample,
-            boxes=boxes,
-        )
+        queries = embed("test.npz", manifest["test_images"], sample, manifest["queries"])
     out = working / SUBMISSION
     with timed("submit", times):
         summary = submit_files(
