@@ -391,6 +391,12 @@ def report_command(
     typer.echo(f"wrote {r['out']}: {r['n']} queries, {r['shown']} shown, {r['bytes'] / 1024:.0f} KB")
 
 
+# --- kaggle build / upload / submit (whalesub.kaggle) ------------------------------------------------
+from whalesub.kaggle.commands import kaggle_app  # noqa: E402  (after guarded, which it wraps commands with)
+
+app.add_typer(kaggle_app(guarded, _log_info_to_stderr), name="kaggle")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -1,0 +1,244 @@
+"""whalesub kaggle build: the files it writes, and every Kaggle metadata rule checked on them."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import zipfile
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+from whalesub.errors import ConfigError
+from whalesub.kaggle.metadata import check_build, check_dataset_metadata, check_kernel_metadata, slugify
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture()
+def kernel_meta(kaggle_build):
+    return _json(kaggle_build["build"] / "kernel" / "kernel-metadata.json")
+
+
+@pytest.fixture()
+def models_meta(kaggle_build):
+    return _json(kaggle_build["build"] / "models" / "dataset-metadata.json")
+
+
+def test_slugify_hand_worked():
+    assert slugify("whalesub models") == "whalesub-models"
+    assert slugify("  Happy Whale: B5 x 5 folds!! ") == "happy-whale-b5-x-5-folds"
+    assert slugify("a__b--c") == "a-b-c"
+
+
+def test_build_layout_and_what_the_files_say(kaggle_build):
+    build, export = kaggle_build["build"], kaggle_build["export"]
+    assert sorted(p.name for p in build.iterdir()) == ["boxes", "kernel", "models", "wheels"]
+    # every export file travels, byte for byte, under fold0/
+    for f in export.iterdir():
+        assert (build / "models" / "fold0" / f.name).read_bytes() == f.read_bytes()
+    assert {"model.onnx", "model_fp16.onnx", "model_spec.json", "export.json", "class_centres.npz"} <= {
+        p.name for p in (build / "models" / "fold0").iterdir()}
+    # manifests: sha256 of every other file, computed here independently; the installed version
+    for sub in ("models", "wheels", "boxes"):
+        manifest = _json(build / sub / "manifest.json")
+        files = {p.relative_to(build / sub).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                 for p in (build / sub).rglob("*") if p.is_file()
+                 and p.name not in ("manifest.json", "dataset-metadata.json")}
+        assert manifest["files"] == files and files
+        assert manifest["whalesub_version"] == version("whalesub")
+        assert manifest["kind"] == f"whalesub-{sub}"
+    models = _json(build / "models" / "manifest.json")
+    assert models["threshold"] == kaggle_build["threshold"]
+    assert models["box_type"] == "body" and models["boxes_file"] == "boxes.csv"
+    assert models["fingerprint"] == _json(export / "export.json")["fingerprint"]  # one model: its own
+    # wheels: a flat folder with whalesub's wheel, which ships the kernel modules
+    wheels = _json(build / "wheels" / "manifest.json")
+    assert wheels["install"] == [f"whalesub=={version('whalesub')}"]
+    (whl,) = [p for p in (build / "wheels").iterdir() if p.suffix == ".whl"]
+    assert not [p for p in (build / "wheels").iterdir() if p.is_dir()]
+    names = zipfile.ZipFile(whl).namelist()
+    assert "whalesub/kaggle/kernel.py" in names and "whalesub/kaggle/kernel_script.py" in names
+    assert not [n for n in names if n.startswith(("train/", "tests/"))]
+    # the kernel file is the packaged script
+    kernel_py = Path(__file__).resolve().parents[1] / "whalesub" / "kaggle" / "kernel_script.py"
+    assert (build / "kernel" / "whalesub_kernel.py").read_text() == kernel_py.read_text()
+
+
+def test_a_training_run_is_exported_by_the_build(kaggle_build):
+    fold = kaggle_build["build_gallery"] / "models" / "fold0"
+    names = {p.name for p in fold.iterdir()}
+    assert {"model.onnx", "model_fp16.onnx", "model_spec.json", "export.json"} <= names
+    # the same weights: the same fingerprint as the separately exported folder (and its gallery)
+    exported = _json(kaggle_build["export"] / "export.json")["fingerprint"]
+    assert _json(fold / "export.json")["fingerprint"] == exported
+    assert (kaggle_build["build_gallery"] / "models" / "gallery.npz").is_file()
+
+
+def test_written_metadata_obeys_every_rule(kaggle_build, kernel_meta):
+    build = kaggle_build["build"]
+    ids = []
+    for sub in ("models", "wheels", "boxes"):
+        meta = _json(build / sub / "dataset-metadata.json")
+        assert check_dataset_metadata(meta, sub) == []
+        assert 6 <= len(meta["title"]) <= 50 and meta["id"] == f"someone/{slugify(meta['title'])}"
+        assert meta["licenses"] == [{"name": "CC0-1.0"}]
+        ids.append(meta["id"])
+    assert check_kernel_metadata(kernel_meta, "kernel", build / "kernel") == []
+    raw = (build / "kernel" / "kernel-metadata.json").read_text()
+    assert '"enable_internet": false' in raw  # written explicitly (the client's default is true)
+    assert kernel_meta["enable_gpu"] is True and kernel_meta["machine_shape"] == "NvidiaTeslaT4"
+    assert sorted(kernel_meta["dataset_sources"]) == sorted(ids)
+    assert kernel_meta["competition_sources"] == ["happy-whale-and-dolphin"]
+    assert kernel_meta["id"].split("/")[1] == slugify(kernel_meta["title"])
+    assert check_build(build)["kernel"] == kernel_meta["id"]
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"title": "short"}, "6-50 characters"),  # 5 characters
+    ({"title": "x" * 51}, "6-50 characters"),
+    ({"id": "someone-whalesub-models"}, "'owner/slug'"),
+    ({"id": "someone/model"}, "6-50 characters of a-z"),
+    ({"id": "some one/whalesub-models"}, "not a Kaggle user name"),
+    ({"id": "someone/whalesub-weights"}, "differs from the slug of the title"),
+    ({"licenses": []}, "exactly one"),
+    ({"licenses": [{"name": "CC0-1.0"}, {"name": "MIT"}]}, "exactly one"),
+    ({"licenses": {"name": "CC0-1.0"}}, "exactly one"),
+    ({"licenses": [{"name": "WTFPL"}]}, "is not one of"),
+    ({"title": None}, "missing key 'title'"),
+    ({"licenses": None}, "missing key 'licenses'"),
+])
+def test_dataset_rule_broken(models_meta, change, needle):
+    meta = copy.deepcopy(models_meta)
+    for k, v in change.items():
+        if v is None:
+            del meta[k]
+        else:
+            meta[k] = v
+    problems = check_dataset_metadata(meta, "models/dataset-metadata.json")
+    assert any(needle in p for p in problems), problems
+    assert all(p.startswith("models/dataset-metadata.json") for p in problems)
+
+
+def test_dataset_title_limits_are_inclusive(models_meta):
+    for n in (6, 50):
+        title = "w" * n
+        meta = dict(models_meta, title=title, id=f"someone/{title}")
+        assert check_dataset_metadata(meta, "m") == []
+
+
+@pytest.mark.parametrize("change, needle", [
+    *[({k: None}, f"missing key {k!r}") for k in ("id", "title", "code_file", "language", "kernel_type")],
+    ({"title": "wsub"}, "5-50 characters"),
+    ({"title": "whalesub inference two"}, "differs from the slug of the title"),
+    ({"language": "r"}, "must be 'python'"),
+    ({"kernel_type": "app"}, "'script' or 'notebook'"),
+    ({"code_file": "missing.py"}, "is not in"),
+    ({"enable_internet": None}, "written explicitly as false"),
+    ({"enable_internet": True}, "it must be false"),
+    ({"enable_internet": "true"}, "it must be false"),
+    ({"enable_gpu": False}, "enable_gpu"),
+    ({"enable_gpu": None}, "enable_gpu"),
+    ({"is_private": "yes"}, "must be a boolean"),
+    ({"machine_shape": None}, "machine_shape"),
+    ({"machine_shape": "NvidiaTeslaP100"}, "machine_shape"),
+    ({"dataset_sources": ["whalesub-models"]}, "'owner/slug'"),
+    ({"competition_sources": ["kaggle/happy-whale-and-dolphin"]}, "bare slug"),
+    ({"competition_sources": ["https://www.kaggle.com/c/happy-whale-and-dolphin"]}, "bare slug"),
+])
+def test_kernel_rule_broken(kaggle_build, kernel_meta, change, needle):
+    meta = copy.deepcopy(kernel_meta)
+    for k, v in change.items():
+        if v is None:
+            del meta[k]
+        else:
+            meta[k] = v
+    problems = check_kernel_metadata(meta, "kernel-metadata.json", kaggle_build["build"] / "kernel")
+    assert any(needle in p for p in problems), problems
+
+
+def test_kernel_booleans_as_strings_are_accepted(kaggle_build, kernel_meta):
+    meta = dict(kernel_meta, enable_internet="false", enable_gpu="true", is_private="true")
+    assert check_kernel_metadata(meta, "k", kaggle_build["build"] / "kernel") == []
+
+
+def test_check_build_names_a_changed_file_and_foreign_sources(kaggle_build, tmp_path):
+    build = tmp_path / "build"
+    shutil.copytree(kaggle_build["build"], build)
+    onnx = build / "models" / "fold0" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-10])  # a truncated copy
+    meta = _json(build / "kernel" / "kernel-metadata.json")
+    meta["dataset_sources"].append("someone/other-dataset")
+    (build / "kernel" / "kernel-metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError) as err:
+        check_build(build)
+    assert "model.onnx does not match its sha256" in str(err.value)
+    assert "dataset_sources" in str(err.value)
+
+
+def test_build_refuses_bad_input_and_writes_nothing(kaggle_build, tmp_path):
+    from whalesub.kaggle.package import BuildOptions, build_package
+
+    export = kaggle_build["export"]
+    wheel = next((kaggle_build["build"] / "wheels").glob("*.whl"))
+    cases = [
+        (BuildOptions(owner="some one", threshold=0.3, packages=[], whalesub_wheel=wheel), "user name"),
+        (BuildOptions(owner="someone", threshold=1.5, packages=[], whalesub_wheel=wheel), "outside [-1, 1]"),
+        (BuildOptions(owner="someone", packages=[], whalesub_wheel=wheel), "exactly one of --threshold"),
+        (BuildOptions(owner="someone", threshold=0.3, packages=["torch"], whalesub_wheel=wheel), "framework"),
+        (BuildOptions(owner="someone", threshold=0.3, packages=[], whalesub_wheel=wheel, box_type="body"),
+         "needs --boxes"),
+        (BuildOptions(owner="someone", threshold=0.3, packages=[], whalesub_wheel=wheel, prefix="w" * 45),
+         "6-50 characters"),
+    ]
+    for opts, needle in cases:
+        out = tmp_path / "out"
+        with pytest.raises(ConfigError) as err:
+            build_package([export], out, opts)
+        assert needle in str(err.value)
+        assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_build_checks_a_packaged_gallery_fingerprint(kaggle_build, tmp_path):
+    import numpy as np
+
+    from whalesub.kaggle.package import BuildOptions, build_package
+    from whalesub.store import save_embeddings
+
+    wheel = next((kaggle_build["build"] / "wheels").glob("*.whl"))
+    gallery = tmp_path / "gallery.npz"
+    save_embeddings(gallery, np.array(["a.jpg"]), np.full((1, 32), 32 ** -0.5, np.float32),
+                    {"fingerprint": "0123456789abcdef"})
+    opts = BuildOptions(owner="someone", threshold=0.3, packages=[], whalesub_wheel=wheel, gallery=gallery)
+    with pytest.raises(ConfigError, match="fingerprint 0123456789abcdef"):
+        build_package([kaggle_build["export"]], tmp_path / "out", opts)
+
+
+def test_cli_build_then_dry_run_upload(kaggle_build, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from whalesub.cli import app
+
+    for var in ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_CONFIG_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    wheel = next((kaggle_build["build"] / "wheels").glob("*.whl"))
+    out = tmp_path / "b"
+    args = ["kaggle", "build", str(kaggle_build["export"]), "--owner", "someone", "--threshold", "0.25",
+            "--out", str(out), "--no-extra-wheels", "--whalesub-wheel", str(wheel), "--prefix", "hw b5"]
+    runner = CliRunner()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "someone/hw-b5-models" in result.output and "whalesub==" in result.output
+    assert json.loads((out / "models" / "manifest.json").read_text())["threshold"] == 0.25
+    dry = runner.invoke(app, ["kaggle", "upload", str(out), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    plan = json.loads(dry.output)
+    assert plan["kernel"] == "someone/hw-b5-inference" and plan["credentials"].startswith("none")
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--overwrite" in again.output

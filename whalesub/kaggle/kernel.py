@@ -1,0 +1,171 @@
+"""What the offline kernel runs once whalesub is installed from its wheel.
+
+``kernel_script.py`` finds the inputs and installs the wheels, then calls :func:`run_kernel`:
+check the models dataset against its manifest, print the environment (Python, CUDA, the ONNX
+Runtime providers a session really uses, FAISS GPUs), then :func:`predict_submission`, which is
+``whalesub embed`` (train images as the gallery unless the models dataset carries a precomputed
+gallery, test images as queries) + ``whalesub submit`` with the packaged threshold + ``whalesub
+validate`` against the ``sample_submission.csv`` found at run time. Every step reuses whalesub's
+own functions: the kernel decodes, embeds and ranks exactly as the workstation does.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+from whalesub.backends import open_model
+from whalesub.embed import EmbedOptions, run_embed
+from whalesub.errors import WhalesubError
+from whalesub.kaggle import KIND_BOXES, KIND_MODELS, MANIFEST
+from whalesub.kaggle.kernel_script import COMPETITION, timed, verify_files
+from whalesub.pipeline import submit_files
+from whalesub.store import load_embeddings
+from whalesub.submission import check_submission_file
+
+SUBMISSION = "submission.csv"
+
+
+def installed_version() -> str:
+    """whalesub's installed version (the wheel's), or ``unknown`` from a bare source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("whalesub")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def check_models(folder: Path) -> dict:
+    """The models manifest after checking every file's sha256 and the whalesub version."""
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    problems = verify_files(folder, manifest.get("files", {}))
+    if manifest.get("kind") != KIND_MODELS:
+        problems.append(f"{folder / MANIFEST} has kind {manifest.get('kind')!r}, not {KIND_MODELS!r}")
+    have = installed_version()
+    if manifest.get("whalesub_version") != have:
+        problems.append(
+            f"the models were packaged by whalesub {manifest.get('whalesub_version')} but whalesub "
+            f"{have} is installed: upload the models and wheels of the same build"
+        )
+    if problems:
+        raise WhalesubError(f"the models dataset {folder} failed its checks:", problems)
+    return manifest
+
+
+def report_environment(model_dir: Path, fp16: bool) -> dict:
+    """Print and return Python, CUDA, the providers ONNX Runtime really uses, FAISS's GPUs."""
+    env: dict = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "whalesub": installed_version(),
+        "whalesub_path": str(Path(__file__).resolve().parents[1]),
+    }
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        env["torch_cuda"] = torch.version.cuda
+        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception as exc:  # noqa: BLE001 - informative only
+        env["torch"] = f"unavailable ({exc})"
+    try:
+        smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        env["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        env["nvidia_smi"] = f"unavailable ({exc.__class__.__name__})"
+    import faiss
+    import onnxruntime as ort
+
+    model = open_model(model_dir, "onnx", "auto", fp16)
+    env["onnxruntime"] = ort.__version__
+    env["ort_available"] = ort.get_available_providers()
+    env["ort_active"] = model.info.get("providers")
+    env["embed_device"] = model.device
+    env["faiss"] = getattr(faiss, "__version__", "?")
+    env["faiss_gpus"] = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    for key, value in env.items():
+        print(f"[whalesub]   {key}: {value}", flush=True)
+    return env
+
+
+def predict_submission(
+    model_dirs: list[Path], competition: Path, manifest: dict, working: Path, boxes: Path | None, times: dict
+) -> dict:
+    """Embed (gallery unless packaged, then the test images), submit, validate; returns submit's counts."""
+    emb = working / "whalesub_embeddings"
+    train_csv, sample = competition / "train.csv", competition / "sample_submission.csv"
+    common = {
+        "device": "auto",
+        "fp16": bool(manifest.get("fp16")),
+        "batch_size": int(manifest["batch_size"]),
+        "box_type": manifest.get("box_type"),
+        "box_conf": manifest.get("box_conf"),
+    }
+
+    def embed(name: str, images: str, listing: Path, options: dict) -> Path:
+        return run_embed(model_dirs, emb / name, EmbedOptions(**options, **common),
+                         images=competition / images, listing=listing, boxes=boxes)
+
+    if manifest.get("gallery_file"):
+        gallery = model_dirs[0].parent / manifest["gallery_file"]
+        found = load_embeddings(gallery).fingerprint
+        if found != manifest["fingerprint"]:
+            raise WhalesubError(
+                f"the packaged gallery {gallery} has fingerprint {found}, the models "
+                f"{manifest['fingerprint']}: rebuild the gallery with these models"
+            )
+        print(f"[whalesub] packaged gallery {gallery.name}: fingerprint {found} matches", flush=True)
+    else:
+        with timed("embed train images (gallery)", times):
+            gallery = embed("gallery.npz", manifest["train_images"], train_csv, manifest["gallery"])
+    with timed("embed test images", times):
+        queries = embed("test.npz", manifest["test_images"], sample, manifest["queries"])
+    out = working / SUBMISSION
+    with timed("submit", times):
+        summary = submit_files(
+            gallery,
+            queries,
+            train_csv,
+            float(manifest["threshold"]),
+            out,
+            k=int(manifest["k"]),
+            sample=sample,
+            progress=False,
+        )
+    with timed("validate", times):
+        check = check_submission_file(out, sample, train_csv)
+    print(
+        f"[whalesub] wrote {out}: {check['n_rows']} rows (as many as {sample.name}), new_individual first "
+        f"in {check['n_new_at1']} ({100 * check['new_share_at1']:.1f}%), threshold {summary['threshold']:g}",
+        flush=True,
+    )
+    return summary
+
+
+def run_kernel(inputs: dict, working: Path, times: dict | None = None) -> dict:
+    """The kernel after installation: ``inputs`` maps input kinds to the folders found for them."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    times = {} if times is None else times
+    models = inputs[KIND_MODELS]
+    with timed("check models", times):
+        manifest = check_models(models)
+        model_dirs = [models / m for m in manifest["models"]]
+    with timed("environment", times):
+        report_environment(model_dirs[0], bool(manifest.get("fp16")))
+    boxes = None
+    if manifest.get("box_type"):
+        box_dir = inputs.get(KIND_BOXES)
+        if box_dir is None:
+            raise WhalesubError(
+                f"the models crop {manifest['box_type']!r} boxes but no boxes dataset "
+                "(manifest.json of kind whalesub-boxes) is attached to the kernel"
+            )
+        boxes = box_dir / manifest["boxes_file"]
+    working.mkdir(parents=True, exist_ok=True)
+    return predict_submission(model_dirs, inputs[COMPETITION], manifest, working, boxes, times)

@@ -1,0 +1,261 @@
+"""``whalesub kaggle build``: export folders (or training runs) -> three Kaggle datasets and a kernel.
+
+Build folder (default ``kernels/build``)::
+
+    models/   dataset-metadata.json, manifest.json, fold0/ fold1/ ... (export folders: model.onnx,
+              model_fp16.onnx, model_spec.json, export.json, class_centres.npz), [gallery.npz]
+    wheels/   dataset-metadata.json, manifest.json, whalesub-*.whl and the wheels Kaggle lacks (flat)
+    boxes/    (optional) dataset-metadata.json, manifest.json, the box table
+    kernel/   kernel-metadata.json, whalesub_kernel.py
+
+Every dataset's ``manifest.json`` holds its ``kind`` (the marker the kernel searches for), the
+whalesub version and the sha256 of every file; the models manifest also holds what the kernel
+needs to run exactly like ``whalesub embed`` + ``submit`` (threshold, k, TTA, boxes, batch size).
+The build is made in a temporary sibling folder and moved into place when complete, then every
+metadata rule (:mod:`whalesub.kaggle.metadata`) is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+
+from whalesub.atomic import atomic_write_text
+from whalesub.backends import read_export_manifest
+from whalesub.embed import EmbedOptions, combined_fingerprint
+from whalesub.errors import ConfigError
+from whalesub.export import MANIFEST as EXPORT_MANIFEST
+from whalesub.export import export_model
+from whalesub.kaggle import (
+    DATASET_METADATA,
+    DATASETS,
+    KERNEL_DIR,
+    KERNEL_FILE,
+    KERNEL_METADATA,
+    KIND_BOXES,
+    KIND_MODELS,
+    KIND_WHEELS,
+    MANIFEST,
+)
+from whalesub.kaggle.kernel import installed_version
+from whalesub.kaggle.kernel_script import sha256_file
+from whalesub.kaggle.metadata import check_build, dataset_metadata, kernel_metadata, read_json
+from whalesub.kaggle.wheels import DEFAULT_PACKAGES, DEFAULT_PLATFORMS, DEFAULT_PYTHON, collect_wheels
+from whalesub.rank import check_threshold
+from whalesub.store import load_embeddings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildOptions:
+    """Settings of ``whalesub kaggle build`` (the CLI options of the same names)."""
+
+    owner: str
+    competition: str | None = "happy-whale-and-dolphin"
+    prefix: str = "whalesub"  # dataset titles: "<prefix> models", "<prefix> wheels", ...
+    threshold: float | None = None
+    threshold_json: Path | None = None  # `whalesub tune --json` output: its best threshold
+    k: int = 100
+    gallery_tta: str = "none"
+    flip_gallery: bool = True  # flipped gallery: both views stored (--flip-views)
+    query_tta: str = "flip"
+    fp16: bool = False
+    batch_size: int = 32
+    box_type: str | None = None
+    box_conf: float | None = None
+    boxes: Path | None = None
+    gallery: Path | None = None  # precomputed gallery .npz
+    train_images: str = "train_images"
+    test_images: str = "test_images"
+    packages: list[str] = field(default_factory=lambda: list(DEFAULT_PACKAGES))
+    python_version: str = DEFAULT_PYTHON
+    platforms: tuple[str, ...] = DEFAULT_PLATFORMS
+    whalesub_wheel: Path | None = None
+    source: Path | None = None
+    wheels_from: Path | None = None
+    machine_shape: str = "NvidiaTeslaT4"
+    license_name: str = "CC0-1.0"
+
+
+def resolve_threshold(opts: BuildOptions) -> float:
+    """``--threshold``, or the best threshold of a ``whalesub tune --json`` file."""
+    if (opts.threshold is None) == (opts.threshold_json is None):
+        raise ConfigError(
+            "give exactly one of --threshold (cosine score of new_individual) and "
+            "--threshold-json (the output of `whalesub tune --json`)"
+        )
+    if opts.threshold is not None:
+        return check_threshold(opts.threshold)
+    tuned = read_json(opts.threshold_json)
+    try:
+        return check_threshold(float(tuned["best"]["threshold"]))
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(
+            f"{opts.threshold_json} has no best.threshold: give the JSON printed by `whalesub tune --json`"
+        ) from None
+
+
+def stage_exports(sources: list[Path], out: Path) -> list[str]:
+    """Copy each export folder (or export each training run) to ``out/fold<i>``; return the names."""
+    if not sources:
+        raise ConfigError("pass at least one export folder or training run (one per fold)")
+    names = []
+    for i, src in enumerate(sources):
+        dest = out / f"fold{i}"
+        if (src / EXPORT_MANIFEST).is_file():
+            shutil.copytree(src, dest)
+        elif src.exists():
+            log.info("%s is not an export folder: exporting it (FP32 + FP16)", src)
+            export_model(src, dest, fp16=True)
+        else:
+            raise ConfigError(f"{src} does not exist (pass export folders from `whalesub export`, or runs)")
+        names.append(dest.name)
+    return names
+
+
+def models_fingerprint(folders: list[Path]) -> str:
+    """The fingerprint ``whalesub embed`` gives these models together (from their export.json)."""
+    return combined_fingerprint(
+        [SimpleNamespace(fingerprint=read_export_manifest(f)["fingerprint"]) for f in folders]
+    )
+
+
+def write_manifest(folder: Path, kind: str, **extra) -> dict:
+    """``manifest.json``: kind, whalesub version, sha256 of every other file (relative paths)."""
+    files = {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in (MANIFEST, DATASET_METADATA)
+    }
+    manifest = {
+        "kind": kind,
+        "whalesub_version": installed_version(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **extra,
+        "files": files,
+    }
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def _write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def build_models(tmp: Path, sources: list[Path], opts: BuildOptions) -> dict:
+    """The models dataset in ``tmp/models``; returns its manifest."""
+    folder = tmp / "models"
+    folder.mkdir()
+    threshold = resolve_threshold(opts)
+    names = stage_exports(sources, folder)
+    fingerprint = models_fingerprint([folder / n for n in names])
+    gallery_opts = {"tta": opts.gallery_tta, "flip_views": opts.flip_gallery}
+    for o in (gallery_opts, {"tta": opts.query_tta}):  # the kernel's embed options, checked now
+        EmbedOptions(**o, box_type=opts.box_type, box_conf=opts.box_conf, batch_size=opts.batch_size).check()
+    if opts.box_type and opts.boxes is None:
+        raise ConfigError(
+            f"--box-type {opts.box_type} needs --boxes CSV (the table the models were trained with)"
+        )
+    gallery_file = None
+    if opts.gallery is not None:
+        found = load_embeddings(opts.gallery).fingerprint
+        if found != fingerprint:
+            raise ConfigError(
+                f"--gallery {opts.gallery} has fingerprint {found} but these models give "
+                f"{fingerprint}: embed the gallery with the same models, in the same order"
+            )
+        gallery_file = "gallery.npz"
+        shutil.copy2(opts.gallery, folder / gallery_file)
+    return write_manifest(
+        folder,
+        KIND_MODELS,
+        models=names,
+        fingerprint=fingerprint,
+        threshold=threshold,
+        k=opts.k,
+        gallery=gallery_opts,
+        queries={"tta": opts.query_tta},
+        fp16=opts.fp16,
+        batch_size=opts.batch_size,
+        box_type=opts.box_type,
+        box_conf=opts.box_conf,
+        boxes_file=opts.boxes.name if opts.boxes else None,
+        gallery_file=gallery_file,
+        train_images=opts.train_images,
+        test_images=opts.test_images,
+    )
+
+
+def build_package(sources: list[Path], out: Path, opts: BuildOptions, overwrite: bool = False) -> dict:
+    """Build the three datasets and the kernel in ``out``; return a summary (slugs, files, sizes)."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} is not empty: pass --overwrite to replace the previous build")
+    if opts.boxes is not None and not opts.boxes.is_file():
+        raise ConfigError(f"--boxes {opts.boxes} does not exist")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        build_models(tmp, sources, opts)
+        wheels = collect_wheels(
+            opts.packages,
+            tmp / "wheels",
+            whalesub_wheel=opts.whalesub_wheel,
+            source=opts.source,
+            wheels_from=opts.wheels_from,
+            python_version=opts.python_version,
+            platforms=opts.platforms,
+        )
+        write_manifest(
+            tmp / "wheels",
+            KIND_WHEELS,
+            install=wheels["install"],
+            python_version=opts.python_version,
+            platforms=list(opts.platforms),
+        )
+        if opts.boxes is not None:
+            (tmp / "boxes").mkdir()
+            shutil.copy2(opts.boxes, tmp / "boxes" / opts.boxes.name)
+            write_manifest(tmp / "boxes", KIND_BOXES)
+        refs = []
+        for sub in DATASETS:
+            if (tmp / sub).is_dir():
+                meta = dataset_metadata(opts.owner, f"{opts.prefix} {sub}", opts.license_name)
+                _write_json(tmp / sub / DATASET_METADATA, meta)
+                refs.append(meta["id"])
+        kernel = tmp / KERNEL_DIR
+        kernel.mkdir()
+        shutil.copy2(Path(__file__).with_name("kernel_script.py"), kernel / KERNEL_FILE)
+        _write_json(
+            kernel / KERNEL_METADATA,
+            kernel_metadata(
+                opts.owner,
+                f"{opts.prefix} inference",
+                KERNEL_FILE,
+                refs,
+                opts.competition,
+                opts.machine_shape,
+            ),
+        )
+        check_build(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "out": str(out),
+        "datasets": refs,
+        "install": wheels["install"],
+        "bytes": {
+            sub: sum(p.stat().st_size for p in (out / sub).rglob("*") if p.is_file())
+            for sub in (*DATASETS, KERNEL_DIR)
+            if (out / sub).is_dir()
+        },
+    }
