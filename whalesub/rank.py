@@ -135,11 +135,12 @@ def rank_queries(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.nd
     return labels, scores
 
 
-def insert_new_individual(cand_labels: np.ndarray, cand_scores: np.ndarray, threshold: float,
+def insert_new_individual(cand_labels: np.ndarray, cand_scores: np.ndarray, threshold: float | np.ndarray,
                           top: int = TOP) -> np.ndarray:
-    """Insert ``new_individual`` (code NEW = -2) with constant score ``threshold``; keep ``top``.
+    """Insert ``new_individual`` (code NEW = -2) with score ``threshold``; keep ``top``.
 
-    ``cand_labels``/``cand_scores`` [Q, m] ranked as from :func:`individual_candidates`.
+    ``cand_labels``/``cand_scores`` [Q, m] ranked as from :func:`individual_candidates`;
+    ``threshold`` one float for every row, or [Q] floats, one per row (per-species thresholds).
     Returns [Q, top] int64 codes, PAD (-1) where a row runs out of candidates. Its rank is the
     number of candidates scoring >= threshold (ties go to the individual).
     """
@@ -147,7 +148,7 @@ def insert_new_individual(cand_labels: np.ndarray, cand_scores: np.ndarray, thre
     if m < top:
         cand_labels = np.pad(cand_labels, ((0, 0), (0, top - m)), constant_values=PAD)
     # Compared in float32, the dtype of the scores, so a threshold typed as 0.7 ties with a 0.7 score.
-    t = np.float32(threshold)
+    t = np.float32(threshold) if np.ndim(threshold) == 0 else np.asarray(threshold, np.float32)[:, None]
     pos = (cand_scores.astype(np.float32, copy=False) >= t).sum(axis=1, keepdims=True)  # 0-based rank
     cols = np.arange(top)[None, :]
     src = np.where(cols < pos, cols, cols - 1).clip(0)
