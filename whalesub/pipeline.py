@@ -117,7 +117,7 @@ def submit_files(gallery_path, queries_path, train_csv, threshold: float | None,
                           "(a per-species file from `whalesub tune --per-species`)")
     if threshold is not None:
         threshold = check_threshold(threshold)
-    elif not 0.0 <= new_share <= 1.0:
+    elif new_share is not None and not 0.0 <= new_share <= 1.0:
         raise ConfigError(f"--new-share {new_share} must be within [0, 1] (e.g. 0.165)")
     if k < 1:
         raise ConfigError(f"--k {k} must be at least 1 (number of neighbours searched per query)")
