@@ -54,7 +54,7 @@ def blend_tables(tables: list[pd.DataFrame], weights, names=None) -> pd.DataFram
     total = np.zeros(len(pairs))
     for wt, t in zip(w, tables, strict=True):
         lowest = t.groupby("image")["score"].min()
-        s = pairs.merge(t, on=["image", "individual_id"], how="left")["score"].to_numpy()
+        s = pairs.merge(t, on=["image", "individual_id"], how="left")["score"].to_numpy(np.float64, copy=True)
         missing = np.isnan(s)
         s[missing] = lowest.reindex(pairs["image"].to_numpy()[missing]).to_numpy()
         total += wt * s
