@@ -29,7 +29,7 @@ import numpy as np
 
 from whalesub.errors import ConfigError
 from whalesub.index import FlatIndex
-from whalesub.rank import PAD, TOP, individual_candidates
+from whalesub.rank import PAD, TOP, batch_starts, individual_candidates
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +105,8 @@ def rank_with_centres(gallery: np.ndarray, gallery_labels: np.ndarray, queries: 
     q = queries.shape[0]
     labels = np.empty((q, n_max), dtype=np.int64)
     scores = np.empty((q, n_max), dtype=np.float32)
-    starts_iter = range(0, q, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts_iter = tqdm(starts_iter, desc=f"rank+centres r={ratio:g}", unit="batch")
     inexact = []
-    for a in starts_iter:
+    for a in batch_starts(q, batch_size, progress, f"rank+centres r={ratio:g}"):
         x = np.ascontiguousarray(queries[a:a + batch_size], dtype=np.float32)
         s, i = index.search(x, k, batch_size=batch_size)
         knn_l, knn_s = individual_candidates(s, i, gallery_labels, n_max=s.shape[1])

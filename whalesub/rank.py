@@ -103,6 +103,16 @@ def exact_candidates(gallery: np.ndarray, gallery_labels: np.ndarray, queries: n
     return out_l, out_s
 
 
+def batch_starts(n: int, batch_size: int, progress: bool, desc: str):
+    """``range(0, n, batch_size)``, wrapped in a tqdm progress bar when ``progress``."""
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        return tqdm(starts, desc=desc, unit="batch")
+    return starts
+
+
 def rank_queries(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.ndarray, k: int = 100,
                  n_max: int = TOP, *, use_gpu: bool | None = None, batch_size: int = 8192,
                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -117,12 +127,7 @@ def rank_queries(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.nd
     q = queries.shape[0]
     labels = np.empty((q, n_max), dtype=np.int64)
     scores = np.empty((q, n_max), dtype=np.float32)
-    starts = range(0, q, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=f"rank k={min(k, index.n)}", unit="batch")
-    for a in starts:
+    for a in batch_starts(q, batch_size, progress, f"rank k={min(k, index.n)}"):
         s, i = index.search(queries[a:a + batch_size], k, batch_size=batch_size)
         rows = slice(a, a + batch_size)
         labels[rows], scores[rows] = individual_candidates(s, i, gallery_labels, n_max)
