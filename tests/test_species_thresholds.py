@@ -151,3 +151,12 @@ def test_submit_refuses_two_threshold_sources(case):
                               "--threshold", "0.5", "--thresholds", str(case / "th.json")])
     assert res.exit_code == 2 and "exactly one of" in res.output
     assert not (case / "x.csv").exists()
+
+
+def test_tune_prints_the_per_species_summary(case):
+    args = ["tune", "--gallery", str(case / "gallery.npz"), "--queries", str(case / "oof.npz"), "--train-csv",
+            str(case / "train.csv"), "--truth", str(case / "oof_truth.csv"), "--per-species",
+            str(case / "th_text.json")]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "per species (3 species, k0=20)" in res.stdout and (case / "th_text.json").is_file()
