@@ -66,6 +66,16 @@ def submit_command(
     k: int = typer.Option(100, "--k", help="Neighbours searched per query."),
     sample: Path | None = typer.Option(None, "--sample", help="sample_submission.csv (or test image folder): "
                                        "rows follow its order and every test image must be embedded once."),
+    thresholds: Path | None = typer.Option(None, "--thresholds", help="Instead of --threshold: per-species "
+                                           "file of `whalesub tune --per-species`."),
+    centres: list[Path] | None = typer.Option(None, "--centres", help="class_centres.npz of export; repeat "
+                                              "in the order of embed's --model."),
+    knn_ratio: float = typer.Option(1.0, "--knn-ratio", help="r: score = r x kNN + (1 - r) x centre cosine "
+                                    "(1: kNN only, needs no --centres)."),
+    centre_k: int | None = typer.Option(None, "--centre-k", help="Centres searched per query (default --k)."),
+    candidates_out: Path | None = typer.Option(None, "--candidates-out", help="Also write each query's "
+                                               "top candidates: image,rank,individual_id,score (CSV)."),
+    candidates_n: int = typer.Option(5, "--candidates-n", help="Candidates per query in --candidates-out."),
 ) -> None:
     """Rank every query against the gallery and write a validated submission.
 
@@ -77,7 +87,9 @@ def submit_command(
     from whalesub.pipeline import submit_files
 
     _log_info_to_stderr()
-    s = submit_files(gallery, queries, train_csv, threshold, out, k=k, sample=sample, new_share=new_share)
+    s = submit_files(gallery, queries, train_csv, threshold, out, k=k, sample=sample, new_share=new_share,
+                     thresholds=thresholds, centres=centres, knn_ratio=knn_ratio, centre_k=centre_k,
+                     candidates_out=candidates_out, candidates_n=candidates_n)
     typer.echo(f"wrote {s['out']}: {s['rows']} rows; new_individual first in {s['new_first']} "
                f"({100 * s['new_first'] / max(s['rows'], 1):.1f}%), present in {s['new_any']}; "
                f"gallery {s['gallery_vectors']} vectors of {s['individuals']} individuals, k={s['k']}, "
@@ -99,6 +111,10 @@ def tune_command(
                                                   "of rows (e.g. 0.165)."),
     k: int = typer.Option(100, "--k", help="Neighbours searched per query."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    per_species: Path | None = typer.Option(None, "--per-species", help="Also tune a threshold per species "
+                                            "(of the top candidate); write this JSON for submit."),
+    k0: float = typer.Option(20.0, "--k0", help="Shrinkage: a species with n queries gets n/(n+k0) x its own "
+                             "best + k0/(n+k0) x the global threshold."),
 ) -> None:
     """Choose the new_individual threshold: MAP@5 at every threshold of a grid, and the best.
 
@@ -109,7 +125,8 @@ def tune_command(
     from whalesub.pipeline import tune_files
 
     _log_info_to_stderr()
-    r = tune_files(gallery, queries, train_csv, truth, grid=grid, target_new_share=target_new_share, k=k)
+    r = tune_files(gallery, queries, train_csv, truth, grid=grid, target_new_share=target_new_share, k=k,
+                   per_species_out=per_species, k0=k0)
     if as_json:
         typer.echo(json.dumps(r))
         return
@@ -125,6 +142,11 @@ def tune_command(
         t = r["target"]
         typer.echo(f"target new share {100 * t['new_share']:.1f}%: threshold {t['threshold']:.4f} "
                    f"MAP@5 {t['map5']:.4f}")
+    if "per_species" in r:
+        p = r["per_species"]
+        typer.echo(f"per species ({len(p['species'])} species, k0={p['k0']:g}): MAP@5 "
+                   f"{p['map5_per_species']:.4f} (in-sample) vs {p['map5_global']:.4f} global; "
+                   f"wrote {per_species}")
 
 
 # --- score / validate (whalesub.metric, whalesub.submission) ---------------------------------------
@@ -335,6 +357,7 @@ def boxes_convert_command(
                f"{s['clipped']} clipped to the image"
                + ("" if s["sizes_checked"] else " (sizes not checked: give --images)"))
 
+
 @app.command("pseudo-label")
 @guarded
 def pseudo_label_command(
@@ -395,6 +418,36 @@ def report_command(
 from whalesub.kaggle.commands import kaggle_app  # noqa: E402  (after guarded, which it wraps commands with)
 
 app.add_typer(kaggle_app(guarded, _log_info_to_stderr), name="kaggle")
+
+# --- blend (whalesub.blend) ------------------------------------------------------------------------
+@app.command("blend")
+@guarded
+def blend_command(
+    table: list[Path] = typer.Option(..., "--table", help="Candidate table of `submit --candidates-out`; "
+                                     "repeat, each followed by its --weight."),
+    weight: list[float] = typer.Option(..., "--weight", help="Weight of the matching --table (> 0; "
+                                       "normalised to sum 1)."),
+    out: Path = typer.Option(..., "--out", help="Submission CSV to write (atomically)."),
+    threshold: float | None = typer.Option(None, "--threshold", help="Blended score of new_individual."),
+    new_share: float | None = typer.Option(None, "--new-share", help="Instead: share of rows to get "
+                                           "new_individual first (e.g. 0.165)."),
+    sample: Path | None = typer.Option(None, "--sample", help="sample_submission.csv: rows in its order."),
+    train_csv: Path | None = typer.Option(None, "--train-csv", help="train.csv: every label must be one of "
+                                          "its individual_ids."),
+    candidates_out: Path | None = typer.Option(None, "--candidates-out", help="Also write the blended "
+                                               "table."),
+) -> None:
+    """Blend candidate tables of several models/runs (weighted scores) into a validated submission.
+
+    A candidate missing from a table takes that table's lowest kept score for the image.
+    """
+    from whalesub.blend import blend_files
+
+    _log_info_to_stderr()
+    s = blend_files(table, weight, out, threshold=threshold, new_share=new_share, sample=sample,
+                    train_csv=train_csv, candidates_out=candidates_out)
+    typer.echo(f"wrote {s['out']}: {s['rows']} rows from {s['tables']} tables; new_individual first in "
+               f"{s['new_first']}, present in {s['new_any']}; threshold={s['threshold']:g}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

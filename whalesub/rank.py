@@ -103,6 +103,16 @@ def exact_candidates(gallery: np.ndarray, gallery_labels: np.ndarray, queries: n
     return out_l, out_s
 
 
+def batch_starts(n: int, batch_size: int, progress: bool, desc: str):
+    """``range(0, n, batch_size)``, wrapped in a tqdm progress bar when ``progress``."""
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        return tqdm(starts, desc=desc, unit="batch")
+    return starts
+
+
 def rank_queries(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.ndarray, k: int = 100,
                  n_max: int = TOP, *, use_gpu: bool | None = None, batch_size: int = 8192,
                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -117,12 +127,7 @@ def rank_queries(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.nd
     q = queries.shape[0]
     labels = np.empty((q, n_max), dtype=np.int64)
     scores = np.empty((q, n_max), dtype=np.float32)
-    starts = range(0, q, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=f"rank k={min(k, index.n)}", unit="batch")
-    for a in starts:
+    for a in batch_starts(q, batch_size, progress, f"rank k={min(k, index.n)}"):
         s, i = index.search(queries[a:a + batch_size], k, batch_size=batch_size)
         rows = slice(a, a + batch_size)
         labels[rows], scores[rows] = individual_candidates(s, i, gallery_labels, n_max)
@@ -135,11 +140,12 @@ def rank_queries(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.nd
     return labels, scores
 
 
-def insert_new_individual(cand_labels: np.ndarray, cand_scores: np.ndarray, threshold: float,
+def insert_new_individual(cand_labels: np.ndarray, cand_scores: np.ndarray, threshold: float | np.ndarray,
                           top: int = TOP) -> np.ndarray:
-    """Insert ``new_individual`` (code NEW = -2) with constant score ``threshold``; keep ``top``.
+    """Insert ``new_individual`` (code NEW = -2) with score ``threshold``; keep ``top``.
 
-    ``cand_labels``/``cand_scores`` [Q, m] ranked as from :func:`individual_candidates`.
+    ``cand_labels``/``cand_scores`` [Q, m] ranked as from :func:`individual_candidates`;
+    ``threshold`` one float for every row, or [Q] floats, one per row (per-species thresholds).
     Returns [Q, top] int64 codes, PAD (-1) where a row runs out of candidates. Its rank is the
     number of candidates scoring >= threshold (ties go to the individual).
     """
@@ -147,7 +153,7 @@ def insert_new_individual(cand_labels: np.ndarray, cand_scores: np.ndarray, thre
     if m < top:
         cand_labels = np.pad(cand_labels, ((0, 0), (0, top - m)), constant_values=PAD)
     # Compared in float32, the dtype of the scores, so a threshold typed as 0.7 ties with a 0.7 score.
-    t = np.float32(threshold)
+    t = np.float32(threshold) if np.ndim(threshold) == 0 else np.asarray(threshold, np.float32)[:, None]
     pos = (cand_scores.astype(np.float32, copy=False) >= t).sum(axis=1, keepdims=True)  # 0-based rank
     cols = np.arange(top)[None, :]
     src = np.where(cols < pos, cols, cols - 1).clip(0)

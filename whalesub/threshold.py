@@ -63,16 +63,17 @@ def average_precision_grid(cand_labels: np.ndarray, cand_scores: np.ndarray, tru
     """AP@top of every query at every threshold: [T, Q] float64.
 
     ``cand_labels``/``cand_scores`` [Q, m] ranked candidates (m >= top), ``truth`` [Q] codes from
-    :func:`truth_codes`, ``thresholds`` [T].
+    :func:`truth_codes`, ``thresholds`` [T], or [T, Q] for a threshold per row.
     """
     t = np.asarray(thresholds, dtype=np.float64).astype(np.float32)  # compared like insert_new_individual
     q, m = cand_labels.shape
     hit = cand_labels[:, :top] == truth[:, None]
     r = np.where(hit.any(axis=1), hit.argmax(axis=1), top)  # truth's rank among candidates, `top` = absent
-    ap = np.zeros((t.size, q))
+    ap = np.zeros((t.shape[0], q))
     s = cand_scores[:, :top].astype(np.float32)
-    for a in range(0, t.size, 64):  # [64, Q, top] booleans at a time
-        p = (s[None] >= t[a:a + 64, None, None]).sum(axis=2)  # [t, Q] insertion rank of new_individual
+    for a in range(0, t.shape[0], 64):  # [64, Q, top] booleans at a time
+        tt = t[a:a + 64, None, None] if t.ndim == 1 else t[a:a + 64, :, None]
+        p = (s[None] >= tt).sum(axis=2)  # [t, Q] insertion rank of new_individual
         rank = np.where(truth == NEW, p, r + (p <= r))
         ok = (rank < top) & (truth != UNREACHABLE) & ((truth == NEW) | (r < top))
         ap[a:a + 64] = np.where(ok, 1.0 / (rank + 1), 0.0)
@@ -150,13 +151,16 @@ def parse_grid(text: str) -> np.ndarray:
 
 def tune_arrays(gallery: np.ndarray, gallery_label_strs, queries: np.ndarray, truth_labels,
                 thresholds: np.ndarray, target_new_share: float | None = None, k: int = 100, *,
-                use_gpu: bool | None = None, progress: bool = False) -> dict:
+                use_gpu: bool | None = None, progress: bool = False, class_species=None,
+                k0: float = 20.0) -> dict:
     """Threshold search in memory (e.g. training's validation on out-of-fold embeddings).
 
     ``gallery`` [N, D] and ``queries`` [Q, D] unit float32, ``gallery_label_strs`` [N] and
     ``truth_labels`` [Q] strings (``new_individual`` for animals absent from the gallery).
     Returns a JSON-ready dict: ``n``, ``n_new``, ``k``, ``table`` (one dict per threshold),
-    ``best`` (threshold, map5, new_share) and, with ``target_new_share``, ``target``.
+    ``best`` (threshold, map5, new_share) and, with ``target_new_share``, ``target``; with
+    ``class_species`` ([n_ind] str, species of each sorted unique gallery label), ``per_species``
+    from :func:`tune_per_species` (shrinkage ``k0``).
     """
 
     if target_new_share is not None:
@@ -176,4 +180,67 @@ def tune_arrays(gallery: np.ndarray, gallery_label_strs, queries: np.ndarray, tr
         t = threshold_for_new_share(scores, target_new_share)
         one = grid_search(labels, scores, truth, np.array([t]))
         result["target"] = {"new_share": float(one.new_share[0]), "threshold": t, "map5": float(one.map5[0])}
+    if class_species is not None:
+        result["per_species"] = tune_per_species(labels, scores, truth, class_species, thresholds, k0)
     return result
+
+
+# --- per-species thresholds -----------------------------------------------------------------------
+
+
+def top_species(cand_labels: np.ndarray, class_species: np.ndarray) -> np.ndarray:
+    """Species of each query's top candidate: [Q] str, ``""`` for a row without candidates.
+
+    ``cand_labels`` [Q, m] codes (PAD = -1), ``class_species`` [n_ind] str, the species of each code.
+    """
+    top = cand_labels[:, 0]
+    names = np.append(np.asarray(class_species, dtype=str), "")
+    return names[np.where(top >= 0, top, len(names) - 1)]
+
+
+def row_thresholds(cand_labels: np.ndarray, class_species: np.ndarray, by_species: dict[str, float],
+                   global_threshold: float) -> np.ndarray:
+    """Threshold of each query [Q] float64: that of its top candidate's species, else the global one."""
+    species = top_species(cand_labels, class_species)
+    return np.array([by_species.get(s, global_threshold) for s in species.tolist()], dtype=np.float64)
+
+
+def tune_per_species(cand_labels: np.ndarray, cand_scores: np.ndarray, truth: np.ndarray,
+                     class_species: np.ndarray, thresholds: np.ndarray, k0: float = 20.0) -> dict:
+    """Per-species thresholds, grouped by the species of each query's top candidate.
+
+    The global threshold is the grid's best on all queries. Each species' raw threshold is the
+    grid's best on its n queries alone, then shrunk toward the global one:
+    ``t = w * raw + (1 - w) * global`` with ``w = n / (n + k0)`` (k0 = 0: no shrinkage; a species
+    with n << k0 stays near the global threshold). Arrays as in :func:`average_precision_grid`,
+    ``class_species`` [n_ind] str. Returns a JSON-ready dict: ``global``, ``k0``, ``n``,
+    ``map5_global`` / ``map5_per_species`` (MAP@5 of these queries with one threshold / with the
+    species' shrunk thresholds; the latter is in-sample, so optimistic) and ``species``:
+    name -> {threshold, raw_threshold, n, weight, map5_raw, map5_global}.
+    """
+    if not np.isfinite(k0) or k0 < 0:
+        raise ConfigError(f"--k0 {k0} must be >= 0 (prior weight, in queries, of the global threshold)")
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    if thresholds.size == 0:
+        raise ConfigError("the threshold grid is empty; pass e.g. --grid 0.0:1.0:0.02")
+    ap = average_precision_grid(cand_labels, cand_scores, truth, thresholds)  # [T, Q]
+    g = int(np.argmax(ap.mean(axis=1)))
+    t_global = float(thresholds[g])
+    species = top_species(cand_labels, class_species)
+    per_row = np.full(truth.size, t_global)
+    table = {}
+    for name in np.unique(species[species != ""]).tolist():
+        rows = species == name
+        n = int(rows.sum())
+        sp_map = ap[:, rows].mean(axis=1)
+        best = int(np.argmax(sp_map))
+        w = n / (n + k0)
+        t = float(w * thresholds[best] + (1 - w) * t_global)
+        per_row[rows] = t
+        table[name] = {"threshold": t, "raw_threshold": float(thresholds[best]), "n": n, "weight": w,
+                       "map5_raw": float(sp_map[best]), "map5_global": float(sp_map[g])}
+    map5_species = float(average_precision_grid(cand_labels, cand_scores, truth, per_row[None, :])[0].mean())
+    log.info("per-species thresholds for %d species (k0=%g): MAP@5 %.4f with the global %.4f -> %.4f",
+             len(table), k0, float(ap[g].mean()), t_global, map5_species)
+    return {"global": t_global, "k0": float(k0), "n": int(truth.size), "map5_global": float(ap[g].mean()),
+            "map5_per_species": map5_species, "species": table}
