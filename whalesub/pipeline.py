@@ -129,9 +129,17 @@ def tune_files(gallery_path, queries_path, train_csv, truth_csv, grid: str = "0.
     if target_new_share is not None and not 0.0 <= target_new_share <= 1.0:
         raise ConfigError(f"--target-new-share {target_new_share} must be within [0, 1] (e.g. 0.165)")
     data = load_ranking_inputs(gallery_path, queries_path, train_csv)
+    truth = match_truth(data["query_ids"], truth_csv, queries_path)
+    return tune_arrays(data["gallery"], data["classes"][data["gallery_labels"]], data["queries"],
+                       truth, thresholds, target_new_share, k, use_gpu=use_gpu, progress=progress)
+
+
+def match_truth(query_ids: np.ndarray, truth_csv, queries_path) -> list[str]:
+    """The truth label of every query id [Q] from ``truth_csv`` (image,individual_id); images
+    missing on either side are one error naming them."""
     truth_df = read_truth(truth_csv)
     truth_of = dict(zip(truth_df["image"].astype(str), truth_df["individual_id"].astype(str), strict=True))
-    ids = data["query_ids"].tolist()
+    ids = query_ids.tolist()
     problems = []
     if missing := [i for i in ids if i not in truth_of]:
         problems.append(f"{len(missing)} query images have no truth row: {first_few(missing)}")
@@ -139,6 +147,4 @@ def tune_files(gallery_path, queries_path, train_csv, truth_csv, grid: str = "0.
         problems.append(f"{len(extra)} truth images are not among the queries: {first_few(extra)}")
     if problems:
         raise DataError(f"truth {str(truth_csv)!r} does not match queries {str(queries_path)!r}:", problems)
-    return tune_arrays(data["gallery"], data["classes"][data["gallery_labels"]], data["queries"],
-                       [truth_of[i] for i in ids], thresholds, target_new_share, k, use_gpu=use_gpu,
-                       progress=progress)
+    return [truth_of[i] for i in ids]
