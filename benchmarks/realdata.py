@@ -6,8 +6,8 @@ Siamese neural networks", ISCMI 2020). The data is read in place and never copie
 
 Steps, all on CPU:
 
-1. ``python -m train --config train/configs/nyala.yaml`` with ``--fold=all --n_folds=N --epochs=E``
-   (resnet18 from scratch, 128 px; a finished run is reused);
+1. ``python -m train --config train/configs/nyala.yaml`` with ``--fold=all --n_folds=N --epochs=E
+   --image_size=S`` (resnet18 from scratch; a finished run is reused; the test set is left to step 2);
 2. :func:`whalesub.predict.predict` on the run: export every fold, embed the flipped gallery and the
    flip-TTA test set with all folds combined, threshold from the pooled out-of-fold share, submit,
    validate, score against ``test_truth.csv``;
@@ -16,7 +16,7 @@ Steps, all on CPU:
    its best threshold on the test truth (optimistic; the README's earlier reference protocol).
 
 Usage: ``python benchmarks/realdata.py [--data ../shared/data/nyala] [--out runs/realdata]
-[--folds 2] [--epochs 10]``
+[--folds 2] [--epochs 10] [--image-size 128]``
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "realdata")
     parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--image-size", type=int, default=128, help="input side in px (the recipe's 128)")
     args = parser.parse_args(argv)
     data, out = args.data.resolve(), args.out.resolve()
     if not (data / "train.csv").is_file():
@@ -87,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     cmd = [sys.executable, "-m", "train", "--config", "train/configs/nyala.yaml", "--fold=all",
-           f"--n_folds={args.folds}", f"--epochs={args.epochs}", f"--out_dir={out}", "--run_name=run",
-           f"--train_csv={data / 'train.csv'}", f"--image_dir={data / 'train_images'}",
-           f"--test_csv={data / 'test_truth.csv'}", f"--test_image_dir={data / 'test_images'}"]
+           f"--n_folds={args.folds}", f"--epochs={args.epochs}", f"--image_size={args.image_size}",
+           f"--out_dir={out}", "--run_name=run", f"--train_csv={data / 'train.csv'}",
+           f"--image_dir={data / 'train_images'}", "--test_csv=null", "--test_image_dir=null"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
     trained = time.perf_counter()
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             ("all new_individual (sample submission)", all_new),
             ("kNN on 16x16 raw pixels, same new share", pixels["at_share"])]
     print(f"\n{data.name}: {s['n']} test images ({s['n_new']} new); {len(r['models'])} folds x {args.epochs} "
-          f"epochs; train {trained - started:.0f} s, predict {done - trained:.0f} s")
+          f"epochs at {args.image_size} px; train {trained - started:.0f} s, predict {done - trained:.0f} s")
     print(f"threshold {r['threshold']:.4f} from {r['threshold_source']}; new share {r['new_share']:.3f}")
     print(f"{'method':<44} {'MAP@5':>7} {'known':>7} {'new':>7}")
     for name, m in rows:
