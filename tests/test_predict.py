@@ -23,16 +23,6 @@ runner = CliRunner()
 GRID = "0.0:1.0:0.05"
 
 
-@pytest.fixture(autouse=True)
-def _restore_global_torch_state():
-    import torch
-
-    level = logging.getLogger().level
-    yield
-    torch.use_deterministic_algorithms(False)
-    logging.getLogger().setLevel(level)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
     """Synthetic data and a 2-fold run (both folds, 2 epochs, a tiny network): data, run."""
@@ -48,10 +38,12 @@ def trained(tmp_path_factory) -> dict:
             "backbone": "test_efficientnet", "image_size": 32, "embed_dim": 16, "batch_size": 16, "epochs": 2,
             "num_workers": 0, "device": "cpu", "deterministic": "true", "n_folds": 2, "fold": "all",
             "out_dir": root, "run_name": "run", "arc_k": 1, "val_batch_size": 32, "tta_flip": "true"}
+    level = logging.getLogger().level
     try:
         assert main([f"--{k}={v}" for k, v in args.items()]) == 0
-    finally:
+    finally:  # training switches these on for the whole process
         torch.use_deterministic_algorithms(False)
+        logging.getLogger().setLevel(level)
     return {"data": data, "run": root / "run", "root": root}
 
 
