@@ -168,6 +168,10 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sources = find_model_sources(models)
+    folds = list(dict.fromkeys(s.fold_dir for s in sources if s.fold_dir is not None))
+    if threshold is None and new_share is None and not folds:  # before the long export and embedding
+        raise ConfigError("none of the models has out-of-fold files (fold*/oof_*.npz) to choose the "
+                          "threshold on: pass --threshold or --new-share (e.g. 0.165)")
     parity = pick_parity_images(train_images)
     exports = [ensure_export(s, out / "models", fp16=options.fp16, parity_images=parity) for s in sources]
     emb = out / "embeddings"
@@ -180,10 +184,6 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
                           for s, e in zip(sources, exports, strict=True)],
                "gallery": str(gallery), "queries": str(queries)}
     if threshold is None and new_share is None:
-        folds = list(dict.fromkeys(s.fold_dir for s in sources if s.fold_dir is not None))
-        if not folds:
-            raise ConfigError("none of the models has out-of-fold files (fold*/oof_*.npz) to choose the "
-                              "threshold on: pass --threshold or --new-share (e.g. 0.165)")
         tuned = tune_folds(folds, train_csv, grid, k=k)
         atomic_write_text(out / "tune.json", json.dumps(tuned, indent=1) + "\n")
         new_share = tuned["best"]["new_share"]
