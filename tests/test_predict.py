@@ -221,10 +221,20 @@ def test_rerun_reuses_everything_and_a_changed_model_recomputes(trained, predict
         str(np.load(predicted / "embeddings/test.npz")["meta"]))["fingerprint"]
 
 
-def test_predict_errors_name_the_problem(trained, tmp_path):
-    data = trained["data"]
+def test_predict_errors_name_the_problem(tmp_path):
+    data = tmp_path / "data"  # every problem below is found before any data is read
     res = runner.invoke(app, _predict_args(data, tmp_path / "o", tmp_path / "nothing"))
     assert res.exit_code == 2 and "nothing" in res.output and "Traceback" not in res.output
-    res = runner.invoke(app, [*_predict_args(data, tmp_path / "o", trained["run"]), "--threshold", "0.5",
+    res = runner.invoke(app, [*_predict_args(data, tmp_path / "o", tmp_path), "--threshold", "0.5",
                               "--new-share", "0.2"])
     assert res.exit_code == 2 and "at most one of --threshold and --new-share" in res.output
+    export = tmp_path / "export"  # an export folder whose checkpoint (and out-of-fold files) are elsewhere
+    export.mkdir()
+    manifest = {"fingerprint": "f", "source": str(tmp_path / "x/best.pt")}
+    (export / "export.json").write_text(json.dumps(manifest))
+    res = runner.invoke(app, _predict_args(data, tmp_path / "o", export))
+    assert res.exit_code == 2 and "none of the models has out-of-fold files" in res.output
+    assert not (tmp_path / "o" / "embeddings").exists()  # said before any embedding
+    (export / "export.json").write_text("{not json")
+    res = runner.invoke(app, _predict_args(data, tmp_path / "o", export))
+    assert res.exit_code == 2 and "export.json cannot be read" in res.output
