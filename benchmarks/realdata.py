@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=128, help="input side in px (the recipe's 128)")
+    parser.add_argument("--models", type=Path, nargs="*", help="skip training: predict with these run/fold "
+                        "folders (e.g. OUT/run/fold0 while the other folds still train)")
     args = parser.parse_args(argv)
     data, out = args.data.resolve(), args.out.resolve()
     if not (data / "train.csv").is_file():
@@ -91,10 +93,11 @@ def main(argv: list[str] | None = None) -> int:
            f"--n_folds={args.folds}", f"--epochs={args.epochs}", f"--image_size={args.image_size}",
            f"--out_dir={out}", "--run_name=run", f"--train_csv={data / 'train.csv'}",
            f"--image_dir={data / 'train_images'}", "--test_csv=null", "--test_image_dir=null"]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=REPO, check=True)
+    if not args.models:
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, cwd=REPO, check=True)
     trained = time.perf_counter()
-    r = predict([out / "run"], data / "train.csv", data / "train_images", data / "test_images",
+    r = predict(args.models or [out / "run"], data / "train.csv", data / "train_images", data / "test_images",
                 out / "predict", sample=data / "sample_submission.csv", truth=data / "test_truth.csv")
     done = time.perf_counter()
     truth = pd.read_csv(data / "test_truth.csv", dtype=str)["individual_id"].tolist()
