@@ -99,11 +99,14 @@ def submit_command(
 @app.command("tune")
 @guarded
 def tune_command(
-    gallery: Path = typer.Option(..., "--gallery", help="Gallery embeddings .npz."),
-    queries: Path = typer.Option(..., "--queries", help="Labelled query embeddings .npz (e.g. a CV fold)."),
+    gallery: Path | None = typer.Option(None, "--gallery", help="Gallery embeddings .npz."),
+    queries: Path | None = typer.Option(None, "--queries", help="Labelled query embeddings .npz."),
     train_csv: Path = typer.Option(..., "--train-csv", help="train.csv: gallery image -> individual_id."),
-    truth: Path = typer.Option(..., "--truth", help="Truth CSV of the queries: image,individual_id "
-                               "(new_individual for animals absent from the gallery)."),
+    truth: Path | None = typer.Option(None, "--truth", help="Truth CSV of the queries: image,individual_id "
+                                      "(new_individual for animals absent from the gallery)."),
+    run: list[Path] | None = typer.Option(None, "--run", help="Instead of --gallery/--queries/--truth: a "
+                                          "training run folder; pools every fold's out-of-fold queries, each "
+                                          "ranked against its own fold's gallery (repeatable)."),
     grid: str = typer.Option("0.0:1.0:0.02", "--grid", help="Thresholds: start:stop:step (stop included) "
                              "or a comma list."),
     target_new_share: float | None = typer.Option(None, "--target-new-share", help="Also report the "
@@ -119,14 +122,16 @@ def tune_command(
     """Choose the new_individual threshold: MAP@5 at every threshold of a grid, and the best.
 
     One ranking serves the whole grid (only new_individual's rank depends on the threshold).
+    "new@1" is the share of rows with new_individual first: `whalesub predict` applies the best
+    row's share (not its raw cosine) to an ensemble's test scores.
     """
     import json
 
-    from whalesub.pipeline import tune_files
+    from whalesub.oof import tune_runs_or_files
 
     _log_info_to_stderr()
-    r = tune_files(gallery, queries, train_csv, truth, grid=grid, target_new_share=target_new_share, k=k,
-                   per_species_out=per_species, k0=k0)
+    r = tune_runs_or_files(run, gallery, queries, truth, train_csv, grid=grid,
+                           target_new_share=target_new_share, k=k, per_species_out=per_species, k0=k0)
     if as_json:
         typer.echo(json.dumps(r))
         return
@@ -448,6 +453,55 @@ def blend_command(
                     train_csv=train_csv, candidates_out=candidates_out)
     typer.echo(f"wrote {s['out']}: {s['rows']} rows from {s['tables']} tables; new_individual first in "
                f"{s['new_first']}, present in {s['new_any']}; threshold={s['threshold']:g}")
+
+
+# --- predict (whalesub.predict) -------------------------------------------------------------------
+@app.command("predict")
+@guarded
+def predict_command(
+    model: list[Path] = typer.Option(..., "--model", help="Run folder (all its fold*/), fold "
+                                     "folder, checkpoint or export folder; repeatable."),
+    train_csv: Path = typer.Option(..., "--train-csv", help="train.csv (the gallery's labels)."),
+    train_images: Path = typer.Option(..., "--train-images", help="Folder of the train images."),
+    test_images: Path = typer.Option(..., "--test-images", help="Folder of the test images."),
+    out: Path = typer.Option(..., "--out", help="Output folder: models/, embeddings/, submission.csv, ..."),
+    sample: Path | None = typer.Option(None, "--sample", help="sample_submission.csv: test rows and order "
+                                       "(default: every image of --test-images)."),
+    truth: Path | None = typer.Option(None, "--truth", help="Test truth CSV: also score the submission."),
+    threshold: float | None = typer.Option(None, "--threshold", help="Fixed new_individual cosine."),
+    new_share: float | None = typer.Option(None, "--new-share", help="Share of test rows to get "
+                                           "new_individual first (default: the pooled out-of-fold share)."),
+    boxes: Path | None = typer.Option(None, "--boxes", help="Box CSV image,x1,y1,x2,y2[,conf][,box_type]."),
+    box_type: str | None = typer.Option(None, "--box-type", help="Which box_type of --boxes to crop."),
+    box_conf: float | None = typer.Option(None, "--box-conf", help="Box confidence cut (default: "
+                                          "training's)."),
+    grid: str = typer.Option("0.0:1.0:0.02", "--grid", help="Out-of-fold threshold grid start:stop:step."),
+    k: int = typer.Option(100, "--k", help="Neighbours searched per query."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    fp16: bool = typer.Option(False, "--fp16", help="Export and embed with model_fp16.onnx."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per model call."),
+    workers: int | None = typer.Option(None, "--workers", help="Decoding worker processes."),
+) -> None:
+    """From trained runs to a validated submission: export, embed (flipped gallery, flip-TTA test set,
+    every model combined), pooled out-of-fold threshold share, submit, validate, score.
+
+    Intermediate files stay in --out; a rerun reuses those whose fingerprints still match.
+    """
+    from whalesub.embed import EmbedOptions
+    from whalesub.predict import predict
+
+    _log_info_to_stderr()
+    options = EmbedOptions(device=device, fp16=fp16, batch_size=batch_size, workers=workers,
+                           box_type=box_type, box_conf=box_conf)
+    r = predict(model, train_csv, train_images, test_images, out, sample=sample, truth=truth, boxes=boxes,
+                threshold=threshold, new_share=new_share, grid=grid, k=k, options=options)
+    s = r["submit"]
+    typer.echo(f"wrote {s['out']}: {s['rows']} rows, {len(r['models'])} models, threshold "
+               f"{s['threshold']:.4f} ({r['threshold_source']}); new_individual first in "
+               f"{100 * s['new_first'] / max(s['rows'], 1):.1f}%")
+    if "score" in r:
+        typer.echo(f"MAP@5 {r['score']['map5']:.4f} (known {r['score']['map5_known']}, "
+                   f"new {r['score']['map5_new']})")
 
 
 def main() -> None:  # pragma: no cover - console entry point

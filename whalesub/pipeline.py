@@ -34,7 +34,13 @@ from whalesub.scorefiles import (
 )
 from whalesub.store import average_views, check_compatible, load_embeddings, unit_float32
 from whalesub.submission import write_submission
-from whalesub.threshold import check_new_share, parse_grid, row_thresholds, threshold_for_new_share, tune_arrays
+from whalesub.threshold import (
+    check_new_share,
+    parse_grid,
+    row_thresholds,
+    threshold_for_new_share,
+    tune_arrays,
+)
 
 log = logging.getLogger(__name__)
 
