@@ -238,11 +238,12 @@ class FoldSession:
                 log.info("early stopping: no improvement in %d validations (best %.4f at epoch %d)",
                          cfg.patience, st["early_stopping"]["best"], st["early_stopping"]["best_epoch"])
                 break
-        if self.has_val and st["history"]:
-            first = st["history"][0]["val_map5"]
+        validated = [r for r in st["history"] if r.get("val_map5") is not None]
+        if self.has_val and validated:
+            first = validated[0]["val_map5"] if validated[0]["epoch"] == 0 else None
             log.info("fold %s done: val MAP@5 untrained %s -> best %.4f (epoch %d); all-new baseline %.4f",
                      self.k, f"{first:.4f}" if first is not None else "n/a", st["early_stopping"]["best"],
-                     st["early_stopping"]["best_epoch"], st["history"][-1]["all_new_baseline"])
+                     st["early_stopping"]["best_epoch"], validated[-1]["all_new_baseline"])
         if tb is not None:
             tb.close()
 
