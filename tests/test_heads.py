@@ -45,6 +45,17 @@ def _assert_equal_to_pml(head: ArcMarginHead, loss_fn, emb: torch.Tensor, labels
     torch.testing.assert_close(g_w, p_w.t(), rtol=0, atol=1e-10)
 
 
+def _np_cosines(emb: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Oracle: cos[i, j] = <e_i, w_j> / (|e_i| |w_j|), row by row in numpy float64 (no torch math)."""
+    e, w = emb.detach().numpy().astype(np.float64), weight.detach().numpy().astype(np.float64)
+    out = np.empty((len(e), len(w)))
+    for i in range(len(e)):
+        for j in range(len(w)):
+            norms = math.sqrt(np.dot(e[i], e[i])) * math.sqrt(np.dot(w[j], w[j]))
+            out[i, j] = float(np.dot(e[i], w[j])) / norms
+    return torch.from_numpy(out)
+
+
 def _head(m=0.5, s=30.0, k=1, n=C, seed=0, **kw) -> ArcMarginHead:
     torch.manual_seed(seed)
     return ArcMarginHead(D, n, k=k, s=s, m=m, **kw).double()
@@ -78,7 +89,7 @@ def test_each_branch_against_independent_formula():
     labels = torch.tensor([0, 1, 2, 3, 4, 5])
     emb = _embeddings_hitting_both_branches(head, labels)
     logits = head(emb, labels)
-    cos = F.normalize(emb, dim=1) @ F.normalize(head.weight.detach(), dim=1).t()
+    cos = _np_cosines(emb, head.weight)
     for i, y in enumerate(labels.tolist()):
         theta = math.acos(cos[i, y].item())
         want = math.cos(theta + m) if theta <= math.pi - m else math.cos(theta) - m * math.sin(m)
@@ -96,7 +107,7 @@ def test_easy_margin_formula():
     labels = torch.tensor([0, 1, 2, 3])
     emb = _embeddings_hitting_both_branches(head, labels)
     logits = head(emb, labels)
-    cos = F.normalize(emb, dim=1) @ F.normalize(head.weight.detach(), dim=1).t()
+    cos = _np_cosines(emb, head.weight)
     for i, y in enumerate(labels.tolist()):
         c = cos[i, y].item()
         want = math.cos(math.acos(c) + m) if c > 0 else c
@@ -106,7 +117,7 @@ def test_easy_margin_formula():
 def test_inference_logits_are_scaled_cosine_without_margin():
     head = _head(s=20.0)
     emb = torch.randn(5, D, dtype=torch.float64)
-    cos = F.normalize(emb, dim=1) @ F.normalize(head.weight.detach(), dim=1).t()
+    cos = _np_cosines(emb, head.weight)
     torch.testing.assert_close(head(emb), 20.0 * cos)
     torch.testing.assert_close(head.cosine(emb), cos)
 
@@ -139,28 +150,53 @@ def test_dynamic_margins_formula_and_errors():
     assert class_counts([0, 2, 2, 1, 2], 4).tolist() == [1, 1, 3, 0]
 
 
-def test_subcenter_k1_equals_arcface_and_k_max_matches_brute_force():
+def test_subcenter_with_identical_sub_centres_equals_pml_arcface():
+    """k copies of each class centre: max over sub-centres is that centre, so logits, loss and
+    the embedding gradient equal PML's plain ArcFaceLoss holding the centres (float64)."""
     m, s, k = 0.4, 25.0, 3
-    plain = _head(m=m, s=s, k=1)
-    sub1 = _head(m=m, s=s, k=1, seed=5)
-    sub1.weight.data.copy_(plain.weight.data)
-    labels = torch.tensor([0, 3, 5, 1])
-    emb = torch.randn(4, D, dtype=torch.float64)
-    torch.testing.assert_close(sub1(emb, labels), plain(emb, labels), rtol=0, atol=0)
+    torch.manual_seed(5)
+    centres = torch.randn(C, D, dtype=torch.float64)
+    sub = _head(m=m, s=s, k=k)
+    sub.weight.data = centres.repeat_interleave(k, dim=0).clone()  # rows c*k .. c*k+k-1 = centre c
+    labels = torch.tensor([0, 3, 5, 1, 2, 4])
+    emb = torch.randn(len(labels), D, dtype=torch.float64, requires_grad=True)
+    pml_loss, seen = _run_pml(_pml_arcface(centres, m, s), emb, labels)
+    logits = sub(emb, labels)
+    torch.testing.assert_close(logits, seen["logits"], rtol=0, atol=1e-10)
+    ours = F.cross_entropy(logits, labels)
+    torch.testing.assert_close(ours, pml_loss, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(ours, emb)[0], torch.autograd.grad(pml_loss, emb)[0],
+                               rtol=0, atol=1e-10)
 
+
+def test_subcenter_cosine_and_margin_against_brute_force():
+    m, s, k = 0.4, 25.0, 3
     sub = _head(m=m, s=s, k=k, seed=3)
-    w = sub.weight.detach()
-    got_cos = sub.cosine(emb)
-    for i in range(len(emb)):
-        for c in range(C):
-            best = max(F.cosine_similarity(emb[i], w[c * k + j], dim=0).item() for j in range(k))
-            assert got_cos[i, c].item() == pytest.approx(best, abs=1e-12)
-    # training logits: the margin applies to the best sub-centre's angle
+    labels = torch.tensor([0, 3, 5, 1])
+    torch.manual_seed(6)
+    emb = torch.randn(4, D, dtype=torch.float64)
+    all_cos = _np_cosines(emb, sub.weight)  # [B, C * k]
+    best = torch.tensor([[max(all_cos[i, c * k + j].item() for j in range(k)) for c in range(C)]
+                         for i in range(len(emb))], dtype=torch.float64)
+    torch.testing.assert_close(sub.cosine(emb), best, rtol=0, atol=1e-12)
+    # training logits: the margin applies to the best sub-centre's angle, other classes keep s * cos
     logits = sub(emb, labels)
     for i, y in enumerate(labels.tolist()):
-        theta = math.acos(got_cos[i, y].item())
+        theta = math.acos(best[i, y].item())
         want = math.cos(theta + m) if theta <= math.pi - m else math.cos(theta) - m * math.sin(m)
         assert logits[i, y].item() == pytest.approx(s * want, abs=1e-9)
+        others = [c for c in range(C) if c != y]
+        torch.testing.assert_close(logits[i, others], s * best[i, others], rtol=0, atol=1e-9)
+
+
+def test_default_margins_are_the_configs():
+    """One source for the margin constants: the config defaults give the heads' default margins."""
+    from train.config import TrainConfig
+
+    cfg, counts = TrainConfig(), [1, 3, 50]
+    from_config = dynamic_margins(counts, cfg.margin_a, cfg.margin_b, cfg.margin_c)
+    torch.testing.assert_close(dynamic_margins(counts), from_config, rtol=0, atol=0)
+    assert cfg.margin_b == -0.364399  # the 1st-place Happywhale exponent
 
 
 def test_class_centres_and_sub_centres():

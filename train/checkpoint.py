@@ -88,15 +88,16 @@ def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copyfile(src, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``."""
+def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``; ``mmap``
+    maps tensors lazily (cheap when only the config and counters are read)."""
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"checkpoint {path} does not exist; train first (python -m train --config ...)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
         raise DataError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); "
                         "delete it to start the run again") from None

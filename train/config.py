@@ -20,6 +20,10 @@ from typing import Any, Literal
 
 from whalesub.errors import ConfigError
 
+# 1st place Happywhale (knshnb) individual-id margins: m_c = 0.27126 * n_c ** -0.364399 + 0.05
+# (margin_coef_id, margin_power_id, margin_cons_id in that solution's config); train.heads uses it too.
+HAPPYWHALE_MARGIN = {"a": 0.27126, "b": -0.364399, "c": 0.05}
+
 
 @dataclass
 class TrainConfig:
@@ -56,9 +60,9 @@ class TrainConfig:
     # --- heads (train.heads) --------------------------------------------------------------------
     arc_s: float = 30.0
     arc_k: int = 2  # sub-centres per class
-    margin_a: float = 0.27126  # dynamic margin m_c = a * n_c ** b + c (radians)
-    margin_b: float = -0.3644
-    margin_c: float = 0.05
+    margin_a: float = HAPPYWHALE_MARGIN["a"]  # dynamic margin m_c = a * n_c ** b + c (radians)
+    margin_b: float = HAPPYWHALE_MARGIN["b"]
+    margin_c: float = HAPPYWHALE_MARGIN["c"]
     species_weight: float = 0.0  # weight of the species head in the loss; 0 = no species head
     label_smoothing: float = 0.0
     # --- optimisation ---------------------------------------------------------------------------
@@ -74,7 +78,7 @@ class TrainConfig:
     amp: Literal["off", "bf16", "fp16"] = "off"
     channels_last: bool = False
     sync_bn: bool = False  # SyncBatchNorm under DDP
-    patience: int = 0  # early stopping on validation MAP@5, in epochs; 0 = off
+    patience: int = 0  # early stopping on validation MAP@5, in validations (see val_every); 0 = off
     max_steps_per_epoch: int = 0  # cap batches per epoch (debugging); 0 = all
     # --- folds (train.folds) --------------------------------------------------------------------
     n_folds: int = 5
@@ -84,6 +88,7 @@ class TrainConfig:
     holdout_individuals: float = 0.0  # share of multi-image animals kept whole in one fold (new in valid)
     # --- validation -----------------------------------------------------------------------------
     val_before_train: bool = True  # epoch-0 validation of the untrained network
+    val_every: int = 1  # validate every N epochs and always after the last; patience counts validations
     val_batch_size: int = 64
     tta_flip: bool = False  # add horizontally flipped views to gallery and queries
     knn_k: int = 50
@@ -245,7 +250,8 @@ def _check_values(cfg: TrainConfig, source: str) -> list[str]:
         problems.append(f"key 'fold' in {source}: expected an integer, -1 or 'all', got {cfg.fold!r}")
     elif isinstance(cfg.fold, int) and not -1 <= cfg.fold < cfg.n_folds:
         problems.append(f"key 'fold' in {source}: {cfg.fold} is outside -1..{cfg.n_folds - 1}")
-    for key in ("epochs", "batch_size", "grad_accum", "image_size", "embed_dim", "arc_k", "val_batch_size"):
+    for key in ("epochs", "batch_size", "grad_accum", "image_size", "embed_dim", "arc_k", "val_batch_size",
+                "val_every"):
         if getattr(cfg, key) < 1:
             problems.append(f"key {key!r} in {source}: must be >= 1, got {getattr(cfg, key)}")
     if cfg.stages not in (1, 2):

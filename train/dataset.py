@@ -1,8 +1,12 @@
 """Training and evaluation datasets: albumentations 2.0.8 pipelines, box crops, image checks.
 
-- Training: ``whalesub.image.load_image`` (decode, EXIF, RGB, box crop) -> albumentations
-  (random resized crop, flip, affine, colour, grey, blur/noise, coarse dropout) -> THE inference
-  preprocessing ``whalesub.image.to_model_input`` (resize + normalise with the spec's mean/std).
+- Training: ``whalesub.image.load_image`` (decode, EXIF, RGB, box crop; JPEGs DCT-downscaled only
+  as far as the smallest random crop keeps >= the input side, see :func:`decode_target`) -> a
+  random resized crop taken from that decoded frame and resized ONCE to the input side
+  (:func:`random_resized_crop`; crop scale/ratio are relative to the square the network sees, as
+  inference squashes the frame) -> albumentations at the input side (flip, affine, colour, grey,
+  blur/noise, coarse dropout) -> ``whalesub.image.to_model_input`` (normalise with the spec's
+  mean/std). Crops are never upsampled unless the photo itself is smaller than the input.
 - Evaluation (validation gallery/queries, test): exactly ``whalesub.image.load_for_model``, no
   randomness, optionally with a horizontally flipped second view.
 
@@ -13,6 +17,7 @@ generators, so augmentations do not depend on data-loader workers or on where a 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -48,20 +53,52 @@ def sample_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
+def decode_target(cfg) -> tuple[int, int]:
+    """(width, height) in px the decoded frame must keep so the smallest random crop
+    (``aug_rrc_scale``/``aug_rrc_ratio`` in input-square units) is still >= ``image_size``."""
+    (a_lo, _), (r_lo, r_hi) = cfg.aug_rrc_scale, cfg.aug_rrc_ratio
+    w_min = min(1.0, math.sqrt(a_lo * r_lo))  # crop side as a fraction of the frame side
+    h_min = min(1.0, math.sqrt(a_lo / r_hi))
+    return math.ceil(cfg.image_size / w_min), math.ceil(cfg.image_size / h_min)
+
+
+def sample_crop(rng: np.random.Generator, scale, ratio) -> tuple[float, float, float, float]:
+    """(x0, y0, w, h) as fractions of the frame: area ``w * h`` in ``scale``, aspect ``w / h`` in
+    ``ratio`` (log-uniform), measured on the squashed square; torchvision's rule (10 tries, then
+    the whole frame clipped to the ratio range)."""
+    for _ in range(10):
+        area = rng.uniform(scale[0], scale[1])
+        r = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = math.sqrt(area * r), math.sqrt(area / r)
+        if w <= 1.0 and h <= 1.0:
+            return rng.uniform(0.0, 1.0 - w), rng.uniform(0.0, 1.0 - h), w, h
+    r = min(max(1.0, ratio[0]), ratio[1])
+    w, h = (1.0, 1.0 / r) if r >= 1.0 else (r, 1.0)
+    return (1.0 - w) / 2, (1.0 - h) / 2, w, h
+
+
+def random_resized_crop(img: np.ndarray, rng: np.random.Generator, size: int, scale, ratio) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]: a :func:`sample_crop` region of the frame at its
+    decoded resolution, resized once (INTER_AREA when shrinking both sides, else INTER_LINEAR)."""
+    import cv2
+
+    x0, y0, w, h = sample_crop(rng, scale, ratio)
+    height, width = img.shape[:2]
+    x1, y1 = min(int(round(x0 * width)), width - 1), min(int(round(y0 * height)), height - 1)
+    x2, y2 = max(x1 + 1, int(round((x0 + w) * width))), max(y1 + 1, int(round((y0 + h) * height)))
+    crop = img[y1:y2, x1:x2]
+    shrink = crop.shape[0] >= size and crop.shape[1] >= size
+    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
 def build_train_transform(cfg):
-    """The training augmentation (albumentations 2.x names) to a ``cfg.image_size`` square uint8 image."""
+    """The training augmentation (albumentations 2.x names) on the ``cfg.image_size`` square crop."""
     import albumentations as A
     import cv2
 
-    s = cfg.image_size
     holes = max(1, cfg.aug_dropout_holes)
     hole = (min(0.05, cfg.aug_dropout_size), cfg.aug_dropout_size)
     return A.Compose([
-        # squash to the square input first, exactly as inference does (to_model_input does not keep
-        # the aspect ratio), so crop scale/ratio are relative to what the network sees at test time
-        A.Resize(height=s, width=s, interpolation=cv2.INTER_AREA),
-        A.RandomResizedCrop(size=(s, s), scale=tuple(cfg.aug_rrc_scale), ratio=tuple(cfg.aug_rrc_ratio),
-                            interpolation=cv2.INTER_AREA, p=1.0),
         A.HorizontalFlip(p=cfg.aug_hflip),
         A.Affine(rotate=(-cfg.aug_rotate, cfg.aug_rotate), shear=(-cfg.aug_shear, cfg.aug_shear),
                  translate_percent=(-cfg.aug_translate, cfg.aug_translate), scale=(0.9, 1.1),
@@ -129,14 +166,18 @@ class BoxTable:
         return next((o[:4] for o in self.all_by_image.get(os.path.basename(image), []) if o[4] == kind), None)
 
 
-def decode(path: Path, box, spec) -> np.ndarray:
-    """uint8 [H, W, 3] RGB through whalesub.image.load_image (box crop mapped to the decoded scale).
+def decode(path: Path, box, spec, target: tuple[int, int]) -> np.ndarray:
+    """uint8 [H, W, 3] RGB through whalesub.image (box crop mapped to the decoded scale); JPEGs are
+    DCT-downscaled as far as the frame (or box) stays >= ``target`` (width, height) px."""
 
-    JPEGs are decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps both sides of the frame
-    or crop >= 1.5x the input side (full resolution when the original is smaller); the training
-    transform (:func:`build_train_transform`) makes the S x S input from it."""
+    return image.load_image(path, target=target, box=box, margin=spec.box_margin)
 
-    return image.load_image(path, target=int(1.5 * spec.image_size), box=box, margin=spec.box_margin)
+
+def augment(img: np.ndarray, transform, rng: np.random.Generator, seed: int, cfg) -> np.ndarray:
+    """Decoded uint8 [H, W, 3] -> augmented uint8 [S, S, 3]: crop + one resize, then ``transform``."""
+    img = random_resized_crop(img, rng, cfg.image_size, cfg.aug_rrc_scale, cfg.aug_rrc_ratio)
+    seed_transform(transform, seed)
+    return transform(image=img)["image"]
 
 
 class TrainSet:
@@ -148,6 +189,7 @@ class TrainSet:
         self.image_dir, self.labels, self.species = Path(image_dir), labels, species
         self.spec, self.cfg, self.boxes = spec, cfg, boxes
         self.transform = build_train_transform(cfg)
+        self.target = decode_target(cfg)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -163,9 +205,8 @@ class TrainSet:
         seed = sample_seed(self.cfg.seed, self.epoch, i)
         rng = np.random.default_rng(seed)
         name = self.images[i]
-        img = decode(self.image_dir / name, self.boxes.sample(name, rng), self.spec)
-        seed_transform(self.transform, seed)
-        img = self.transform(image=img)["image"]
+        img = decode(self.image_dir / name, self.boxes.sample(name, rng), self.spec, self.target)
+        img = augment(img, self.transform, rng, seed, self.cfg)
         x = to_model_input(np.ascontiguousarray(img), self.spec)
         return torch.from_numpy(x), int(self.labels[i]), int(self.species[i]), i
 

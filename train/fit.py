@@ -3,9 +3,10 @@
 ``python -m train --config FILE.yaml [--key=value ...]`` (see :mod:`train.config`). Each fold
 writes ``<out_dir>/<run_name>/fold<k>/`` (``full/`` for fold -1): config.yaml, command.txt,
 train.log, metrics.csv, last.pt, best.pt, model_spec.json, oof_embeddings.npz (+ oof_gallery.npz,
-oof_labels.csv), test_metrics.json (with test_csv), tb/ (TensorBoard). ``folds.csv``,
-config.yaml and command.txt also sit at the run level. Re-running the same command resumes
-from ``last.pt``. Under ``torchrun`` every rank trains (DDP), rank 0 writes.
+oof_labels.csv), test_metrics.json (with test_csv), tb/ (TensorBoard). ``folds.csv``, and the
+config.yaml and command.txt that made it, sit at the run level. Re-running the same command resumes
+from ``last.pt`` with the run's folds and schedule (:mod:`train.resume`). Under ``torchrun`` every
+rank trains (DDP), rank 0 writes.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from whalesub.synth import make_dataset
 from .config import TrainConfig, config_to_yaml, load_config
 from .dataset import check_images_exist
 from .fold_report import write_fold_report
-from .folds import make_folds, save_folds
 from .pseudo import read_pseudo
+from .resume import check_run_resumable, fold_dir_name, run_folds, save_run_folds
 from .session import FoldSession
 
 log = logging.getLogger("train")
@@ -94,7 +95,7 @@ def setup_logging(main: bool) -> None:
 
 
 def prepare_data(cfg: TrainConfig, dist: Dist):
-    """(train frame with folds, box table or None, test truth or None); every problem up front."""
+    """(train frame, box table or None, test truth or None); every problem up front."""
 
 
     if cfg.synth_if_missing and not Path(cfg.train_csv).is_file():
@@ -115,9 +116,6 @@ def prepare_data(cfg: TrainConfig, dist: Dist):
         check_images_exist(truth["image"], cfg.test_image_dir or cfg.image_dir, cfg.test_csv)
     boxes = read_boxes(cfg.boxes_csv) if cfg.boxes_csv else None
     read_pseudo(cfg, df)  # every problem of the pseudo-label table up front
-    method = "full" if cfg.fold == -1 else cfg.fold_method
-    extra = {"holdout_individuals": cfg.holdout_individuals} if method == "stratified" else {}
-    df = make_folds(df, cfg.n_folds, cfg.seed, method, cfg.group_column, **extra)
     return df, boxes, truth
 
 
@@ -130,15 +128,20 @@ def run(cfg: TrainConfig, argv: list[str]) -> int:
     command = "python -m train " + shlex.join(argv)
     df, boxes, truth = prepare_data(cfg, dist)
     run_dir = Path(cfg.out_dir) / cfg.run_name
-    if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_folds(df, run_dir / "folds.csv")
-        atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
-        atomic_write_text(run_dir / "command.txt", command + "\n")
+    df, new_run = run_folds(cfg, df, run_dir)  # a rerun reuses folds.csv (train/resume.py)
     folds = list(range(cfg.n_folds)) if cfg.fold == "all" else [int(cfg.fold)]
+    check_run_resumable(cfg, run_dir, folds)  # refused before anything is written
+    if dist.main:  # the run level keeps the folds and the config they were made with
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if new_run:
+            save_run_folds(df, run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+            atomic_write_text(run_dir / "command.txt", command + "\n")
+    dist.barrier()
     try:
         for k in folds:
-            fold_dir = run_dir / (f"fold{k}" if k >= 0 else "full")
+            fold_dir = run_dir / fold_dir_name(k)
             with fold_logging(fold_dir, dist.main):
                 if dist.main:
                     atomic_write_text(fold_dir / "config.yaml", config_to_yaml(cfg))

@@ -30,9 +30,7 @@ from torch import nn
 
 from whalesub.vectors import sub_centre_means
 
-# 1st place Happywhale (knshnb) individual-id margins: m_c = 0.27126 * n_c ** -0.364399 + 0.05
-# (margin_coef_id, margin_power_id, margin_cons_id in that solution's config).
-HAPPYWHALE_MARGIN = {"a": 0.27126, "b": -0.364399, "c": 0.05}
+from .config import HAPPYWHALE_MARGIN  # the one source of the default margin constants
 
 
 def dynamic_margins(

@@ -35,6 +35,7 @@ from .loop import (
     train_epoch,
 )
 from .pseudo import add_pseudo_rows, read_pseudo, real_rows
+from .resume import check_resume
 
 log = logging.getLogger("train")
 
@@ -129,9 +130,7 @@ class FoldSession:
         if st["classes"] != self.classes:
             raise ConfigError(f"{self.last} was trained on other individuals than this fold's training part; "
                               "use another run_name or delete the fold folder to start again")
-        changed = [k for k, v in config_to_dict(self.cfg).items() if st["config"].get(k) != v]
-        if changed:
-            log.warning("resuming with changed config keys: %s", ", ".join(changed))
+        check_resume(st, self.cfg, self.last)  # changed schedule: refused (train/resume.py)
         full = {f"net.{k}": v for k, v in st["model"].items()} | st["heads"]
         self.model.load_state_dict(full, strict=True)
         self.opt.load_state_dict(st["optimizer"])
@@ -210,8 +209,8 @@ class FoldSession:
             train_epoch(self.ddp, self.model, self.criterion, loader, len(batches), start, self.opt,
                         self.sched, self.scaler, cfg, self.device, st, on_step, self.dist.world > 1)
             st["epoch"], st["batch_in_epoch"] = epoch + 1, 0
-            improved, res = False, None
-            if self.has_val:
+            improved, res, t_train = False, None, time.time() - t0
+            if self.has_val and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
                 res = self.validate()
                 es = st["early_stopping"]
                 improved = es["best"] is None or res["map5"] > es["best"] + 1e-12
@@ -236,17 +235,18 @@ class FoldSession:
             val = "no validation" if res is None else (
                 f"val MAP@5 {res['map5']:.4f} (known {res['map5_known'] or 0:.4f}, new "
                 f"{res['map5_new'] or 0:.4f}, threshold {res['threshold']:.2f})")
-            log.info("epoch %d/%d: train loss %.4f, %s%s, %.1fs", epoch + 1, cfg.epochs, row["train_loss"],
-                     val, " *best*" if improved else "", time.time() - t0)
+            log.info("epoch %d/%d: train loss %.4f, %s%s, %.1fs (training %.1fs)", epoch + 1, cfg.epochs,
+                     row["train_loss"], val, " *best*" if improved else "", time.time() - t0, t_train)
             if stop:
-                log.info("early stopping: no improvement for %d epochs (best %.4f at epoch %d)", cfg.patience,
-                         st["early_stopping"]["best"], st["early_stopping"]["best_epoch"])
+                log.info("early stopping: no improvement in %d validations (best %.4f at epoch %d)",
+                         cfg.patience, st["early_stopping"]["best"], st["early_stopping"]["best_epoch"])
                 break
-        if self.has_val and st["history"]:
-            first = st["history"][0]["val_map5"]
+        validated = [r for r in st["history"] if r.get("val_map5") is not None]
+        if self.has_val and validated:
+            first = validated[0]["val_map5"] if validated[0]["epoch"] == 0 else None
             log.info("fold %s done: val MAP@5 untrained %s -> best %.4f (epoch %d); all-new baseline %.4f",
                      self.k, f"{first:.4f}" if first is not None else "n/a", st["early_stopping"]["best"],
-                     st["early_stopping"]["best_epoch"], st["history"][-1]["all_new_baseline"])
+                     st["early_stopping"]["best_epoch"], validated[-1]["all_new_baseline"])
         if tb is not None:
             tb.close()
 

@@ -118,7 +118,8 @@ def tune_folds(fold_dirs: list[Path], train_csv, grid: str = "0.0:1.0:0.02",
 
 
 def tune_runs_or_files(runs: list[Path] | None, gallery, queries, truth, train_csv, *, grid: str,
-                       target_new_share: float | None, k: int, per_species_out=None, k0: float = 20.0) -> dict:
+                       target_new_share: float | None, k: int, per_species_out=None,
+                       k0: float = 20.0) -> dict:
     """``whalesub tune``: pooled over the folds of ``runs``, or one gallery/queries/truth triple."""
     single = {"--gallery": gallery, "--queries": queries, "--truth": truth}
     if runs:
