@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from whalesub import __version__
 from whalesub.backends import open_model
 from whalesub.embed import EmbedOptions, run_embed
 from whalesub.errors import WhalesubError
@@ -30,13 +31,14 @@ SUBMISSION = "submission.csv"
 
 
 def installed_version() -> str:
-    """whalesub's installed version (the wheel's), or ``unknown`` from a bare source tree."""
+    """whalesub's installed version (the wheel's), else the package's own ``__version__`` (a checkout
+    used through PYTHONPATH without being installed; the wheel built from it has that version)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("whalesub")
     except PackageNotFoundError:
-        return "unknown"
+        return __version__
 
 
 def check_models(folder: Path) -> dict:
