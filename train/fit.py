@@ -30,6 +30,7 @@ from .config import TrainConfig, config_to_yaml, load_config
 from .dataset import check_images_exist
 from .fold_report import write_fold_report
 from .folds import make_folds, save_folds
+from .pseudo import read_pseudo
 from .session import FoldSession
 
 log = logging.getLogger("train")
@@ -113,6 +114,7 @@ def prepare_data(cfg: TrainConfig, dist: Dist):
         truth = read_truth(cfg.test_csv)
         check_images_exist(truth["image"], cfg.test_image_dir or cfg.image_dir, cfg.test_csv)
     boxes = read_boxes(cfg.boxes_csv) if cfg.boxes_csv else None
+    read_pseudo(cfg, df)  # every problem of the pseudo-label table up front
     method = "full" if cfg.fold == -1 else cfg.fold_method
     extra = {"holdout_individuals": cfg.holdout_individuals} if method == "stratified" else {}
     df = make_folds(df, cfg.n_folds, cfg.seed, method, cfg.group_column, **extra)

@@ -335,6 +335,28 @@ def boxes_convert_command(
                f"{s['clipped']} clipped to the image"
                + ("" if s["sizes_checked"] else " (sizes not checked: give --images)"))
 
+@app.command("pseudo-label")
+@guarded
+def pseudo_label_command(
+    gallery: Path = typer.Option(..., "--gallery", help="Gallery embeddings .npz (train images)."),
+    queries: Path = typer.Option(..., "--queries", help="Test embeddings .npz."),
+    train_csv: Path = typer.Option(..., "--train-csv", help="train.csv: gallery image -> individual_id."),
+    out: Path = typer.Option(..., "--out", help="CSV to write: image,species,individual_id,score,margin."),
+    min_score: float = typer.Option(0.8, "--min-score", help="Best individual's cosine must reach this."),
+    min_margin: float = typer.Option(0.05, "--min-margin", help="...and beat the second best by this."),
+    truth: Path | None = typer.Option(None, "--truth", help="Truth CSV (synthetic data): report precision."),
+    k: int = typer.Option(100, "--k", help="Neighbours searched per query."),
+) -> None:
+    """Confident test predictions as extra training rows (python -m train --pseudo_csv=OUT)."""
+    from whalesub.pseudo import pseudo_label_files
+
+    _log_info_to_stderr()
+    s = pseudo_label_files(gallery, queries, train_csv, out, min_score=min_score, min_margin=min_margin,
+                           truth=truth, k=k)
+    typer.echo(f"wrote {s['out']}: {s['selected']} of {s['queries']} test images "
+               f"({100 * s['share']:.1f}%)" + (f"; precision {s['precision']:.3f}"
+                                               if s.get("precision") is not None else ""))
+
 
 # --- report (whalesub.report) ----------------------------------------------------------------------
 @app.command("report")
