@@ -108,7 +108,7 @@ class BoxTable:
                 self.by_image.setdefault(r.image, []).append((r.x1, r.y1, r.x2, r.y2, kind, w))
 
     def sample(self, image: str, rng: np.random.Generator) -> tuple | None:
-        options = self.by_image.get(image)
+        options = self.by_image.get(os.path.basename(image))  # pseudo rows carry a folder
         if not options:
             return None
         w = np.array([o[5] for o in options], dtype=np.float64)
@@ -125,8 +125,8 @@ class BoxTable:
 
         It ignores the training mix: evaluation crops what ``whalesub embed --box-type`` crops.
         """
-        kind = self.eval_type(box_type)
-        return next((o[:4] for o in self.all_by_image.get(image, []) if o[4] == kind), None)
+        kind = self.eval_type(box_type)  # pseudo rows carry a folder: boxes are keyed by file name
+        return next((o[:4] for o in self.all_by_image.get(os.path.basename(image), []) if o[4] == kind), None)
 
 
 def decode(path: Path, box, spec) -> np.ndarray:

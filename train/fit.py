@@ -29,6 +29,7 @@ from whalesub.synth import make_dataset
 from .config import TrainConfig, config_to_yaml, load_config
 from .dataset import check_images_exist
 from .folds import make_folds, save_folds
+from .pseudo import read_pseudo
 from .session import FoldSession
 
 log = logging.getLogger("train")
@@ -112,6 +113,7 @@ def prepare_data(cfg: TrainConfig, dist: Dist):
         truth = read_truth(cfg.test_csv)
         check_images_exist(truth["image"], cfg.test_image_dir or cfg.image_dir, cfg.test_csv)
     boxes = read_boxes(cfg.boxes_csv) if cfg.boxes_csv else None
+    read_pseudo(cfg, df)  # every problem of the pseudo-label table up front
     method = "full" if cfg.fold == -1 else cfg.fold_method
     extra = {"holdout_individuals": cfg.holdout_individuals} if method == "stratified" else {}
     df = make_folds(df, cfg.n_folds, cfg.seed, method, cfg.group_column, **extra)
