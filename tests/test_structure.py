@@ -132,7 +132,7 @@ LAYERS = {
     "whalesub.model": 3, "whalesub.sources": 3, "whalesub.onnx_fp16": 3, "whalesub.export": 3,
     "whalesub.runtime": 3, "whalesub.backends": 3, "whalesub.loader": 3, "whalesub.shards": 3,
     "whalesub.synth": 3, "whalesub.synth.": 3, "whalesub.boxes": 3,
-    "whalesub.pipeline": 4, "whalesub.embed": 4,
+    "whalesub.pipeline": 4, "whalesub.embed": 4, "whalesub.pseudo": 4,
     "whalesub.cli": 5, "train": 5, "train.": 5,
 }
 

@@ -162,7 +162,7 @@ class BoxTable:
 
         It ignores the training mix: evaluation crops what ``whalesub embed --box-type`` crops.
         """
-        kind = self.eval_type(box_type)
+        kind = self.eval_type(box_type)  # pseudo rows carry a folder: boxes are keyed by file name
         return next((o[:4] for o in self.all_by_image.get(os.path.basename(image), []) if o[4] == kind), None)
 
 
