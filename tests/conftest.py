@@ -1,4 +1,4 @@
-"""Shared test fixtures: paths to the real data set and GPU detection."""
+"""Shared test fixtures: paths to the real data set, GPU detection, the small training set."""
 
 from __future__ import annotations
 
@@ -25,6 +25,29 @@ def nyala() -> Path:
     if not (NYALA / "train.csv").is_file():
         pytest.skip(f"real data set not found at {NYALA}")
     return NYALA
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory) -> Path:
+    """A tiny synthetic training set (12 animals, 30% singletons) for end-to-end training runs."""
+    from whalesub.synth import make_dataset
+
+    out = tmp_path_factory.mktemp("train_synth") / "data"
+    make_dataset(out, seed=3, n_individuals=12, singleton_share=0.3, progress=False)
+    return out
+
+
+@pytest.fixture
+def restore_torch_state():
+    """Undo what an in-process training run sets globally (deterministic algorithms, log level)."""
+    import logging
+
+    import torch
+
+    level = logging.getLogger().level
+    yield
+    torch.use_deterministic_algorithms(False)
+    logging.getLogger().setLevel(level)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,7 +3,6 @@ SIGKILL, NaN guard, missing images, and agreement of validation with whalesub's 
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
@@ -18,23 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    from whalesub.synth import make_dataset
-
-    out = tmp_path_factory.mktemp("train_synth") / "data"
-    make_dataset(out, seed=3, n_individuals=12, singleton_share=0.3, progress=False)
-    return out
-
-
-@pytest.fixture(autouse=True)
-def _restore_global_torch_state():
-    import torch
-
-    level = logging.getLogger().level
-    yield
-    torch.use_deterministic_algorithms(False)
-    logging.getLogger().setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_torch_state")
 
 
 def base_args(data: Path, out: Path, run: str = "t", **extra) -> list[str]:
