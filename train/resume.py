@@ -90,7 +90,7 @@ def check_fold_keys(cfg: TrainConfig, run_dir: Path) -> None:
     if not saved_path.is_file():
         return
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
-    if saved.get("fold") == FULL_DATA_FOLD:  # full-data folds.csv: no split keys apply
+    if FULL_DATA_FOLD in (saved.get("fold"), cfg.fold):  # full-data training: no split keys apply
         return
     now = config_to_dict(cfg)
     changed = [f"{k} ({saved[k]!r} -> {now[k]!r})" for k in FOLD_KEYS if k in saved and saved[k] != now[k]]
