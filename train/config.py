@@ -43,6 +43,9 @@ class TrainConfig:
     test_csv: str | None = None  # labelled test set (image,individual_id) scored after training
     test_image_dir: str | None = None
     check_images: bool = True  # verify every listed image exists before training starts
+    pseudo_csv: str | None = None  # second round: `whalesub pseudo-label` rows added to every fold's training
+    pseudo_image_dir: str | None = None  # folder of the pseudo_csv images (default: test_image_dir)
+    pseudo_truth_csv: str | None = None  # their truth (synthetic data): precision -> pseudo.json
     # --- model (whalesub.spec.ModelSpec) -------------------------------------------------------
     backbone: str = "resnet18"
     pretrained: bool = False

@@ -143,7 +143,7 @@ class BoxTable:
                 self.by_image.setdefault(r.image, []).append((r.x1, r.y1, r.x2, r.y2, kind, w))
 
     def sample(self, image: str, rng: np.random.Generator) -> tuple | None:
-        options = self.by_image.get(image)
+        options = self.by_image.get(os.path.basename(image))  # pseudo rows carry a folder
         if not options:
             return None
         w = np.array([o[5] for o in options], dtype=np.float64)
@@ -157,7 +157,7 @@ class BoxTable:
         --box-type`` crops. None keeps to the mix's types.
         """
         table = self.by_image if box_type is None else self.all_by_image
-        for o in table.get(image, []):
+        for o in table.get(os.path.basename(image), []):
             if box_type is None or o[4] == box_type:
                 return o[:4]
         return None

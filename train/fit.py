@@ -29,6 +29,7 @@ from whalesub.synth import make_dataset
 
 from .config import TrainConfig, config_to_yaml, load_config
 from .dataset import check_images_exist
+from .pseudo import read_pseudo
 from .resume import check_run_resumable, fold_dir_name, run_folds, save_run_folds
 from .session import FoldSession
 
@@ -113,6 +114,7 @@ def prepare_data(cfg: TrainConfig, dist: Dist):
         truth = read_truth(cfg.test_csv)
         check_images_exist(truth["image"], cfg.test_image_dir or cfg.image_dir, cfg.test_csv)
     boxes = read_boxes(cfg.boxes_csv) if cfg.boxes_csv else None
+    read_pseudo(cfg, df)  # every problem of the pseudo-label table up front
     return df, boxes, truth
 
 

@@ -39,6 +39,7 @@ RUNTIME_KEYS = frozenset({
     "synth_seed", "synth_individuals", "synth_options", "pretrained", "pretrained_file", "fold",
     "device", "num_workers", "save_every_steps", "log_every_steps", "out_dir", "run_name",
     "debug_nan_at_step", "debug_sleep_per_step", "eval_only", "threshold", "val_batch_size", "deterministic",
+    "pseudo_image_dir", "pseudo_truth_csv",
 })
 # keys that decide the split: fixed by the run's folds.csv
 FOLD_KEYS = ("n_folds", "fold_method", "group_column", "holdout_individuals", "seed")

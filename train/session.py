@@ -34,6 +34,7 @@ from .loop import (
     seed_worker,
     train_epoch,
 )
+from .pseudo import add_pseudo_rows, read_pseudo, real_rows
 from .resume import check_resume
 
 log = logging.getLogger("train")
@@ -73,6 +74,7 @@ class FoldSession:
         self.cfg, self.k, self.fold_dir, self.command, self.dist = cfg, k, fold_dir, command, dist
         self.device = dist.device
         self.train_df, self.valid_df = split_fold(df, k)
+        self.train_df = add_pseudo_rows(self.train_df, read_pseudo(cfg, df), fold_dir, cfg, dist.main)
         self.has_val = len(self.valid_df) > 0
         self.boxes = BoxTable(boxes, cfg.box_mix, cfg.box_conf)
         self.classes = sorted(self.train_df["individual_id"].unique())
@@ -281,11 +283,11 @@ class FoldSession:
         """Gallery = this fold's training part, queries = its validation part; whalesub ranking."""
         import torch
 
-        self._gallery = self.embed(self.train_df["image"].tolist(), self.cfg.image_dir)
+        self._gallery = self.embed(real_rows(self.train_df)["image"].tolist(), self.cfg.image_dir)
         self._queries = self.embed(self.valid_df["image"].tolist(), self.cfg.image_dir)
         res = [None]
         if self.dist.main:
-            res[0] = score(self._gallery, self.train_df["individual_id"], self._queries,
+            res[0] = score(self._gallery, real_rows(self.train_df)["individual_id"], self._queries,
                            self.valid_df["individual_id"], self.cfg.threshold_grid, self.cfg.knn_k)
         if self.dist.world > 1:
             torch.distributed.broadcast_object_list(res, src=0)
@@ -301,7 +303,8 @@ class FoldSession:
         d = self._queries.shape[-1]
         save_embeddings(self.fold_dir / "oof_embeddings.npz", np.repeat(self.valid_df["image"].to_numpy(), v),
                         self._queries.reshape(-1, d), meta)
-        save_embeddings(self.fold_dir / "oof_gallery.npz", np.repeat(self.train_df["image"].to_numpy(), v),
+        gallery_images = real_rows(self.train_df)["image"].to_numpy()
+        save_embeddings(self.fold_dir / "oof_gallery.npz", np.repeat(gallery_images, v),
                         self._gallery.reshape(-1, d), meta)
         with atomic_open(self.fold_dir / "oof_labels.csv", "w", encoding="utf-8", newline="") as fh:
             self.valid_df[["image", "individual_id", "true_individual_id", "species"]].to_csv(fh, index=False)

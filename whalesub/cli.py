@@ -297,6 +297,66 @@ def merge_embeddings_command(
     typer.echo(str(merge_embeddings(files, out)))
 
 
+boxes_app = typer.Typer(help="Box tables: convert the public Happywhale box files into boxes.csv.",
+                        no_args_is_help=True)
+app.add_typer(boxes_app, name="boxes")
+
+
+@boxes_app.command("convert")
+@guarded
+def boxes_convert_command(
+    source: Path = typer.Argument(..., help="A public box file: YOLOv5 (bbox numpy text + conf), Detic "
+                                  "(box 'x1 y1 x2 y2') or the cropped set's literal lists."),
+    out: Path = typer.Option(..., "--out", help="boxes.csv to write (image,x1,y1,x2,y2,conf,box_type)."),
+    box_type: str = typer.Option(..., "--box-type", help="Kind of box, e.g. body or fin (embed --box-type)."),
+    images: Path | None = typer.Option(None, "--images", help="Image folder: check the boxes against the "
+                                       "upright image sizes when the file has no width/height columns."),
+    image_col: str | None = typer.Option(None, "--image-col", help="Column of image names (default: "
+                                         "image, else the base name of image_path, else image_id)."),
+    box_col: str | None = typer.Option(None, "--box-col", help="Column of boxes (default: bbox or box)."),
+    conf_col: str | None = typer.Option(None, "--conf-col", help="Column of confidences (default: conf; "
+                                        "none = 1.0)."),
+    inclusive: bool = typer.Option(False, "--inclusive", help="The source's x2/y2 are the last pixel "
+                                   "inside the box: add 1."),
+    append: bool = typer.Option(False, "--append", help="Add to an existing --out (another box type)."),
+) -> None:
+    """Convert a public box file into whalesub's boxes.csv, joined on the image name.
+
+    Empty cells mean "no box" (the image is embedded whole); with several boxes the most confident
+    is kept; boxes past the image are clipped; every problem is reported with its line.
+    """
+    from whalesub.boxes import convert_boxes
+
+    _log_info_to_stderr()
+    s = convert_boxes(source, out, box_type, images=images, image_col=image_col, box_col=box_col,
+                      conf_col=conf_col, inclusive=inclusive, append=append)
+    typer.echo(f"wrote {s['out']}: {s['boxes']} {s['box_type']} boxes from {s['rows']} rows; "
+               f"{s['empty']} without a box, {s['several']} with several (most confident kept), "
+               f"{s['clipped']} clipped to the image"
+               + ("" if s["sizes_checked"] else " (sizes not checked: give --images)"))
+
+@app.command("pseudo-label")
+@guarded
+def pseudo_label_command(
+    gallery: Path = typer.Option(..., "--gallery", help="Gallery embeddings .npz (train images)."),
+    queries: Path = typer.Option(..., "--queries", help="Test embeddings .npz."),
+    train_csv: Path = typer.Option(..., "--train-csv", help="train.csv: gallery image -> individual_id."),
+    out: Path = typer.Option(..., "--out", help="CSV to write: image,species,individual_id,score,margin."),
+    min_score: float = typer.Option(0.8, "--min-score", help="Best individual's cosine must reach this."),
+    min_margin: float = typer.Option(0.05, "--min-margin", help="...and beat the second best by this."),
+    truth: Path | None = typer.Option(None, "--truth", help="Truth CSV (synthetic data): report precision."),
+    k: int = typer.Option(100, "--k", help="Neighbours searched per query."),
+) -> None:
+    """Confident test predictions as extra training rows (python -m train --pseudo_csv=OUT)."""
+    from whalesub.pseudo import pseudo_label_files
+
+    _log_info_to_stderr()
+    s = pseudo_label_files(gallery, queries, train_csv, out, min_score=min_score, min_margin=min_margin,
+                           truth=truth, k=k)
+    typer.echo(f"wrote {s['out']}: {s['selected']} of {s['queries']} test images "
+               f"({100 * s['share']:.1f}%)" + (f"; precision {s['precision']:.3f}"
+                                               if s.get("precision") is not None else ""))
+
 
 def main() -> None:  # pragma: no cover - console entry point
     app()

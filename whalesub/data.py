@@ -14,6 +14,7 @@ missing.
 
 from __future__ import annotations
 
+import csv
 import difflib
 import logging
 import os
@@ -60,11 +61,13 @@ def read_table(path: str | os.PathLike, required: Iterable[str],
         raise DataError(f"{what} file not found: {path}. Check the path.")
     if path.is_dir():
         raise DataError(f"{what} path {path} is a folder; expected a CSV file.")
+    encoding = "utf-8-sig"
     try:
-        frame = _read_csv_strings(path, encoding="utf-8-sig")
+        frame = _read_csv_strings(path, encoding=encoding)
     except UnicodeDecodeError as exc:
         log.warning("%s is not valid UTF-8 (%s); reading it as Latin-1. Re-save it as UTF-8.", path, exc)
-        frame = _read_csv_strings(path, encoding="latin-1")
+        encoding = "latin-1"
+        frame = _read_csv_strings(path, encoding=encoding)
     except pd.errors.EmptyDataError:
         raise DataError(f"{what} file {path} is empty; expected a header line with "
                         f"{', '.join(required)}.") from None
@@ -93,7 +96,7 @@ def read_table(path: str | os.PathLike, required: Iterable[str],
             problems,
         )
 
-    lines = np.arange(len(frame), dtype=np.int64) + 2
+    lines = _record_lines(path, encoding, len(frame))
     frame = frame.fillna("")
     for col in frame.columns:
         frame[col] = frame[col].astype(str).str.strip()
@@ -114,6 +117,24 @@ def _read_csv_strings(path: Path, encoding: str) -> pd.DataFrame:
         log.warning("%s: some rows have more fields than the header (trailing commas?); extra fields ignored",
                     path)
     return frame
+
+
+def _record_lines(path: Path, encoding: str, n: int) -> np.ndarray:
+    """File line (header = 1) on which each of the ``n`` data records starts.
+
+    Record i sits on line i + 2 unless a quoted cell spans several lines (numpy-printed boxes do);
+    then the csv module's line count says where each record starts.
+    """
+    lines = np.arange(n, dtype=np.int64) + 2
+    with open(path, "rb") as fh:
+        if b'"' not in fh.read():
+            return lines
+    with open(path, newline="", encoding=encoding) as fh:
+        reader, starts, previous = csv.reader(fh), [], 0
+        for _ in reader:
+            starts.append(previous + 1)
+            previous = reader.line_num
+    return np.asarray(starts[1:], dtype=np.int64) if len(starts) == n + 1 else lines
 
 
 def is_missing(values: pd.Series) -> np.ndarray:

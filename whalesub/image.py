@@ -75,6 +75,21 @@ def load_image(path: str | os.PathLike, *, target: int | tuple[int, int] | None 
                         "not an image; re-download it or drop it from the list") from None
 
 
+def upright_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of the image as it stands upright (EXIF orientation applied), without decoding."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            try:
+                orientation = im.getexif().get(_ORIENTATION_TAG, 1)
+            except Exception:  # a damaged EXIF block: the stored frame is what decoders show
+                orientation = 1
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataError(f"{path}: cannot read the image size ({exc}); replace or remove the file") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def to_model_input(img: np.ndarray, spec) -> np.ndarray:
     """Resize RGB uint8 [H, W, 3] to the spec's square input and normalise -> float32 [C, S, S].
 

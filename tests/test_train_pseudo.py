@@ -1,0 +1,117 @@
+"""Second round with pseudo-labels: rows join training only, never validation or the gallery."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from whalesub.errors import WhalesubError
+from whalesub.store import load_embeddings
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from whalesub.synth import make_dataset
+
+    out = tmp_path_factory.mktemp("pseudo_synth") / "data"
+    make_dataset(out, seed=5, n_individuals=12, singleton_share=0.3, progress=False)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_torch_state():
+    import torch
+
+    level = logging.getLogger().level
+    yield
+    torch.use_deterministic_algorithms(False)
+    logging.getLogger().setLevel(level)
+
+
+def pseudo_table(synth, path, n_unknown_to_fold0: int = 0):
+    """Test images of known animals labelled with their true id (precision 1), plus wrong ones."""
+    truth = pd.read_csv(synth / "test_truth.csv", dtype=str)
+    train = pd.read_csv(synth / "train.csv", dtype=str)
+    species = train.groupby("individual_id")["species"].first()
+    known = truth[truth["individual_id"] != "new_individual"].head(8).copy()
+    new = truth[truth["individual_id"] == "new_individual"].head(2).copy()
+    new["individual_id"] = known["individual_id"].iloc[0]  # two wrong labels: precision 8/10
+    rows = pd.concat([known, new])
+    rows["species"] = species.reindex(rows["individual_id"]).to_numpy()
+    rows[["image", "species", "individual_id"]].to_csv(path, index=False)
+    return rows
+
+
+def args(synth, out, **extra):
+    a = {"train_csv": synth / "train.csv", "image_dir": synth / "train_images",
+         "backbone": "test_efficientnet", "image_size": 32, "embed_dim": 16, "batch_size": 8, "epochs": 1,
+         "num_workers": 0, "device": "cpu",
+         "n_folds": 3, "fold": 0, "out_dir": out, "run_name": "r", "val_batch_size": 16,
+         "test_image_dir": synth / "test_images"}
+    a.update(extra)
+    return [f"--{k}={v}" for k, v in a.items()]
+
+
+def test_pseudo_rows_train_but_never_validate(synth, tmp_path):
+    from train.fit import main
+    from train.folds import split_fold
+
+    rows = pseudo_table(synth, tmp_path / "pseudo.csv")
+    assert main(args(synth, tmp_path, pseudo_csv=tmp_path / "pseudo.csv",
+                     pseudo_truth_csv=synth / "test_truth.csv")) == 0
+    fold = tmp_path / "r" / "fold0"
+    record = json.loads((fold / "pseudo.json").read_text())
+    folds = pd.read_csv(tmp_path / "r" / "folds.csv", dtype=str)
+    folds["fold"] = folds["fold"].astype(int)
+    train_part, valid_part = split_fold(folds, 0)
+    held = set(train_part["individual_id"])
+    want_added = int(rows["individual_id"].isin(held).sum())
+    assert record["added"] == want_added and record["dropped_unknown_individual"] == len(rows) - want_added
+    truth = pd.read_csv(synth / "test_truth.csv", dtype=str).set_index("image")["individual_id"]
+    added = rows[rows["individual_id"].isin(held)]
+    right = int((truth.reindex(added["image"]).to_numpy() == added["individual_id"].to_numpy()).sum())
+    assert record["correct"] == right and record["precision"] == pytest.approx(right / want_added)
+    # validation queries and gallery are train.csv images only; folds.csv is untouched by pseudo rows
+    test_images = set(rows["image"])
+    oof_q = load_embeddings(fold / "oof_embeddings.npz")
+    oof_g = load_embeddings(fold / "oof_gallery.npz")
+    assert not test_images & set(oof_q.ids.tolist()) and not test_images & set(oof_g.ids.tolist())
+    assert sorted(set(oof_g.ids.tolist())) == sorted(train_part["image"])
+    assert not test_images & set(folds["image"]) and len(folds) == len(pd.read_csv(synth / "train.csv"))
+    assert set(valid_part["image"]) == set(pd.read_csv(fold / "oof_labels.csv")["image"])
+
+
+def test_the_training_part_grows_by_the_added_rows(synth, tmp_path):
+    from train.config import TrainConfig
+    from train.pseudo import add_pseudo_rows, read_pseudo
+
+    rows = pseudo_table(synth, tmp_path / "pseudo.csv")
+    cfg = TrainConfig(train_csv=str(synth / "train.csv"), image_dir=str(synth / "train_images"),
+                      pseudo_csv=str(tmp_path / "pseudo.csv"), test_image_dir=str(synth / "test_images"))
+    train = pd.read_csv(synth / "train.csv", dtype=str)
+    part = train[train["individual_id"] != rows["individual_id"].iloc[0]].assign(fold=0)
+    got = add_pseudo_rows(part, read_pseudo(cfg, train), tmp_path, cfg, main=True)
+    keep = rows["individual_id"] != rows["individual_id"].iloc[0]
+    assert len(got) == len(part) + int(keep.sum())
+    extra = got[got["pseudo"]]
+    assert all(p.startswith(str(synth / "test_images")) for p in extra["image"])
+    assert (extra["fold"] == -1).all() and np.array_equal(extra["individual_id"], rows["individual_id"][keep])
+
+
+def test_pseudo_table_problems_stop_training_up_front(synth, tmp_path):
+    from train.fit import main
+
+    train = pd.read_csv(synth / "train.csv", dtype=str)
+    train.head(2).to_csv(tmp_path / "clash.csv", index=False)  # train images as pseudo rows
+    from train.config import TrainConfig
+    from train.pseudo import read_pseudo
+
+    with pytest.raises(WhalesubError, match="train images too"):
+        cfg = TrainConfig(pseudo_csv=str(tmp_path / "clash.csv"), test_image_dir=str(synth / "train_images"))
+        read_pseudo(cfg, train)
+    rc = main(args(synth, tmp_path, pseudo_csv=tmp_path / "clash.csv", test_image_dir=synth / "train_images"))
+    assert rc == 2 and not (tmp_path / "r" / "fold0" / "last.pt").exists()
