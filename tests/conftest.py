@@ -113,6 +113,29 @@ def photo_set(request) -> Path:
     return request.getfixturevalue("synth_set" if request.param == "synthetic" else "nyala")
 
 
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory) -> Path:
+    """A tiny synthetic training set (12 animals, 30% singletons) for end-to-end training runs."""
+    from whalesub.synth import make_dataset
+
+    out = tmp_path_factory.mktemp("train_synth") / "data"
+    make_dataset(out, seed=3, n_individuals=12, singleton_share=0.3, progress=False)
+    return out
+
+
+@pytest.fixture
+def restore_torch_state():
+    """Undo what an in-process training run sets globally (deterministic algorithms, log level)."""
+    import logging
+
+    import torch
+
+    level = logging.getLogger().level
+    yield
+    torch.use_deterministic_algorithms(False)
+    logging.getLogger().setLevel(level)
+
+
 def pytest_collection_modifyitems(config, items):
     if _has_cuda():
         return

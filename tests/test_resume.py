@@ -4,7 +4,6 @@ for more epochs says so), and ``val_every`` validates every N epochs plus the la
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 
@@ -15,24 +14,7 @@ from train.config import make_config
 from train.folds import make_folds, save_folds
 from whalesub.errors import ConfigError
 
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    from whalesub.synth import make_dataset
-
-    out = tmp_path_factory.mktemp("resume_synth") / "data"
-    make_dataset(out, seed=5, n_individuals=10, singleton_share=0.3, progress=False)
-    return out
-
-
-@pytest.fixture(autouse=True)
-def _restore_global_torch_state():
-    import torch
-
-    level = logging.getLogger().level
-    yield
-    torch.use_deterministic_algorithms(False)
-    logging.getLogger().setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_torch_state")
 
 
 def args(data: Path, out: Path, run: str = "r", **extra) -> list[str]:

@@ -39,6 +39,7 @@ RUNTIME_KEYS = frozenset({
     "synth_seed", "synth_individuals", "synth_options", "pretrained", "pretrained_file", "fold",
     "device", "num_workers", "save_every_steps", "log_every_steps", "out_dir", "run_name",
     "debug_nan_at_step", "debug_sleep_per_step", "eval_only", "threshold", "val_batch_size", "deterministic",
+    "pseudo_image_dir", "pseudo_truth_csv",
 })
 # keys that decide the split: fixed by the run's folds.csv
 FOLD_KEYS = ("n_folds", "fold_method", "group_column", "holdout_individuals", "seed")
@@ -90,7 +91,7 @@ def check_fold_keys(cfg: TrainConfig, run_dir: Path) -> None:
     if not saved_path.is_file():
         return
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
-    if saved.get("fold") == FULL_DATA_FOLD:  # full-data folds.csv: no split keys apply
+    if FULL_DATA_FOLD in (saved.get("fold"), cfg.fold):  # full-data training: no split keys apply
         return
     now = config_to_dict(cfg)
     changed = [f"{k} ({saved[k]!r} -> {now[k]!r})" for k in FOLD_KEYS if k in saved and saved[k] != now[k]]
