@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +108,23 @@ def same_embeddings(a: Path, b: Path) -> None:
     assert x.meta == y.meta
 
 
+def test_next_write_removes_only_the_temporaries_of_gone_writers_on_this_host(tmp_path):
+    from whalesub.atomic import _host_tag, atomic_write_text
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = _host_tag()
+    stale = f".a.csv.{gone.pid}@{host}.abcdefgh.tmp.csv"
+    kept = [f".a.csv.{os.getpid()}@{host}.abcdefgh.tmp.csv",  # a live writer (this process)
+            f".a.csv.{gone.pid}@00000000.abcdefgh.tmp.csv",  # another host's writer: cannot tell
+            f".b.csv.{gone.pid}@{host}.abcdefgh.tmp.csv",  # another file's temporary
+            ".a.csv.parts", "a.csv.bak"]
+    for name in [stale, *kept]:
+        (tmp_path / name).write_text("x")
+    atomic_write_text(tmp_path / "a.csv", "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "a.csv"])
+
+
 # --- submit and tune ----------------------------------------------------------------------------------
 def test_submit_killed_or_out_of_disk_keeps_old_file_and_rerun_is_identical(data, vectors, tmp_path):
     out = tmp_path / "sub" / "submission.csv"
@@ -122,8 +141,8 @@ def test_submit_killed_or_out_of_disk_keeps_old_file_and_rerun_is_identical(data
     assert out.read_bytes() == old  # the torn temporary file never took the final name
     killed({"kind": "replace", "name": out.name}, "whalesub", *args)
     assert out.read_bytes() == old
-    assert len(list(out.parent.iterdir())) == 2  # the killed writer's hidden temporary (the one before
-    # it was removed by the next write: its writer was gone)
+    # one hidden temporary left: the second writer removed the first one's when it began
+    assert len(list(out.parent.iterdir())) == 2
     out_of_disk("whalesub", *args, fsize=len(want) // 2, names=out)
     assert out.read_bytes() == old
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # stale and own temporaries removed
@@ -148,6 +167,8 @@ def test_submit_on_a_full_tmpfs_keeps_old_file(data, vectors, tmp_path):
     """A real full file system (ENOSPC) where this user may mount a tmpfs (root); skipped otherwise."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command here: cannot make a tiny tmpfs")
     mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True,
                            text=True)
     if mount.returncode != 0:

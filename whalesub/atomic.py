@@ -102,7 +102,8 @@ def as_write_error(exc: BaseException, path: str | os.PathLike, what: str = "") 
     os_error = None if other else _os_error_of(exc)  # an inner WriteError is named after the outer path
     if os_error is None:
         return None
-    why = str(os_error) if os_error.filename else f"[Errno {os_error.errno}] {os_error.strerror}"
+    plain = os_error.filename or os_error.errno is None  # str() already says it all
+    why = str(os_error) if plain else f"[Errno {os_error.errno}] {os_error.strerror}"
     hint = ("the disk is full or a file-size limit was reached: free space (or raise the limit) "
             if os_error.errno in _NO_SPACE else "fix the cause ")
     return WriteError(f"cannot write {what or Path(path)}: {why}; nothing was written under that "
