@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from whalesub.atomic import atomic_path
+from whalesub.atomic import atomic_open, atomic_path
 from whalesub.errors import DataError
 from whalesub.spec import SPEC_FILENAME
 
@@ -74,8 +74,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], spec=None) -
 
     path = Path(path)
     state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_open(path, "wb") as fh:  # a file object: a full disk raises an OSError naming the file
+        torch.save(state, fh)
     if spec is not None:
 
         spec.save(path.parent / SPEC_FILENAME)

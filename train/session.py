@@ -180,6 +180,8 @@ class FoldSession:
         cfg, st, main = self.cfg, self.state, self.dist.main
         if st["finished"]:
             log.info("fold %s already finished (%d epochs); nothing to train", self.k, st["epoch"])
+            if main:  # a kill between the final last.pt and metrics.csv must not leave it stale
+                write_metrics(self.fold_dir / "metrics.csv", st["history"])
             return
         log.info("fold %s: %d train images (%d individuals), %d validation images, %d batches/epoch, "
                  "device %s, world %d", self.k, len(self.train_df), len(self.classes), len(self.valid_df),

@@ -55,3 +55,7 @@ def first_few(items, n: int = 5) -> str:
     shown = ", ".join(repr(str(i)) for i in items[:n])
     rest = len(items) - n
     return shown + (f" and {rest} more" if rest > 0 else "")
+
+
+class WriteError(WhalesubError):
+    """A file could not be written (disk full, file-size limit, permission); nothing was replaced."""

@@ -29,14 +29,13 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from whalesub.atomic import atomic_write_text
+from whalesub.atomic import as_write_error, atomic_write_text, make_temp, writing
 from whalesub.data import list_image_folder
 from whalesub.errors import WhalesubError
 from whalesub.image import load_for_model
@@ -141,15 +140,17 @@ def export_model(source: str | Path, out_dir: str | Path, *, fp16: bool = False,
     digest = weights_digest(net.state_dict())
     fingerprint = spec.fingerprint(digest)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     if not parity_images:  # the run's own training images, when they are still where training read them
         image_dir = _training_image_dir(src)
         if image_dir is not None:
             parity_images = pick_parity_images(image_dir)
             log.info("parity inputs include %d images of %s", len(parity_images), image_dir)
+    x = parity_inputs(spec, parity_images)
+    what = f"the export folder {out_dir}"
+    with writing(out_dir, what):  # a full disk is one error naming the folder
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp(out_dir, folder=True)  # hidden; a killed export's leftovers go next time
     try:
-        x = parity_inputs(spec, parity_images)
         fp32 = tmp / FILES["fp32"]
         export_onnx(net, spec, fp32, opset)
         files = {"fp32": {"file": FILES["fp32"], "parity": check_parity(
@@ -179,6 +180,11 @@ def export_model(source: str | Path, out_dir: str | Path, *, fp16: bool = False,
             manifest["class_centres"] = {"file": CENTRES, "n_classes": int(len(ids)), **info}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _move_into(tmp, out_dir)
+    except Exception as exc:
+        error = as_write_error(exc, out_dir, what)  # ONNX writers raise the OS's bare message
+        if error is None:
+            raise
+        raise error from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s -> %s (fingerprint %s)", source, out_dir, fingerprint[:12])
@@ -226,6 +232,9 @@ def _move_into(tmp: Path, out_dir: Path) -> None:
     stale = [out_dir / f for f in (FILES["fp16"], CENTRES) if not (tmp / f).exists()]
     for path in stale:  # a previous export's FP16 file or centres must not outlive this export
         path.unlink(missing_ok=True)
+    # The manifest leaves first and comes back last: a folder caught half-updated by a kill has no
+    # export.json, so `embed` refuses it ("not an export folder") instead of mixing two exports.
+    (out_dir / MANIFEST).unlink(missing_ok=True)
     names = sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST) + [MANIFEST]
     for name in names:
         shutil.move(str(tmp / name), str(out_dir / name))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from whalesub.atomic import atomic_path
+from whalesub.atomic import atomic_open
 from whalesub.errors import ConfigError, first_few
 from whalesub.spec import SPEC_FILENAME, ModelSpec, weights_digest
 
@@ -234,8 +234,8 @@ def save_embedding_net(model: EmbeddingNet, path: str | os.PathLike, **extra) ->
     path = Path(path)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"model": sd, "spec": model.spec.to_dict(), "weights_digest": weights_digest(sd), **extra}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_open(path, "wb") as fh:  # a file object: a full disk raises an OSError naming the file
+        torch.save(payload, fh)
     model.spec.save(path.parent / SPEC_FILENAME)
     return path
 
