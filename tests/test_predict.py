@@ -238,3 +238,36 @@ def test_predict_errors_name_the_problem(tmp_path):
     (export / "export.json").write_text("{not json")
     res = runner.invoke(app, _predict_args(data, tmp_path / "o", export))
     assert res.exit_code == 2 and "export.json cannot be read" in res.output
+
+
+def test_centre_blend_report_and_per_species_flow_through_predict(trained, predicted, tmp_path):
+    """--knn-ratio uses each export's class_centres.npz (as `submit --centres` would), --report
+    writes a self-contained page, --thresholds replaces the pooled share; exports and embeddings are
+    reused from the first predict (copied), so only the ranking runs again."""
+    out = tmp_path / "pred"
+    shutil.copytree(predicted, out)
+    models = sorted((out / "models").iterdir())
+    data = trained["data"]
+    res = runner.invoke(app, [*_predict_args(data, out, trained["run"]), "--knn-ratio", "0.5", "--report",
+                              "--new-share", "0.2"])
+    assert res.exit_code == 0, res.output
+    manual = tmp_path / "manual.csv"
+    emb = out / "embeddings"
+    submit_files(emb / "gallery.npz", emb / "test.npz", data / "train.csv", None,
+                 manual, sample=data / "sample_submission.csv", new_share=0.2, knn_ratio=0.5,
+                 centres=[m / "class_centres.npz" for m in models])
+    assert (out / "submission.csv").read_bytes() == manual.read_bytes()
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "<img" in page and 'src="http' not in page and "MAP@5" in page
+    species = tmp_path / "species.json"
+    fold0 = trained["run"] / "fold0"
+    r = runner.invoke(app, ["tune", "--gallery", str(fold0 / "oof_gallery.npz"), "--queries",
+                            str(fold0 / "oof_embeddings.npz"), "--truth", str(fold0 / "oof_labels.csv"),
+                            *_common(data), "--per-species", str(species), "--json"])
+    assert r.exit_code == 0, r.output
+    res = runner.invoke(app, [*_predict_args(data, out, trained["run"]), "--thresholds", str(species)])
+    assert res.exit_code == 0, res.output
+    submit_files(emb / "gallery.npz", emb / "test.npz", data / "train.csv", None,
+                 manual, sample=data / "sample_submission.csv", thresholds=species)
+    assert (out / "submission.csv").read_bytes() == manual.read_bytes()
+    assert json.loads((out / "predict.json").read_text())["threshold_source"].startswith("--thresholds")

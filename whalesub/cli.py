@@ -481,6 +481,14 @@ def predict_command(
     fp16: bool = typer.Option(False, "--fp16", help="Export and embed with model_fp16.onnx."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per model call."),
     workers: int | None = typer.Option(None, "--workers", help="Decoding worker processes."),
+    thresholds: Path | None = typer.Option(None, "--thresholds", help="Per-species threshold file (`whalesub "
+                                           "tune --per-species`) instead of the pooled share."),
+    knn_ratio: float = typer.Option(1.0, "--knn-ratio", help="r x kNN + (1 - r) x class-centre cosine; "
+                                    "< 1 uses the exports' class_centres.npz."),
+    candidates_out: Path | None = typer.Option(None, "--candidates-out", help="Also write the candidate "
+                                               "table (for `whalesub blend`)."),
+    report: bool = typer.Option(False, "--report", help="Also write OUT/report.html (candidates and "
+                                "scores; with --truth the full error report)."),
 ) -> None:
     """From trained runs to a validated submission: export, embed (flipped gallery, flip-TTA test set,
     every model combined), pooled out-of-fold threshold share, submit, validate, score.
@@ -494,7 +502,8 @@ def predict_command(
     options = EmbedOptions(device=device, fp16=fp16, batch_size=batch_size, workers=workers,
                            box_type=box_type, box_conf=box_conf)
     r = predict(model, train_csv, train_images, test_images, out, sample=sample, truth=truth, boxes=boxes,
-                threshold=threshold, new_share=new_share, grid=grid, k=k, options=options)
+                threshold=threshold, new_share=new_share, grid=grid, k=k, options=options, report=report,
+                thresholds=thresholds, knn_ratio=knn_ratio, candidates_out=candidates_out)
     s = r["submit"]
     typer.echo(f"wrote {s['out']}: {s['rows']} rows, {len(r['models'])} models, threshold "
                f"{s['threshold']:.4f} ({r['threshold_source']}); new_individual first in "

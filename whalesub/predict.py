@@ -36,10 +36,18 @@ from types import SimpleNamespace
 from whalesub.atomic import atomic_write_text
 from whalesub.embed import EmbedOptions, combined_fingerprint, digest_names, run_embed
 from whalesub.errors import ConfigError, DataError
-from whalesub.export import MANIFEST, export_model, model_fingerprint, pick_parity_images, sha256_file
+from whalesub.export import (
+    CENTRES,
+    MANIFEST,
+    export_model,
+    model_fingerprint,
+    pick_parity_images,
+    sha256_file,
+)
 from whalesub.loader import list_images
 from whalesub.oof import has_oof, tune_folds
 from whalesub.pipeline import submit_files
+from whalesub.report import write_report
 from whalesub.sources import load_source, resolve_checkpoint
 from whalesub.store import load_embeddings
 from whalesub.submission import check_submission_file, score_submission
@@ -148,7 +156,8 @@ def ensure_embedding(models: list[Path], out: Path, options: EmbedOptions, image
 def predict(models: list[Path], train_csv: Path, train_images: Path, test_images: Path, out: Path, *,
             sample: Path | None = None, truth: Path | None = None, boxes: Path | None = None,
             threshold: float | None = None, new_share: float | None = None, grid: str = "0.0:1.0:0.02",
-            k: int = 100, options: EmbedOptions | None = None, **submit_extra) -> dict:
+            k: int = 100, options: EmbedOptions | None = None, report: bool = False,
+            **submit_extra) -> dict:
     """Export, embed, choose the threshold, submit, validate and (with ``truth``) score; return the
     summary written to ``out/predict.json``.
 
@@ -156,10 +165,14 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
     sample_submission.csv giving the test rows and their order (default: every image of
     ``test_images``). ``options``: the embedding settings (backend, device, batch size, workers,
     fp16, box type/conf); TTA is fixed: flipped gallery, flip-TTA queries. Extra keyword
-    arguments go to :func:`whalesub.pipeline.submit_files` unchanged.
+    arguments go to :func:`whalesub.pipeline.submit_files` unchanged (``thresholds``: a per-species
+    file instead of the pooled share; ``knn_ratio`` < 1 without ``centres``: the exports' own
+    ``class_centres.npz``, in model order). ``report``: also write ``out/report.html`` (candidates
+    and scores; with ``truth`` the full error report).
     """
-    if threshold is not None and new_share is not None:
-        raise ConfigError("give at most one of --threshold and --new-share")
+    per_species = submit_extra.get("thresholds")
+    if sum(x is not None for x in (threshold, new_share, per_species)) > 1:
+        raise ConfigError("give at most one of --threshold, --new-share and --thresholds")
     options = options or EmbedOptions()
     if options.box_type is not None and boxes is None:
         raise ConfigError("--box-type needs --boxes CSV")
@@ -169,7 +182,7 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
     out.mkdir(parents=True, exist_ok=True)
     sources = find_model_sources(models)
     folds = list(dict.fromkeys(s.fold_dir for s in sources if s.fold_dir is not None))
-    if threshold is None and new_share is None and not folds:  # before the long export and embedding
+    if threshold is None and new_share is None and per_species is None and not folds:  # before the long work
         raise ConfigError("none of the models has out-of-fold files (fold*/oof_*.npz) to choose the "
                           "threshold on: pass --threshold or --new-share (e.g. 0.165)")
     parity = pick_parity_images(train_images)
@@ -183,7 +196,14 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
                            "fingerprint": export_fingerprint(e)}
                           for s, e in zip(sources, exports, strict=True)],
                "gallery": str(gallery), "queries": str(queries)}
-    if threshold is None and new_share is None:
+    if submit_extra.get("knn_ratio", 1.0) < 1.0 and submit_extra.get("centres") is None:
+        submit_extra["centres"] = [e / CENTRES for e in exports]
+        if missing := [str(c) for c in submit_extra["centres"] if not c.is_file()]:
+            raise ConfigError(f"--knn-ratio < 1 needs class centres, but {', '.join(missing)} do not exist "
+                              "(the checkpoint had no ArcFace head); pass --centres or --knn-ratio 1")
+    if per_species is not None:
+        summary["threshold_source"] = f"--thresholds {per_species}"
+    elif threshold is None and new_share is None:
         tuned = tune_folds(folds, train_csv, grid, k=k)
         atomic_write_text(out / "tune.json", json.dumps(tuned, indent=1) + "\n")
         new_share = tuned["best"]["new_share"]
@@ -201,6 +221,11 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
     if truth is not None:
         summary["score"] = score_submission(submission, truth)
         atomic_write_text(out / "score.json", json.dumps(summary["score"], indent=1) + "\n")
+    if report:
+        r = write_report(out / "report.html", gallery, queries, train_csv, submission=submission, truth=truth,
+                         images_dir=test_images, gallery_images_dir=train_images, k=k,
+                         threshold=s["threshold"] if per_species is None else None)
+        summary["report"] = r["out"]
     atomic_write_text(out / "predict.json", json.dumps(summary, indent=1, default=str) + "\n")
     log.info("wrote %s (threshold %.4f, %s)", submission, s["threshold"], summary["threshold_source"])
     return summary
