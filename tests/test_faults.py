@@ -273,13 +273,13 @@ def test_training_killed_or_out_of_disk_then_rerun_is_identical(data, tmp_path):
     ref, fold = tmp_path / "ref" / "r", tmp_path / "out" / "r" / "fold0"
     checkpoint = (ref / "fold0" / "last.pt").stat().st_size
     small = max(p.stat().st_size for p in ref.rglob("*") if p.is_file() and p.suffix != ".pt")
-    assert small * 4 < checkpoint, (small, checkpoint)
+    assert small * 20 < checkpoint, (small, checkpoint)  # room for train.log to grow over the reruns
 
     killed({"kind": "write", "name": "last.pt", "nth": 2, "bytes": offset(checkpoint)}, "train", *argv)
     assert not (fold / "best.pt").exists()
     assert state_dicts(fold / "last.pt")  # the first mid-epoch checkpoint, complete
     before = files(fold)
-    out_of_disk("train", *argv, fsize=2 * small, names=fold / "last.pt")
+    out_of_disk("train", *argv, fsize=checkpoint // 2, names=fold / "last.pt")
     after = files(fold)
     assert after["last.pt"] == before["last.pt"] and "best.pt" not in after  # the previous one, unchanged
     assert not [k for k in after if k.startswith(".")]  # the killed writer's torn temporary was removed
