@@ -227,7 +227,7 @@ def test_predict_errors_name_the_problem(tmp_path):
     assert res.exit_code == 2 and "nothing" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, [*_predict_args(data, tmp_path / "o", tmp_path), "--threshold", "0.5",
                               "--new-share", "0.2"])
-    assert res.exit_code == 2 and "at most one of --threshold and --new-share" in res.output
+    assert res.exit_code == 2 and "at most one of --threshold, --new-share and --thresholds" in res.output
     export = tmp_path / "export"  # an export folder whose checkpoint (and out-of-fold files) are elsewhere
     export.mkdir()
     manifest = {"fingerprint": "f", "source": str(tmp_path / "x/best.pt")}
