@@ -25,13 +25,7 @@ import pandas as pd
 import pytest
 from fault_hooks import run
 from test_export import export_tiny, make_checkpoint
-from test_train import (  # noqa: F401  (_restore_global_torch_state: autouse fixture, also applies here)
-    _restore_global_torch_state,
-    assert_same_tensors,
-    base_args,
-    run_inprocess,
-    state_dicts,
-)
+from test_train import assert_same_tensors, base_args, run_inprocess, state_dicts
 
 from whalesub.embed import EmbedOptions, run_embed
 from whalesub.errors import WhalesubError
@@ -40,6 +34,7 @@ from whalesub.pipeline import submit_files, tune_files
 from whalesub.store import load_embeddings, save_embeddings
 
 SEED = 7  # the byte offsets of the mid-write kills are drawn from it
+pytestmark = pytest.mark.usefixtures("restore_torch_state")  # in-process training sets global state
 
 
 @pytest.fixture(scope="module")
