@@ -77,7 +77,6 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], spec=None) -
     with atomic_open(path, "wb") as fh:  # a file object: a full disk raises an OSError naming the file
         torch.save(state, fh)
     if spec is not None:
-
         spec.save(path.parent / SPEC_FILENAME)
     return path
 

@@ -201,7 +201,6 @@ class TrainSet:
     def __getitem__(self, i: int):
         import torch
 
-
         seed = sample_seed(self.cfg.seed, self.epoch, i)
         rng = np.random.default_rng(seed)
         name = self.images[i]
@@ -223,7 +222,6 @@ class EvalSet:
 
     def __getitem__(self, i: int):
         import torch
-
 
         x = load_for_model(self.image_dir / self.images[i], self.spec, box=self.boxes[i])
         views = np.stack([x, x[:, :, ::-1]]) if self.flip else x[None]

@@ -97,10 +97,8 @@ def setup_logging(main: bool) -> None:
 def prepare_data(cfg: TrainConfig, dist: Dist):
     """(train frame, box table or None, test truth or None); every problem up front."""
 
-
     if cfg.synth_if_missing and not Path(cfg.train_csv).is_file():
         if dist.main:
-
             log.info("generating synthetic data in %s (synth_if_missing)", Path(cfg.train_csv).parent)
             make_dataset(Path(cfg.train_csv).parent, seed=cfg.synth_seed, n_individuals=cfg.synth_individuals,
                          progress=False, **cfg.synth_options)

@@ -69,8 +69,6 @@ class FoldSession:
     def __init__(self, cfg, k: int, df, boxes, fold_dir: Path, command: str, dist):
         import torch
 
-
-
         self.cfg, self.k, self.fold_dir, self.command, self.dist = cfg, k, fold_dir, command, dist
         self.device = dist.device
         self.train_df, self.valid_df = split_fold(df, k)

@@ -80,7 +80,6 @@ def read_export_manifest(folder: Path) -> dict:
 def _open_onnx(folder: Path, device: str, fp16: bool) -> Model:
     import onnxruntime as ort
 
-
     manifest = read_export_manifest(folder)
     key = "fp16" if fp16 else "fp32"
     entry = manifest.get("files", {}).get(key)
@@ -131,7 +130,6 @@ def _open_onnx(folder: Path, device: str, fp16: bool) -> Model:
 
 def _open_torch(path: Path, device: str, fp16: bool) -> Model:
     import torch
-
 
     if device == "cuda" and not torch.cuda.is_available():
         raise WhalesubError("--device cuda with --backend torch, but torch sees no CUDA GPU "

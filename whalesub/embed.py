@@ -199,7 +199,6 @@ def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out
     """Embed ``names`` (files in ``image_dir``) with every model; write ``out`` (.npz) atomically."""
     from tqdm import tqdm
 
-
     options.check()
     models = [open_model(p, options.backend, options.device, options.fp16) for p in model_paths]
     keys = list(dict.fromkeys(preprocess_key(m.spec) for m in models))

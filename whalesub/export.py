@@ -98,7 +98,6 @@ def parity_inputs(spec, images: Sequence[Path] = (), n_random: int = 4, seed: in
     s = spec.image_size
     arrays = [rng.standard_normal((n_random, spec.in_chans, s, s)).astype(np.float32)]
     if images:
-
         arrays.append(np.stack([load_for_model(p, spec) for p in images]).astype(np.float32))
     return np.concatenate(arrays)
 
@@ -173,7 +172,6 @@ def export_model(source: str | Path, out_dir: str | Path, *, fp16: bool = False,
         }
         centres = class_centres(src)
         if centres is not None:
-
             ids, mat, info = centres
             save_embeddings(tmp / CENTRES, ids, mat,
                             {"fingerprint": fingerprint, "kind": "class_centres", **info})
@@ -194,7 +192,6 @@ def export_model(source: str | Path, out_dir: str | Path, *, fp16: bool = False,
 def export_fp16(net, fp32: Path, path16: Path, x: np.ndarray, label: str) -> dict:
     """Write the mixed-precision graph of ``fp32`` to ``path16``, check it; return its manifest entry."""
     import onnx
-
 
     prefix = pool_prefix()  # EmbeddingNet.pool: where the FP32 tail of the graph starts
     try:

@@ -61,7 +61,6 @@ def score_breakdown(predictions: Sequence[Sequence[str] | str], truths: Sequence
     """MAP@5 overall and split by known/new animals, plus how well rank-1 ``new_individual`` works.
 
     Keys (``None`` where the denominator is zero, so the dict is JSON-ready):
-
     - ``map5``: MAP@5 over all ``n`` rows.
     - ``map5_known``: over the ``n_known`` rows whose truth is an id from train.
     - ``map5_new``: over the ``n_new`` rows whose truth is ``new_individual`` (equal to the share
