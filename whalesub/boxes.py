@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from whalesub.atomic import atomic_path
-from whalesub.data import read_boxes, read_table
+from whalesub.data import describe_lines, read_boxes, read_table
 from whalesub.errors import ConfigError, DataError, first_few
 from whalesub.image import upright_size
 
@@ -45,13 +45,6 @@ CONF_COLUMNS = ("conf", "confidence", "score", "scores")
 def parse_numbers(cell: str) -> list[float]:
     """Every number in ``cell`` (numpy text, space-separated or Python literal), in order."""
     return [float(x) for x in NUMBER.findall(cell)]
-
-
-def lines_text(lines) -> str:
-    """``12, 15, 40 and 3 more`` for a list of CSV line numbers."""
-    lines = [int(x) for x in lines]
-    more = f" and {len(lines) - 5} more" if len(lines) > 5 else ""
-    return ", ".join(map(str, lines[:5])) + more
 
 
 def is_empty(cell: str) -> bool:
@@ -89,8 +82,8 @@ def image_sizes(frame: pd.DataFrame, names: pd.Series, images: Path | None, line
                        for c in ("width", "height")], axis=1)
         bad = ~(np.isfinite(wh).all(1) & (wh > 0).all(1))
         if bad.any():
-            problems.append(f"{int(bad.sum())} row(s) with a missing or non-positive width/height on lines "
-                            f"{lines_text(lines[bad])}")
+            problems.append(f"{int(bad.sum())} row(s) with a missing or non-positive width/height on "
+                            f"{describe_lines(lines[bad])}")
         return wh
     if images is None:
         log.warning("box coordinates are not checked against image sizes: the file has no width/height "
@@ -167,8 +160,8 @@ def convert_boxes(src: str | os.PathLike, out: str | os.PathLike, box_type: str,
         xyxy[:, 2:] += 1
     bad_conf = ~((conf >= 0) & (conf <= 1))
     if bad_conf.any():
-        problems.append(f"{int(bad_conf.sum())} conf value(s) outside [0, 1] on lines "
-                        f"{lines_text(lines[idx[bad_conf]])}")
+        problems.append(f"{int(bad_conf.sum())} conf value(s) outside [0, 1] on "
+                        f"{describe_lines(lines[idx[bad_conf]])}")
     sizes = image_sizes(frame, names, Path(images) if images is not None else None, lines, problems)
     clipped = []
     if sizes is not None and len(idx):
@@ -181,7 +174,7 @@ def convert_boxes(src: str | os.PathLike, out: str | os.PathLike, box_type: str,
     flat = (xyxy[:, 2] <= xyxy[:, 0]) | (xyxy[:, 3] <= xyxy[:, 1])
     if flat.any():
         problems.append(f"{int(flat.sum())} box(es) are empty (x2 <= x1 or y2 <= y1, after clipping to the "
-                        f"image) on lines {lines_text(lines[idx[flat]])}")
+                        f"image) on {describe_lines(lines[idx[flat]])}")
     if problems:
         raise DataError(f"cannot convert {src}: {len(problems)} problem(s); nothing was written:", problems)
     table = pd.DataFrame({"image": names.to_numpy()[idx], "x1": xyxy[:, 0], "y1": xyxy[:, 1],

@@ -175,7 +175,7 @@ def is_missing(values: pd.Series) -> np.ndarray:
     return values.str.lower().isin(MISSING_VALUES).to_numpy()
 
 
-def _describe_lines(lines: np.ndarray, n: int = 5) -> str:
+def describe_lines(lines: np.ndarray, n: int = 5) -> str:
     shown = ", ".join(str(int(x)) for x in lines[:n])
     more = len(lines) - n
     return f"line{'s' if len(lines) > 1 else ''} {shown}" + (f" and {more} more" if more > 0 else "")
@@ -221,7 +221,7 @@ def _check_empty(frame: pd.DataFrame, lines: np.ndarray, column: str, fix: str) 
     if not mask.any():
         return []
     return [f"{int(mask.sum())} empty or NaN {column} value{'s' if mask.sum() > 1 else ''} on "
-            f"{_describe_lines(lines[mask])}; {fix}"]
+            f"{describe_lines(lines[mask])}; {fix}"]
 
 
 def read_train_csv(path: str | os.PathLike, image_dir: str | os.PathLike | None = None, *,
@@ -243,7 +243,7 @@ def read_train_csv(path: str | os.PathLike, image_dir: str | os.PathLike | None 
     is_new = (frame["individual_id"] == NEW_INDIVIDUAL).to_numpy()
     if is_new.any():
         problems.append(f"{int(is_new.sum())} row(s) use {NEW_INDIVIDUAL!r} as a train label on "
-                        f"{_describe_lines(lines[is_new])}; it is a prediction, not an animal: give "
+                        f"{describe_lines(lines[is_new])}; it is a prediction, not an animal: give "
                         "each animal its own id or drop these rows")
     if image_dir is not None:
         problems += _check_image_dir(frame["image"][~is_missing(frame["image"])], image_dir, path, "train")
@@ -255,7 +255,7 @@ def read_train_csv(path: str | os.PathLike, image_dir: str | os.PathLike | None 
     empty_species = is_missing(frame["species"])
     if empty_species.any():
         log.warning("%s: %d rows have no species (%s)", path, int(empty_species.sum()),
-                    _describe_lines(lines[empty_species]))
+                    describe_lines(lines[empty_species]))
     if fix_species:
         counts = frame["species"].value_counts()
         for wrong, right in SPECIES_FIXES.items():
@@ -353,21 +353,21 @@ def read_boxes(path: str | os.PathLike) -> pd.DataFrame:
         if bad.any():
             examples = ", ".join(f"{frame[col].iloc[i]!r}" for i in np.flatnonzero(bad)[:3])
             problems.append(f"column {col!r}: {int(bad.sum())} value(s) not a finite number on "
-                            f"{_describe_lines(lines[bad])} (e.g. {examples})")
+                            f"{describe_lines(lines[bad])} (e.g. {examples})")
         frame[col] = values.astype(np.float64)
     with np.errstate(invalid="ignore"):
         for lo, hi in (("x1", "x2"), ("y1", "y2")):
             bad = (frame[hi] <= frame[lo]).to_numpy()
             if bad.any():
                 problems.append(f"{int(bad.sum())} box(es) with {hi} <= {lo} (empty or flipped) on "
-                                f"{_describe_lines(lines[bad])}; corners are (x1, y1) top-left, "
+                                f"{describe_lines(lines[bad])}; corners are (x1, y1) top-left, "
                                 "(x2, y2) bottom-right")
         if "conf" in frame.columns:
             conf = frame["conf"].to_numpy()
             bad = np.isfinite(conf) & ((conf < 0) | (conf > 1))  # non-finite ones are reported above
             if bad.any():
                 problems.append(f"{int(bad.sum())} conf value(s) outside [0, 1] on "
-                                f"{_describe_lines(lines[bad])}")
+                                f"{describe_lines(lines[bad])}")
     has_type = "box_type" in frame.columns
     key = frame["image"] + (" [" + frame["box_type"] + "]" if has_type else "")
     problems += find_duplicate_images(key, lines, column="image [box_type]" if has_type else "image")

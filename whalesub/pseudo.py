@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from whalesub.atomic import atomic_write_text
-from whalesub.data import NEW_INDIVIDUAL, read_train_csv, read_truth
+from whalesub.data import NEW_INDIVIDUAL, read_truth
 from whalesub.errors import ConfigError, DataError, first_few
 from whalesub.pipeline import load_ranking_inputs
 from whalesub.rank import PAD, rank_queries
@@ -51,9 +51,10 @@ def pseudo_label_files(gallery_path, queries_path, train_csv, out, *, min_score:
                        use_gpu: bool | None = None) -> dict:
     """Rank the test queries against the gallery and write the confident ones to ``out``.
 
-    ``out`` gets ``image,species,individual_id,score,margin`` (species: the individual's species
-    in ``train_csv``). With ``truth`` (``image,individual_id``, e.g. synthetic data) the summary
-    holds the precision of the chosen labels (a new animal given a known label counts as wrong).
+    ``out`` gets ``image,species,individual_id,score,margin`` (species: the individual's most
+    frequent species in ``train_csv``, as :func:`whalesub.pipeline.load_ranking_inputs` gives it).
+    With ``truth`` (``image,individual_id``, e.g. synthetic data) the summary holds the precision
+    of the chosen labels (a new animal given a known label counts as wrong).
     """
     out = Path(out)
     if out.is_dir():
@@ -64,11 +65,10 @@ def pseudo_label_files(gallery_path, queries_path, train_csv, out, *, min_score:
     sel = select_confident(labels, scores, min_score, min_margin)
     keep = sel["keep"]
     ids = data["classes"][sel["label"][keep]]
-    train = read_train_csv(train_csv)
-    species_of = train.groupby("individual_id")["species"].agg(lambda s: s.mode().iat[0])
-    table = pd.DataFrame({"image": data["query_ids"][keep], "species": species_of.reindex(ids).to_numpy(),
+    table = pd.DataFrame({"image": data["query_ids"][keep],
+                          "species": data["class_species"][sel["label"][keep]],
                           "individual_id": ids, "score": sel["score"][keep], "margin": sel["margin"][keep]})
-    clash = sorted(set(table["image"]) & set(train["image"]))
+    clash = sorted(set(data["query_ids"].tolist()) & set(data["gallery_ids"].tolist()))
     if clash:
         raise DataError(f"{len(clash)} query images are also train images ({first_few(clash)}); pseudo-label "
                         "test images only (a train image would get a second label)")

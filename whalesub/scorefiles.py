@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from whalesub.atomic import atomic_write_text
-from whalesub.data import _describe_lines, read_table
+from whalesub.data import describe_lines, read_table
 from whalesub.embed import combined_fingerprint
 from whalesub.errors import ConfigError, DataError, first_few
 from whalesub.rank import PAD
@@ -141,13 +141,13 @@ def read_candidates(path) -> pd.DataFrame:
     problems = []
     score = pd.to_numeric(frame["score"], errors="coerce").to_numpy(np.float64)
     if (bad := ~np.isfinite(score)).any():
-        problems.append(f"'score' is not a finite number on {_describe_lines(lines[bad])}")
+        problems.append(f"'score' is not a finite number on {describe_lines(lines[bad])}")
     empty = (frame["image"] == "") | (frame["individual_id"] == "")
     if empty.any():
-        problems.append(f"empty image or individual_id on {_describe_lines(lines[empty.to_numpy()])}")
+        problems.append(f"empty image or individual_id on {describe_lines(lines[empty.to_numpy()])}")
     dup = frame.duplicated(["image", "individual_id"]).to_numpy()
     if dup.any():
-        problems.append(f"an (image, individual_id) pair repeats on {_describe_lines(lines[dup])}")
+        problems.append(f"an (image, individual_id) pair repeats on {describe_lines(lines[dup])}")
     if problems:
         raise DataError(f"candidate table {str(path)!r} is not a table of `submit --candidates-out`:",
                         problems)
