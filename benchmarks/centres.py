@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from whalesub.centres import rank_with_centres
-from whalesub.metric import score_breakdown
-from whalesub.pipeline import submit_files
-from whalesub.rank import decode_labels, insert_new_individual, rank_queries
-from whalesub.submission import score_submission
-from whalesub.threshold import threshold_for_new_share
+from whalesub.ranking.centres import rank_with_centres
+from whalesub.ranking.metric import score_breakdown
+from whalesub.ranking.rank import decode_labels, insert_new_individual, rank_queries
+from whalesub.ranking.submission import score_submission
+from whalesub.ranking.threshold import threshold_for_new_share
+from whalesub.workflows.submit import submit_files
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

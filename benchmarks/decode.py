@@ -3,7 +3,7 @@
 Measured side by side in one run, repetitions interleaved round-robin so load on the machine hits
 every method alike; the median ms per image is printed with its ratio to the cv2 path.
 
-- whalesub: ``whalesub.image.load_image(path, target=S)`` (JPEG DCT-domain downscale) + cv2 INTER_AREA
+- whalesub: ``whalesub.data.image.load_image(path, target=S)`` (JPEG DCT-domain downscale) + cv2 INTER_AREA
   to S x S, i.e. the uint8 part of ``load_for_model``; ``+normalise`` adds the float32 normalisation.
 - cv2: ``cv2.imread`` (full decode) + BGR->RGB + ``cv2.resize`` INTER_AREA (the popular baseline).
 - pillow-full: ``Image.open().convert('RGB')`` (full decode) + ``Image.resize`` bilinear.
@@ -29,8 +29,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from whalesub.image import draft_scale, load_for_model, load_image
-from whalesub.spec import ModelSpec
+from whalesub.data.image import draft_scale, load_for_model, load_image
+from whalesub.models.spec import ModelSpec
 
 NYALA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nyala"
 W, H = 3600, 2400

@@ -2,7 +2,7 @@
 
 1. model only (``--device cpu`` or ``cuda``): PyTorch eager vs ONNX Runtime on the same
    preprocessed batches (ratio);
-2. decode only: the ``whalesub embed`` loader (worker processes, whalesub.image.load_for_model)
+2. decode only: the ``whalesub embed`` loader (worker processes, whalesub.data.image.load_for_model)
    without a model;
 3. end to end: ``whalesub embed`` (ONNX Runtime, same batch size and workers), compared with the
    slower of (2) and (1, ONNX Runtime). Goal: >= 80 % of it, i.e. decoding overlaps inference.
@@ -81,13 +81,13 @@ def main() -> None:
 
     import torch
 
-    from whalesub.embed import EmbedOptions, embed_images
-    from whalesub.export import INPUT_NAME, export_model
-    from whalesub.image import load_for_model
-    from whalesub.loader import make_loader
-    from whalesub.model import EmbeddingNet, save_embedding_net
-    from whalesub.runtime import ort_session
-    from whalesub.spec import ModelSpec
+    from whalesub.data.image import load_for_model
+    from whalesub.embedding.embed import EmbedOptions, embed_images
+    from whalesub.embedding.loader import make_loader
+    from whalesub.models.export import INPUT_NAME, export_model
+    from whalesub.models.network import EmbeddingNet, save_embedding_net
+    from whalesub.models.runtime import ort_session
+    from whalesub.models.spec import ModelSpec
 
     tmp = Path(tempfile.mkdtemp(prefix="whalesub-bench-embed-"))
     names = make_images(tmp / "images", args.n, args.synthetic)
@@ -114,7 +114,7 @@ def main() -> None:
                 net(torch.from_numpy(t).to(dev)).cpu()
 
     if args.device == "cuda":
-        from whalesub.runtime import prepare_cuda_libraries
+        from whalesub.models.runtime import prepare_cuda_libraries
 
         prepare_cuda_libraries()
     sess = ort_session(tmp / "export" / "model.onnx", ["CUDAExecutionProvider"] if args.device == "cuda"

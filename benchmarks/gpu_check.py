@@ -8,7 +8,7 @@
    parity now runs on the CUDA provider (per-row cosine >= 0.999);
 3. ``whalesub embed`` on real photos with --device cuda: FP32 vs FP16 graphs (per-row cosine,
    top-5 agreement of a gallery/query split) and the torch backend with FP16 autocast;
-4. FAISS on the GPU: whalesub.index.search vs a NumPy brute force;
+4. FAISS on the GPU: whalesub.ranking.index.search vs a NumPy brute force;
 5. a few AMP (FP16 autocast + GradScaler) training steps of EmbeddingNet + sub-center ArcFace on one
    batch: finite, decreasing loss;
 6. with --pytest: the repository's ``@pytest.mark.gpu`` tests.
@@ -64,10 +64,10 @@ def versions() -> str:
 def export(tmp: Path) -> str:
     import torch
 
-    from whalesub.export import export_model
-    from whalesub.model import EmbeddingNet, save_embedding_net
-    from whalesub.runtime import cuda_provider_active
-    from whalesub.spec import ModelSpec
+    from whalesub.models.export import export_model
+    from whalesub.models.network import EmbeddingNet, save_embedding_net
+    from whalesub.models.runtime import cuda_provider_active
+    from whalesub.models.spec import ModelSpec
 
     torch.manual_seed(0)
     net = EmbeddingNet(ModelSpec(backbone="efficientnet_b0", image_size=256, embed_dim=512, neck="linear_bn"))
@@ -83,8 +83,8 @@ def export(tmp: Path) -> str:
 
 @check("embed --device cuda: FP32 vs FP16 graphs vs torch autocast on real photos")
 def embed(tmp: Path) -> str:
-    from whalesub.embed import EmbedOptions, run_embed
-    from whalesub.store import load_embeddings
+    from whalesub.embedding.embed import EmbedOptions, run_embed
+    from whalesub.ranking.store import load_embeddings
 
     if not NYALA.is_dir():
         return "skipped: no nyala photos"
@@ -114,7 +114,7 @@ def embed(tmp: Path) -> str:
 def faiss_gpu() -> str:
     import faiss
 
-    from whalesub.index import search
+    from whalesub.ranking.index import search
 
     assert faiss.get_num_gpus() > 0, "faiss sees no GPU (faiss-gpu for CUDA 12 vs the driver?)"
     rng = np.random.default_rng(0)
@@ -133,8 +133,8 @@ def amp_steps() -> str:
     import torch
 
     from train.heads import ArcMarginHead
-    from whalesub.model import EmbeddingNet
-    from whalesub.spec import ModelSpec
+    from whalesub.models.network import EmbeddingNet
+    from whalesub.models.spec import ModelSpec
 
     torch.manual_seed(0)
     dev = torch.device("cuda")

@@ -77,9 +77,9 @@ def make_inputs(work: Path) -> tuple[Path, Path]:
     """A tiny exported model (random weights) and a small synthetic competition."""
     import torch
 
-    from whalesub.export import export_model
-    from whalesub.model import EmbeddingNet, save_embedding_net
-    from whalesub.spec import ModelSpec
+    from whalesub.models.export import export_model
+    from whalesub.models.network import EmbeddingNet, save_embedding_net
+    from whalesub.models.spec import ModelSpec
     from whalesub.synth import make_dataset
 
     torch.manual_seed(0)
@@ -92,8 +92,8 @@ def make_inputs(work: Path) -> tuple[Path, Path]:
 
 def reference_submission(export: Path, data: Path, out: Path, new_share: float) -> float:
     """``whalesub embed`` + ``submit`` here; the threshold puts new_individual first in ``new_share``."""
-    from whalesub.embed import EmbedOptions, run_embed
-    from whalesub.pipeline import submit_files
+    from whalesub.embedding.embed import EmbedOptions, run_embed
+    from whalesub.workflows.submit import submit_files
 
     run_embed([export], out / "gallery.npz", EmbedOptions(tta="none", flip_views=True),
               images=data / "train_images", listing=data / "train.csv")

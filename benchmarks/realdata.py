@@ -8,7 +8,7 @@ Steps, all on CPU:
 
 1. ``python -m train --config train/configs/nyala.yaml`` with ``--fold=all --n_folds=N --epochs=E
    --image_size=S`` (resnet18 from scratch; a finished run is reused; the test set is left to step 2);
-2. :func:`whalesub.predict.predict` on the run: export every fold, embed the flipped gallery and the
+2. :func:`whalesub.workflows.predict.predict` on the run: export every fold, embed the flipped gallery and the
    flip-TTA test set with all folds combined, threshold from the pooled out-of-fold share, submit,
    validate, score against ``test_truth.csv``;
 3. baselines scored the same way: every row ``new_individual`` (the sample submission), and a kNN
@@ -51,9 +51,9 @@ def raw_pixels(folder: Path, names: list[str], flip: bool = False) -> np.ndarray
 
 def pixel_knn(data: Path, out: Path, new_share: float) -> dict:
     """The raw-pixel kNN baseline: MAP@5 at ``new_share`` and at its best test threshold."""
-    from whalesub.pipeline import submit_files, tune_files
-    from whalesub.store import save_embeddings
-    from whalesub.submission import score_submission
+    from whalesub.ranking.store import save_embeddings
+    from whalesub.ranking.submission import score_submission
+    from whalesub.workflows.submit import submit_files, tune_files
 
     train = pd.read_csv(data / "train.csv", dtype=str)["image"].tolist()
     tests = pd.read_csv(data / "sample_submission.csv", dtype=str)["image"].tolist()
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no competition-format data in {data} (train.csv, train_images/, test_images/, "
               "sample_submission.csv, test_truth.csv): pass --data", file=sys.stderr)
         return 2
-    from whalesub.metric import score_breakdown
-    from whalesub.predict import predict
+    from whalesub.ranking.metric import score_breakdown
+    from whalesub.workflows.predict import predict
 
     started = time.perf_counter()
     cmd = [sys.executable, "-m", "train", "--config", "train/configs/nyala.yaml", "--fold=all",

@@ -7,7 +7,7 @@ with 400), 27,956 queries, k = 100. ``--scale`` shrinks every count for a quick 
 Three steps, each in its own child process so that wall time and peak memory (ru_maxrss) are
 separate, measured in the same run on the same files:
 
-- ``submit``: the library path of ``whalesub submit`` (``whalesub.pipeline.submit_files``) from the
+- ``submit``: the library path of ``whalesub submit`` (``whalesub.workflows.submit.submit_files``) from the
   .npz files: load and check, map labels via train.csv, FAISS top-k, per-individual max,
   new_individual, checked against the sample, CSV written.
 - ``bare``: arrays already in memory, ``faiss.IndexFlatIP`` + one ``search`` of the same shapes.
@@ -65,7 +65,7 @@ def _unit(rng, n, d):
 
 
 def make_data(workdir: Path, scale: float, seed: int = 0) -> dict:
-    from whalesub.store import save_embeddings
+    from whalesub.ranking.store import save_embeddings
 
     rng = np.random.default_rng(seed)
     n_img, n_ind = round(N_IMAGES * scale), max(10, round(N_INDIVIDUALS * scale))
@@ -94,14 +94,14 @@ def make_data(workdir: Path, scale: float, seed: int = 0) -> dict:
 
 
 def step_submit(d: Path, k: int, threshold: float) -> None:
-    from whalesub.pipeline import submit_files
+    from whalesub.workflows.submit import submit_files
 
     submit_files(d / "gallery.npz", d / "queries.npz", d / "train.csv", threshold, d / "submit.csv", k=k,
                  sample=d / "sample_submission.csv", progress=False)
 
 
 def _arrays(d: Path):
-    from whalesub.store import load_embeddings
+    from whalesub.ranking.store import load_embeddings
 
     g, q = load_embeddings(d / "gallery.npz"), load_embeddings(d / "queries.npz")
     return g, q

@@ -31,8 +31,8 @@ import pandas as pd
 
 from train.config import make_config
 from train.dataset import BoxTable, TrainSet, augment, sample_seed
-from whalesub.image import to_model_input
-from whalesub.spec import ModelSpec
+from whalesub.data.image import to_model_input
+from whalesub.models.spec import ModelSpec
 
 
 def make_frames(out: Path, n: int, w: int, h: int, noise: float) -> list[str]:

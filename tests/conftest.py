@@ -156,11 +156,11 @@ def kaggle_build(tmp_path_factory):
     the reference gallery packaged)."""
     from test_export import make_checkpoint
 
-    from whalesub.embed import EmbedOptions, run_embed
-    from whalesub.export import export_model
+    from whalesub.embedding.embed import EmbedOptions, run_embed
     from whalesub.kaggle.package import BuildOptions, build_package
-    from whalesub.pipeline import submit_files
+    from whalesub.models.export import export_model
     from whalesub.synth import make_dataset
+    from whalesub.workflows.submit import submit_files
 
     root = tmp_path_factory.mktemp("kaggle")
     make_checkpoint(root / "run" / "best.pt", head=(["a", "b", "c"], 2))

@@ -7,7 +7,7 @@ Test helper, not a test module. ``python tests/fault_hooks.py FAULT TARGET ARGS.
   ``os.rename`` onto a file called ``out.csv`` (its temporary file is complete, not yet renamed);
 - ``{"kind": "write", "name": "out.csv", "nth": 1, "bytes": 100}``: killed in the middle of writing
   the nth temporary file of ``out.csv`` (``.out.csv.*.tmp*``), after ``bytes`` bytes (or characters);
-- ``{"kind": "call", "name": "whalesub.pipeline.tune_arrays"}``: killed when that function is called.
+- ``{"kind": "call", "name": "whalesub.workflows.submit.tune_arrays"}``: killed when that function is called.
 
 A point that is never reached lets the command finish normally, so the test sees exit status 0
 instead of -SIGKILL and fails. The hooks wrap Python's own ``os.replace``, ``os.rename`` and

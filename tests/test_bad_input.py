@@ -20,9 +20,9 @@ from test_export import make_checkpoint
 from typer.testing import CliRunner
 
 from whalesub.cli import app
-from whalesub.errors import DataError
-from whalesub.image import load_image
-from whalesub.store import load_embeddings, save_embeddings
+from whalesub.core.errors import DataError
+from whalesub.data.image import load_image
+from whalesub.ranking.store import load_embeddings, save_embeddings
 
 runner = CliRunner()
 RNG_IMAGE = np.random.default_rng(7).integers(0, 256, (48, 64, 3), dtype=np.uint8)

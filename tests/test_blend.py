@@ -1,4 +1,4 @@
-"""`whalesub blend`: candidate tables of several runs -> one submission (whalesub.blend)."""
+"""`whalesub blend`: candidate tables of several runs -> one submission (whalesub.workflows.blend)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from whalesub.cli import app
-from whalesub.data import NEW_INDIVIDUAL
-from whalesub.store import save_embeddings
+from whalesub.data.contract import NEW_INDIVIDUAL
+from whalesub.ranking.store import save_embeddings
 
 runner = CliRunner()
 

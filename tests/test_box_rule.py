@@ -1,4 +1,4 @@
-"""One box rule for `whalesub embed` and training's validation (whalesub.data.choose_box_type)."""
+"""One box rule for `whalesub embed` and training's validation (whalesub.data.contract.choose_box_type)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 
 from train.dataset import BoxTable
-from whalesub.data import choose_box_type
-from whalesub.errors import DataError
-from whalesub.loader import select_boxes
+from whalesub.core.errors import DataError
+from whalesub.data.contract import choose_box_type
+from whalesub.embedding.loader import select_boxes
 
 
 def _table(tmp_path, kinds):

@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from whalesub.boxes import convert_boxes, parse_numbers
 from whalesub.cli import app
-from whalesub.data import read_boxes
-from whalesub.errors import DataError
+from whalesub.core.errors import DataError
+from whalesub.data.boxes import convert_boxes, parse_numbers
+from whalesub.data.contract import read_boxes
 
 # YOLOv5 full-body detections as the charm files hold them (columns in their order, padded numpy text)
 CHARM = """bbox,conf,height,image,image_id,predictions,width
@@ -145,8 +145,8 @@ def test_append_adds_a_second_box_type_and_refuses_a_repeat(tmp_path):
 
 
 def test_the_output_crops_what_the_source_box_says(tmp_path):
-    """End to end: the converted box is the region whalesub.image crops (uniform colour inside)."""
-    from whalesub.image import load_image
+    """End to end: the converted box is the region whalesub.data.image crops (uniform colour inside)."""
+    from whalesub.data.image import load_image
 
     img = np.zeros((60, 80, 3), np.uint8)
     img[10:30, 20:50] = (200, 40, 90)

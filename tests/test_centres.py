@@ -1,4 +1,4 @@
-"""Class-centre blending (whalesub.centres) against a dense brute-force oracle on small data."""
+"""Class-centre blending (whalesub.ranking.centres) against a dense brute-force oracle on small data."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from whalesub.centres import check_ratio, rank_with_centres
 from whalesub.cli import app
-from whalesub.embed import combined_fingerprint
-from whalesub.errors import ConfigError
-from whalesub.rank import rank_queries
-from whalesub.store import load_embeddings, save_embeddings
+from whalesub.core.errors import ConfigError
+from whalesub.ranking.centres import check_ratio, rank_with_centres
+from whalesub.ranking.rank import rank_queries
+from whalesub.ranking.store import combined_fingerprint, load_embeddings, save_embeddings
 
 runner = CliRunner()
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from whalesub.atomic import atomic_write_text
 from whalesub.cli import app
-from whalesub.errors import WhalesubError
-from whalesub.store import save_embeddings
+from whalesub.core.atomic import atomic_write_text
+from whalesub.core.errors import WhalesubError
+from whalesub.ranking.store import save_embeddings
 
 
 def test_writing_onto_a_folder_is_a_whalesub_error(tmp_path):
@@ -34,12 +34,12 @@ def test_submit_with_a_folder_as_out_exits_2_without_traceback(tmp_path):
 
 
 def test_os_errors_become_one_line_and_exit_2(tmp_path, monkeypatch):
-    import whalesub.pipeline
+    import whalesub.workflows.submit
 
     def boom(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path / "x.csv"))
 
-    monkeypatch.setattr(whalesub.pipeline, "submit_files", boom)
+    monkeypatch.setattr(whalesub.workflows.submit, "submit_files", boom)
     r = CliRunner().invoke(app, ["submit", "--gallery", "g", "--queries", "q", "--train-csv", "t",
                                  "--threshold", "0.5", "--out", "o.csv"])
     assert r.exit_code == 2
@@ -48,13 +48,14 @@ def test_os_errors_become_one_line_and_exit_2(tmp_path, monkeypatch):
 
 
 def test_submit_refuses_a_folder_as_out_before_searching(tmp_path, monkeypatch):
-    import whalesub.pipeline
+    import whalesub.workflows.submit
 
     def no_search(*a, **kw):  # the check must come before the (long) search
         raise AssertionError("searched before checking --out")
 
-    monkeypatch.setattr(whalesub.pipeline, "rank_queries", no_search)
+    monkeypatch.setattr(whalesub.workflows.submit, "rank_queries", no_search)
     (tmp_path / "outdir").mkdir()
     with pytest.raises(WhalesubError, match="is a folder"):
-        whalesub.pipeline.submit_files(tmp_path / "g.npz", tmp_path / "q.npz", tmp_path / "t.csv", 0.5,
+        whalesub.workflows.submit.submit_files(tmp_path / "g.npz", tmp_path / "q.npz", tmp_path / "t.csv",
+                                               0.5,
                                        tmp_path / "outdir")

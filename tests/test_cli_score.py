@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from whalesub.cli import app
-from whalesub.data import NEW_INDIVIDUAL
+from whalesub.data.contract import NEW_INDIVIDUAL
 
 NEW = NEW_INDIVIDUAL
 runner = CliRunner()

@@ -18,7 +18,7 @@ from train.config import (
     parse_overrides,
     valid_keys,
 )
-from whalesub.errors import ConfigError
+from whalesub.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from whalesub.data import (
+from whalesub.core.errors import DataError
+from whalesub.data.contract import (
     NEW_INDIVIDUAL,
     SPECIES_FIXES,
     read_boxes,
@@ -17,7 +18,6 @@ from whalesub.data import (
     read_train_csv,
     read_truth,
 )
-from whalesub.errors import DataError
 
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
@@ -53,7 +53,7 @@ def test_species_fixes_applied_and_logged_with_counts(tmp_path, caplog):
     for i, sp in enumerate(wrong + wrong[:1] + ["beluga"]):
         rows.append(f"{i}.jpg,{sp},id{i}")
     csv_path = write(tmp_path / "train.csv", "\n".join(rows) + "\n")
-    with caplog.at_level(logging.INFO, logger="whalesub.data"):
+    with caplog.at_level(logging.INFO, logger="whalesub.data.contract"):
         frame = read_train_csv(csv_path)
     assert frame["species"].tolist() == [
         "bottlenose_dolphin", "killer_whale", "short_finned_pilot_whale", "short_finned_pilot_whale",
@@ -125,7 +125,7 @@ def test_all_problems_reported_at_once_with_file_lines(tmp_path):
 
 def test_latin1_file_is_read_with_a_warning(tmp_path, caplog):
     csv_path = write(tmp_path / "train.csv", "image,species,individual_id\nbaleine_é.jpg,x,1\n", "latin-1")
-    with caplog.at_level(logging.WARNING, logger="whalesub.data"):
+    with caplog.at_level(logging.WARNING, logger="whalesub.data.contract"):
         frame = read_train_csv(csv_path)
     assert frame["image"].tolist() == ["baleine_é.jpg"]
     assert "not valid UTF-8" in caplog.text
@@ -235,7 +235,7 @@ def test_boxes_report_every_problem_with_lines(tmp_path):
 
 def test_trailing_commas_do_not_shift_columns_and_ragged_rows_name_the_line(tmp_path, caplog):
     trailing = write(tmp_path / "t.csv", "image,species,individual_id\na.jpg,x,1,\nb.jpg,y,2,\n")
-    with caplog.at_level(logging.WARNING, logger="whalesub.data"):
+    with caplog.at_level(logging.WARNING, logger="whalesub.data.contract"):
         frame = read_train_csv(trailing)
     assert frame["image"].tolist() == ["a.jpg", "b.jpg"] and frame["individual_id"].tolist() == ["1", "2"]
     assert "trailing commas" in caplog.text

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from whalesub.data import NEW_INDIVIDUAL
-from whalesub.metric import map_at_5
-from whalesub.submission import read_submission, validate_submission
+from whalesub.data.contract import NEW_INDIVIDUAL
+from whalesub.ranking.metric import map_at_5
+from whalesub.ranking.submission import read_submission, validate_submission
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 from test_export import export_tiny, make_checkpoint
 
-from whalesub.embed import EmbedOptions, embed_images, run_embed
-from whalesub.errors import WhalesubError
-from whalesub.store import load_embeddings
+from whalesub.core.errors import WhalesubError
+from whalesub.embedding.embed import EmbedOptions, embed_images, run_embed
+from whalesub.ranking.store import load_embeddings
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_box_conf_follows_the_models_training_cut(models, pictures, tmp_path):
     import pandas as pd
 
     from train.dataset import BoxTable
-    from whalesub.model import load_embedding_net, save_embedding_net
+    from whalesub.models.network import load_embedding_net, save_embedding_net
 
     net, spec = load_embedding_net(models["a_ckpt"])
     net2 = net.__class__(spec.replace(box_conf=0.5))  # the same weights, trained with box_conf 0.5
@@ -204,7 +204,7 @@ def test_cuda_without_provider_is_a_clear_error(models, pictures, tmp_path):
 
 
 def test_shards_merge_equal_full_run(models, pictures, tmp_path):
-    from whalesub.shards import merge_embeddings
+    from whalesub.embedding.shards import merge_embeddings
 
     full = run_embed([models["a"]], tmp_path / "full.npz", _opts(), images=pictures)
     parts = [run_embed([models["a"]], tmp_path / f"s{i}.npz", _opts(shard=f"{i}/3"), images=pictures)
@@ -307,7 +307,7 @@ def test_cli_embed_and_merge(models, pictures, tmp_path):
 @pytest.mark.gpu
 def test_cuda_embed_matches_cpu(models, pictures, tmp_path):
     """Needs a GPU with a working ONNX Runtime CUDA provider: FP32 and FP16 graphs vs the CPU run."""
-    from whalesub.runtime import cuda_provider_active
+    from whalesub.models.runtime import cuda_provider_active
 
     if not cuda_provider_active(models["a"] / "model.onnx"):
         pytest.skip("ONNX Runtime's CUDAExecutionProvider is not active (CUDA/cuDNN mismatch?)")
@@ -340,7 +340,7 @@ def test_same_vectors_as_training_validation(models, photo_set, tmp_path):
     import torch
 
     from train.dataset import EvalSet
-    from whalesub.model import load_embedding_net
+    from whalesub.models.network import load_embedding_net
 
     names = sorted(p.name for p in (photo_set / "test_images").iterdir())[:6]
     boxes = [(10.0, 20.0, 200.0, 150.0) if i % 2 else None for i in range(len(names))]

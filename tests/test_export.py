@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from whalesub.errors import WhalesubError
-from whalesub.export import FP32_COSINE_MIN, INPUT_NAME, export_model
-from whalesub.model import EmbeddingNet, save_embedding_net
-from whalesub.runtime import ort_session
-from whalesub.spec import ModelSpec
+from whalesub.core.errors import WhalesubError
+from whalesub.models.export import FP32_COSINE_MIN, INPUT_NAME, export_model
+from whalesub.models.network import EmbeddingNet, save_embedding_net
+from whalesub.models.runtime import ort_session
+from whalesub.models.spec import ModelSpec
 
 
 def make_checkpoint(path: Path, backbone: str = "test_efficientnet", size: int = 64, seed: int = 0,
@@ -45,7 +45,7 @@ def export_tiny(ckpt: Path, out: Path, **kw) -> Path:
 
 
 def _torch_and_onnx(ckpt: Path, onnx_path: Path, x: np.ndarray):
-    from whalesub.model import load_embedding_net
+    from whalesub.models.network import load_embedding_net
 
     net, _ = load_embedding_net(ckpt)
     with torch.no_grad():
@@ -63,7 +63,7 @@ def exported(tmp_path_factory):
 
 
 def test_fp32_parity_on_photos(exported, photo_set):
-    from whalesub.image import load_for_model
+    from whalesub.data.image import load_for_model
 
     ckpt, out = exported
     spec = ModelSpec.load(out)
@@ -99,8 +99,8 @@ def _first_principles_fingerprint(ckpt: Path, spec_json: Path) -> str:
 def test_manifest_and_spec(exported):
     import json
 
-    from whalesub.backends import open_model
-    from whalesub.model import load_embedding_net
+    from whalesub.models.backends import open_model
+    from whalesub.models.network import load_embedding_net
 
     ckpt, out = exported
     m = json.loads((out / "export.json").read_text())
@@ -119,7 +119,7 @@ def test_fingerprint_changes_with_one_weight_or_the_spec_mean(tmp_path):
     """Exports of the same network agree; one changed weight or a changed mean gives another one."""
     import json
 
-    from whalesub.model import load_embedding_net
+    from whalesub.models.network import load_embedding_net
 
     ckpt = make_checkpoint(tmp_path / "a" / "best.pt")
     net, spec = load_embedding_net(ckpt)
@@ -186,7 +186,7 @@ def test_fp16_two_stage_gem_converts_both_branches(tmp_path):
     model = onnx.load(str(tmp_path / "out" / "model_fp16.onnx"))
     types = _types(model)
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    from whalesub.model import load_embedding_net
+    from whalesub.models.network import load_embedding_net
 
     net, _ = load_embedding_net(ckpt)
     n_conv = sum(isinstance(mod, torch.nn.Conv2d) for mod in net.modules())
@@ -195,7 +195,7 @@ def test_fp16_two_stage_gem_converts_both_branches(tmp_path):
 
 
 def test_fp16_runs_on_cpu_close_to_fp32(exported, photo_set):
-    from whalesub.image import load_for_model
+    from whalesub.data.image import load_for_model
 
     ckpt, out = exported
     spec = ModelSpec.load(out)
@@ -208,14 +208,14 @@ def test_fp16_runs_on_cpu_close_to_fp32(exported, photo_set):
 def test_structure_check_rejects_all_fp16_graph(exported):
     import onnx
 
-    from whalesub.onnx_fp16 import check_fp16_structure
+    from whalesub.models.fp16 import check_fp16_structure
 
     _, out = exported
     m = onnx.load(str(out / "model.onnx"))
     with pytest.raises(ValueError, match="no FLOAT16 initializer"):
         check_fp16_structure(m)
     # GeM converted too (the all-FP16 mistake): rejected, naming the GeM node.
-    from whalesub.onnx_fp16 import backbone_nodes, convert_to_fp16
+    from whalesub.models.fp16 import backbone_nodes, convert_to_fp16
 
     pool = {i for i, n in enumerate(m.graph.node) if n.name.startswith("/pool/")}
     bad = convert_to_fp16(m, backbone_nodes(m) | pool)
@@ -224,7 +224,7 @@ def test_structure_check_rejects_all_fp16_graph(exported):
 
 
 def test_parity_failure_is_loud_and_leaves_nothing(tmp_path, monkeypatch):
-    import whalesub.export as ex
+    import whalesub.models.export as ex
 
     ckpt = make_checkpoint(tmp_path / "c.pt")
     real_export = ex.export_onnx
@@ -253,7 +253,7 @@ def test_parity_failure_is_loud_and_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_class_centres_match_sub_centre_oracle(exported):
-    from whalesub.store import load_embeddings
+    from whalesub.ranking.store import load_embeddings
 
     ckpt, out = exported
     c = load_embeddings(out / "class_centres.npz")
@@ -270,8 +270,8 @@ def test_class_centres_match_sub_centre_oracle(exported):
 @pytest.mark.gpu
 def test_fp16_parity_on_cuda(exported, photo_set):
     """Needs ONNX Runtime's CUDA provider: per-row cosine >= 0.999 and top-5 agreement >= 99 %."""
-    from whalesub.image import load_for_model
-    from whalesub.runtime import cuda_provider_active
+    from whalesub.data.image import load_for_model
+    from whalesub.models.runtime import cuda_provider_active
 
     ckpt, out = exported
     if not cuda_provider_active(out / "model_fp16.onnx"):
@@ -294,7 +294,7 @@ def test_fp16_parity_on_cuda(exported, photo_set):
 
 
 def test_resolve_checkpoint_layouts(tmp_path):
-    from whalesub.sources import resolve_checkpoint
+    from whalesub.models.sources import resolve_checkpoint
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "last.pt").touch()

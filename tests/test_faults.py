@@ -27,11 +27,11 @@ from fault_hooks import run
 from test_export import export_tiny, make_checkpoint
 from test_train import assert_same_tensors, base_args, run_inprocess, state_dicts
 
-from whalesub.embed import EmbedOptions, run_embed
-from whalesub.errors import WhalesubError
-from whalesub.export import export_model
-from whalesub.pipeline import submit_files, tune_files
-from whalesub.store import load_embeddings, save_embeddings
+from whalesub.core.errors import WhalesubError
+from whalesub.embedding.embed import EmbedOptions, run_embed
+from whalesub.models.export import export_model
+from whalesub.ranking.store import load_embeddings, save_embeddings
+from whalesub.workflows.submit import submit_files, tune_files
 
 SEED = 7  # the byte offsets of the mid-write kills are drawn from it
 pytestmark = pytest.mark.usefixtures("restore_torch_state")  # in-process training sets global state
@@ -104,7 +104,7 @@ def same_embeddings(a: Path, b: Path) -> None:
 
 
 def test_next_write_removes_only_the_temporaries_of_gone_writers_on_this_host(tmp_path):
-    from whalesub.atomic import _host_tag, atomic_write_text
+    from whalesub.core.atomic import _host_tag, atomic_write_text
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
@@ -150,7 +150,7 @@ def test_tune_killed_then_rerun_prints_the_same_and_writes_nothing(data, vectors
     truth = data / "test_truth.csv"
     args = ["tune", "--gallery", vectors["gallery"], "--queries", vectors["queries"], "--train-csv",
             data / "train.csv", "--truth", truth, "--json", "--target-new-share", "0.2"]
-    killed({"kind": "call", "name": "whalesub.pipeline.tune_arrays"}, "whalesub", *args)
+    killed({"kind": "call", "name": "whalesub.workflows.submit.tune_arrays"}, "whalesub", *args)
     want = tune_files(vectors["gallery"], vectors["queries"], data / "train.csv", truth,
                       target_new_share=0.2, progress=False)
     # tune writes no file: with every write limited to 0 bytes it still succeeds

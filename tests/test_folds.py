@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from train.folds import fold_summary, load_folds, make_folds, save_folds, split_fold
-from whalesub.errors import ConfigError, DataError
+from whalesub.core.errors import ConfigError, DataError
 
 NEW = "new_individual"
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from whalesub.errors import DataError
-from whalesub.image import draft_scale, load_for_model, load_image, to_model_input
-from whalesub.spec import ModelSpec
+from whalesub.core.errors import DataError
+from whalesub.data.image import draft_scale, load_for_model, load_image, to_model_input
+from whalesub.models.spec import ModelSpec
 
 # The inverse of each EXIF orientation's transpose: saving inverse(upright) with the tag must decode upright.
 INVERSE = {

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from whalesub.errors import WhalesubError
-from whalesub.index import FlatIndex, search, sort_ties
+from whalesub.core.errors import WhalesubError
+from whalesub.ranking.index import FlatIndex, search, sort_ties
 
 
 def _unit(rng, n, d):

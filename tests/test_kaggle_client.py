@@ -17,7 +17,7 @@ import pytest
 from fake_kaggle import FakeKaggle
 from typer.testing import CliRunner
 
-from whalesub.errors import ConfigError, DataError
+from whalesub.core.errors import ConfigError, DataError
 from whalesub.kaggle import KIND_MODELS, KIND_WHEELS
 from whalesub.kaggle.client import KaggleClientError, find_credentials, upload_dataset, wait_kernel
 from whalesub.kaggle.metadata import dataset_metadata, kernel_metadata

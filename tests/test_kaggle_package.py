@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from whalesub.errors import ConfigError
+from whalesub.core.errors import ConfigError
 from whalesub.kaggle.metadata import check_build, check_dataset_metadata, check_kernel_metadata, slugify
 
 
@@ -208,7 +208,7 @@ def test_build_checks_a_packaged_gallery_fingerprint(kaggle_build, tmp_path):
     import numpy as np
 
     from whalesub.kaggle.package import BuildOptions, build_package
-    from whalesub.store import save_embeddings
+    from whalesub.ranking.store import save_embeddings
 
     wheel = next((kaggle_build["build"] / "wheels").glob("*.whl"))
     gallery = tmp_path / "gallery.npz"

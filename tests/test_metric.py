@@ -8,8 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from whalesub.data import NEW_INDIVIDUAL
-from whalesub.metric import average_precision_at_5, format_breakdown, map_at_5, score_breakdown
+from whalesub.data.contract import NEW_INDIVIDUAL
+from whalesub.ranking.metric import average_precision_at_5, format_breakdown, map_at_5, score_breakdown
 
 NEW = NEW_INDIVIDUAL
 

@@ -9,9 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from whalesub.errors import ConfigError
-from whalesub.model import EmbeddingNet, GeM, build_embedding_net, load_embedding_net, save_embedding_net
-from whalesub.spec import SPEC_FILENAME, ModelSpec
+from whalesub.core.errors import ConfigError
+from whalesub.models.network import (
+    EmbeddingNet,
+    GeM,
+    build_embedding_net,
+    load_embedding_net,
+    save_embedding_net,
+)
+from whalesub.models.spec import SPEC_FILENAME, ModelSpec
 
 S = 64
 

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import whalesub.export as ex
-from whalesub.model import GeM
-from whalesub.sources import Source
-from whalesub.spec import ModelSpec
+import whalesub.models.export as ex
+from whalesub.models.network import GeM
+from whalesub.models.sources import Source
+from whalesub.models.spec import ModelSpec
 
 SCALE = 1.1  # not representable in FP16 (1.0996): 10 px * 1.0996 floors to 10 instead of 11
 

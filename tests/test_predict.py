@@ -14,10 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from whalesub.cli import app
-from whalesub.data import NEW_INDIVIDUAL
-from whalesub.metric import map_at_5
-from whalesub.pipeline import submit_files
-from whalesub.submission import score_submission
+from whalesub.data.contract import NEW_INDIVIDUAL
+from whalesub.ranking.metric import map_at_5
+from whalesub.ranking.submission import score_submission
+from whalesub.workflows.submit import submit_files
 
 runner = CliRunner()
 GRID = "0.0:1.0:0.05"
@@ -70,7 +70,7 @@ def predicted(trained) -> Path:
 # --- pooled out-of-fold tuning ------------------------------------------------------------------------
 def _brute_force_fold_aps(fold: Path, label_of: dict, thresholds: np.ndarray) -> np.ndarray:
     """AP@5 [T, Q] of one fold by brute force: every cosine, best per individual, new_individual
-    inserted at each threshold, AP of the written top 5 (independent of whalesub.rank/threshold)."""
+    inserted at each threshold, AP of the written top 5 (independent of whalesub.ranking.rank/threshold)."""
     g, q = np.load(fold / "oof_gallery.npz"), np.load(fold / "oof_embeddings.npz")
     q_ids, q_vec = q["ids"], q["embeddings"].astype(np.float64)
     names = list(dict.fromkeys(q_ids.tolist()))

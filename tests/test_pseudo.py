@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from whalesub.cli import app
-from whalesub.errors import ConfigError, DataError
-from whalesub.pseudo import pseudo_label_files, select_confident
-from whalesub.store import save_embeddings
+from whalesub.core.errors import ConfigError, DataError
+from whalesub.ranking.store import save_embeddings
+from whalesub.workflows.pseudo import pseudo_label_files, select_confident
 
 
 def unit(x):

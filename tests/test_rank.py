@@ -7,9 +7,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from whalesub.data import NEW_INDIVIDUAL
-from whalesub.index import search
-from whalesub.rank import (
+from whalesub.data.contract import NEW_INDIVIDUAL
+from whalesub.ranking.index import search
+from whalesub.ranking.rank import (
     NEW,
     PAD,
     decode_labels,

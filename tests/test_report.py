@@ -17,10 +17,10 @@ import pytest
 from typer.testing import CliRunner
 
 from whalesub.cli import app
-from whalesub.data import NEW_INDIVIDUAL
-from whalesub.rank import NEW, PAD
-from whalesub.report import infer_threshold, write_report
-from whalesub.store import save_embeddings
+from whalesub.data.contract import NEW_INDIVIDUAL
+from whalesub.ranking.rank import NEW, PAD
+from whalesub.ranking.store import save_embeddings
+from whalesub.report.build import infer_threshold, write_report
 
 runner = CliRunner()
 THRESHOLD = 0.5

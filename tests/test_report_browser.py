@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from whalesub.cli import app
-from whalesub.store import save_embeddings
+from whalesub.ranking.store import save_embeddings
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install "
@@ -64,7 +64,7 @@ def pixel_vectors(folder: Path, names) -> np.ndarray:
     """Cheap embeddings: 16x16 RGB pixels (whalesub's decoder), centred, L2-normalised."""
     from PIL import Image
 
-    from whalesub.image import load_image
+    from whalesub.data.image import load_image
 
     rows = [np.asarray(Image.fromarray(load_image(folder / n, target=16)).resize((16, 16)),
                        dtype=np.float32).ravel() for n in names]

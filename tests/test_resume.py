@@ -12,7 +12,7 @@ import pytest
 
 from train.config import make_config
 from train.folds import make_folds, save_folds
-from whalesub.errors import ConfigError
+from whalesub.core.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("restore_torch_state")
 

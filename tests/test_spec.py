@@ -8,8 +8,8 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from whalesub.errors import ConfigError
-from whalesub.spec import ModelSpec, field_names, weights_digest
+from whalesub.core.errors import ConfigError
+from whalesub.models.spec import ModelSpec, field_names, weights_digest
 
 BASE = dict(backbone="resnet18", image_size=64)
 

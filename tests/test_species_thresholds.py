@@ -17,13 +17,13 @@ import pytest
 from typer.testing import CliRunner
 
 from whalesub.cli import app
-from whalesub.data import NEW_INDIVIDUAL
-from whalesub.errors import DataError
-from whalesub.rank import encode_labels, rank_queries
-from whalesub.scorefiles import read_thresholds
-from whalesub.store import save_embeddings
-from whalesub.submission import score_submission
-from whalesub.threshold import row_thresholds, truth_codes, tune_per_species
+from whalesub.core.errors import DataError
+from whalesub.data.contract import NEW_INDIVIDUAL
+from whalesub.ranking.rank import encode_labels, rank_queries
+from whalesub.ranking.store import save_embeddings
+from whalesub.ranking.submission import score_submission
+from whalesub.ranking.threshold import row_thresholds, truth_codes, tune_per_species
+from whalesub.workflows.scorefiles import read_thresholds
 
 runner = CliRunner()
 D = 64

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from whalesub.errors import DataError, WriteError
-from whalesub.store import (
+from whalesub.core.errors import DataError, WriteError
+from whalesub.ranking.store import (
     Embeddings,
     average_views,
     check_compatible,
@@ -103,11 +103,11 @@ def test_compatibility_checks_dimension_and_fingerprint():
 
 def test_different_box_crops_warn(caplog):
     g = Embeddings(np.array(["a"]), np.ones((1, 4), np.float32), {"fingerprint": "x", "box_type": "body"})
-    with caplog.at_level("WARNING", logger="whalesub.store"):
+    with caplog.at_level("WARNING", logger="whalesub.ranking.store"):
         check_compatible(g, Embeddings(np.array(["q"]), np.ones((1, 4), np.float32),
                                        {"fingerprint": "x", "box_type": "body"}))
     assert "box type" not in caplog.text
-    with caplog.at_level("WARNING", logger="whalesub.store"):
+    with caplog.at_level("WARNING", logger="whalesub.ranking.store"):
         check_compatible(g, Embeddings(np.array(["q"]), np.ones((1, 4), np.float32),
                                        {"fingerprint": "x", "box_type": None}))
     assert "box type 'body'" in caplog.text and "None" in caplog.text

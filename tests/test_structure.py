@@ -106,9 +106,10 @@ def test_cycle_finder_finds_a_planted_cycle():
 def test_relative_and_lazy_imports_are_read(tmp_path):
     f = tmp_path / "mod.py"
     f.write_text("from .config import X\n\ndef f():\n"
-                 "    from whalesub.rank import NEW\n    import whalesub.data\n")
-    got = imported_modules("train.fit", f, {"train.config", "whalesub.rank", "whalesub.data", "train.fit"})
-    assert got == {"train.config", "whalesub.rank", "whalesub.data"}
+                 "    from whalesub.ranking.rank import NEW\n    import whalesub.data.contract\n")
+    known = {"train.config", "whalesub.ranking.rank", "whalesub.data.contract", "train.fit"}
+    got = imported_modules("train.fit", f, known)
+    assert got == {"train.config", "whalesub.ranking.rank", "whalesub.data.contract"}
 
 
 def test_no_import_cycles():
@@ -122,81 +123,92 @@ def test_whalesub_never_imports_train():
     assert not {m: d for m, d in bad.items() if d}, "whalesub must not import train/"
 
 
-# The README's "Module map", as data: module (or package prefix ending in ".") -> layer.
-# 1 contract/utilities, 2 arrays, 3 files & vision, 4 pipelines, 5 faces (CLI, train/).
-LAYERS = {
-    "whalesub": 1, "whalesub.errors": 1, "whalesub.atomic": 1, "whalesub.data": 1,
-    "whalesub.vectors": 2, "whalesub.index": 2, "whalesub.rank": 2, "whalesub.threshold": 2,
-    "whalesub.metric": 2,
-    "whalesub.store": 3, "whalesub.submission": 3, "whalesub.image": 3, "whalesub.spec": 3,
-    "whalesub.model": 3, "whalesub.sources": 3, "whalesub.onnx_fp16": 3, "whalesub.export": 3,
-    "whalesub.runtime": 3, "whalesub.backends": 3, "whalesub.loader": 3, "whalesub.shards": 3,
-    "whalesub.synth": 3, "whalesub.synth.": 3, "whalesub.boxes": 3,
-    "whalesub.centres": 2,
-    "whalesub.report_render": 3,
-    "whalesub.pipeline": 4, "whalesub.embed": 4, "whalesub.pseudo": 4, "whalesub.scorefiles": 4,
-    "whalesub.blend": 4, "whalesub.oof": 4, "whalesub.predict": 4, "whalesub.report": 4,
-    "whalesub.kaggle": 4, "whalesub.kaggle.": 4,
-    "whalesub.cli": 5, "train": 5, "train.": 5,
-}
+def declared_layers() -> tuple[str, ...]:
+    """The package order stated once, in ``whalesub/__init__.py`` (read without importing it)."""
+    tree = ast.parse((ROOT / "whalesub" / "__init__.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "LAYERS" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    raise AssertionError("whalesub/__init__.py must define LAYERS, the package order")
 
 
-def layer_of(module: str, table: dict[str, int] = LAYERS) -> int | None:
-    """The module's layer: its own entry, else the longest package prefix ("pkg.") that holds it."""
-    if module in table:
-        return table[module]
-    prefixes = [p for p in table if p.endswith(".") and module.startswith(p)]
-    return table[max(prefixes, key=len)] if prefixes else None
+def layer_of(module: str, order: tuple[str, ...]) -> int | None:
+    """A module's layer from its place in the tree: ``whalesub`` itself 0, ``whalesub.<pkg>[.x]`` the
+    1-based position of ``pkg`` in ``order``, ``train``/``train.*`` above all; None when unplaced."""
+    parts = module.split(".")
+    if parts[0] == "train":
+        return len(order) + 1
+    if module == "whalesub":
+        return 0
+    return order.index(parts[1]) + 1 if parts[1] in order else None
 
 
-def layer_violations(graph: dict[str, set[str]], table: dict[str, int] = LAYERS) -> list[str]:
-    """Every import of a module from a higher layer, and every module the table does not place."""
-    out = [f"{m} has no layer: add it to LAYERS here and to the README's module map"
-           for m in sorted(graph) if layer_of(m, table) is None]
+def layer_violations(graph: dict[str, set[str]], order: tuple[str, ...]) -> list[str]:
+    """Every import of a module from a higher layer, and every module in no declared package."""
+    out = [f"{m} is in no package of whalesub.LAYERS: put it in one (or add its package there)"
+           for m in sorted(graph) if layer_of(m, order) is None]
     for m, deps in sorted(graph.items()):
-        lm = layer_of(m, table)
+        lm = layer_of(m, order)
         for d in sorted(deps):
-            ld = layer_of(d, table)
+            ld = layer_of(d, order)
             if lm is not None and ld is not None and ld > lm:
-                out.append(f"{m} (layer {lm}) imports {d} (layer {ld})")
+                out.append(f"{m} (layer {lm}, {m.split('.')[1] if lm else 'whalesub'}) imports {d} "
+                           f"(layer {ld})")
     return out
 
 
 def test_layer_checker_finds_a_planted_upward_import_and_an_unplaced_module():
-    table = {"whalesub.rank": 2, "whalesub.store": 3, "train.": 5}
-    graph = {"whalesub.rank": {"whalesub.store"}, "whalesub.store": set(), "train.fit": {"whalesub.rank"},
-             "whalesub.new": set()}
-    assert layer_violations(graph, table) == [
-        "whalesub.new has no layer: add it to LAYERS here and to the README's module map",
-        "whalesub.rank (layer 2) imports whalesub.store (layer 3)"]
+    order = ("core", "ranking", "models")
+    graph = {"whalesub.ranking.rank": {"whalesub.models.spec", "whalesub.core.errors"},
+             "whalesub.models.spec": {"whalesub.ranking.rank"}, "train.fit": {"whalesub.models.spec"},
+             "whalesub.core.errors": set(), "whalesub.stray": set(), "whalesub": set()}
+    assert layer_violations(graph, order) == [
+        "whalesub.stray is in no package of whalesub.LAYERS: put it in one (or add its package there)",
+        "whalesub.ranking.rank (layer 2, ranking) imports whalesub.models.spec (layer 3)"]
+
+
+def test_every_module_lives_in_a_declared_package():
+    order = declared_layers()
+    top = {p.name for p in (ROOT / "whalesub").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    top |= {p.stem for p in (ROOT / "whalesub").glob("*.py") if p.stem != "__init__"}
+    assert top == set(order), f"whalesub's packages {sorted(top)} vs whalesub.LAYERS {list(order)}"
 
 
 def test_every_import_goes_to_the_same_or_a_lower_layer():
-    assert layer_violations(import_graph()) == []
+    assert layer_violations(import_graph(), declared_layers()) == []
 
 
-def _readme_name(entry: str) -> str:
-    """How the README's module map writes a LAYERS entry."""
-    special = {"whalesub": "whalesub/__init__", "whalesub.synth": "synth/*", "whalesub.synth.": "synth/*",
-               "whalesub.kaggle": "kaggle/*", "whalesub.kaggle.": "kaggle/*",
-               "train": "train/", "train.": "train/"}
-    return special.get(entry, entry.rpartition(".")[2])
-
-
-def test_the_readme_module_map_matches_the_layers_table():
-    """Each README row (layer N) names exactly the LAYERS entries of layer N (train/ ones by file)."""
+def test_the_package_docstrings_state_the_order():
+    """The order in whalesub/__init__'s docstring lists LAYERS in order; each package's docstring
+    names its layer."""
     import re
 
-    rows = {int(m.group(1)): m.group(2) for m in re.finditer(r"^\| ([1-5]) [^|]*\|([^|]*)\|",
-                                                             (ROOT / "README.md").read_text(encoding="utf-8"),
-                                                             re.MULTILINE)}
-    assert sorted(rows) == [1, 2, 3, 4, 5], "README's Development section: one module-map row per layer"
-    for layer, cell in rows.items():
-        named = set(re.findall(r"`([^`]+)`", cell))
-        want = {_readme_name(m) for m, n in LAYERS.items() if n == layer}
-        if layer == 5:  # train/'s own modules are listed by name after `train/`
-            named -= {m.rpartition(".")[2] for m in project_modules() if m.startswith("train.")}
-        assert named == want, f"layer {layer}: README names {sorted(named)}, LAYERS has {sorted(want)}"
+    order = declared_layers()
+    doc = ast.get_docstring(ast.parse((ROOT / "whalesub" / "__init__.py").read_text(encoding="utf-8")))
+    listed = re.findall(r"^\d+\. ``(\w+)``", doc, re.MULTILINE)
+    assert tuple(listed) == order, f"whalesub/__init__ docstring lists {listed}, LAYERS is {order}"
+    for i, pkg in enumerate(order, 1):
+        init = ROOT / "whalesub" / pkg / "__init__.py"
+        if init.exists():
+            text = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))) or ""
+            assert f"Layer {i}" in text, f"{init}: its docstring must say 'Layer {i}' and what it may import"
+
+
+def longest_chain(graph: dict[str, set[str]]) -> list[str]:
+    """The longest import chain among project modules (the graph has no cycles)."""
+    from functools import cache
+
+    @cache
+    def chain(m: str) -> tuple[str, ...]:
+        best = max((chain(d) for d in graph.get(m, ())), key=len, default=())
+        return (m, *best)
+
+    return list(max((chain(m) for m in sorted(graph)), key=len))
+
+
+def test_longest_chain_oracle():
+    graph = {"a": {"b", "c"}, "b": {"d"}, "c": set(), "d": set()}
+    assert longest_chain(graph) == ["a", "b", "d"]
 
 
 def test_every_module_imports_in_a_fresh_interpreter():

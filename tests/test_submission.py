@@ -9,9 +9,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from whalesub.data import NEW_INDIVIDUAL
-from whalesub.errors import DataError
-from whalesub.submission import read_submission, score_submission, validate_submission, write_submission
+from whalesub.core.errors import DataError
+from whalesub.data.contract import NEW_INDIVIDUAL
+from whalesub.ranking.submission import (
+    read_submission,
+    score_submission,
+    validate_submission,
+    write_submission,
+)
 
 NEW = NEW_INDIVIDUAL
 

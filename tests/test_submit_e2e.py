@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from whalesub.cli import app
-from whalesub.data import NEW_INDIVIDUAL
-from whalesub.store import save_embeddings
+from whalesub.data.contract import NEW_INDIVIDUAL
+from whalesub.ranking.store import save_embeddings
 
 runner = CliRunner()
 

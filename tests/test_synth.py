@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from whalesub.errors import WhalesubError
+from whalesub.core.errors import WhalesubError
 from whalesub.synth import make_dataset, parse_image_size
 
 LARGE = (3200, 2133)
@@ -85,7 +85,7 @@ def test_counts_long_tail_and_new_share(synth):
 
 
 def test_files_and_tables_follow_the_contract(synth):
-    from whalesub.data import read_boxes, read_test_listing, read_train_csv, read_truth
+    from whalesub.data.contract import read_boxes, read_test_listing, read_train_csv, read_truth
 
     out, _ = synth
     train = read_train_csv(out / "train.csv", out / "train_images")
@@ -177,7 +177,7 @@ def test_identity_is_recoverable_from_small_raw_pixels(synth):
     """Nearest neighbour on 16x8 raw pixels of the body crops identifies known animals far above chance,
     and a kNN with a `new_individual` threshold beats the all-new baseline clearly; yet two photos of
     one animal are not near-copies (the task is not trivial)."""
-    from whalesub.metric import map_at_5
+    from whalesub.ranking.metric import map_at_5
 
     out, _ = synth
     train, full, boxes = _read(out)
@@ -221,7 +221,7 @@ def test_identity_is_recoverable_from_small_raw_pixels(synth):
 
 
 def test_species_typos_on_request_are_fixed_by_the_reader(tmp_path):
-    from whalesub.data import read_train_csv
+    from whalesub.data.contract import read_train_csv
 
     make_dataset(tmp_path / "t", seed=0, n_individuals=30, n_species=8, typo_share=1.0, progress=False)
     raw = pd.read_csv(tmp_path / "t" / "train.csv")

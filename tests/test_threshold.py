@@ -1,15 +1,16 @@
-"""Threshold search: closed-form MAP@5 per threshold against whalesub.metric on decoded predictions."""
+"""Threshold search: closed-form MAP@5 per threshold against whalesub.ranking.metric on decoded
+predictions."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from whalesub.data import NEW_INDIVIDUAL
-from whalesub.errors import ConfigError
-from whalesub.metric import map_at_5
-from whalesub.rank import NEW, decode_labels, insert_new_individual, rank_queries
-from whalesub.threshold import (
+from whalesub.core.errors import ConfigError
+from whalesub.data.contract import NEW_INDIVIDUAL
+from whalesub.ranking.metric import map_at_5
+from whalesub.ranking.rank import NEW, decode_labels, insert_new_individual, rank_queries
+from whalesub.ranking.threshold import (
     UNREACHABLE,
     average_precision_grid,
     grid_search,
@@ -93,7 +94,7 @@ def test_new_share_of_one_and_zero_hold_with_duplicate_photos_and_rounded_scores
 
 @pytest.mark.parametrize("share", [-0.01, 1.01, float("nan")])
 def test_new_share_outside_zero_one_is_refused_everywhere(share, tmp_path):
-    from whalesub.pipeline import submit_files, tune_files
+    from whalesub.workflows.submit import submit_files, tune_files
 
     scores = np.zeros((3, 5), np.float32)
     for call in (lambda: threshold_for_new_share(scores, share),

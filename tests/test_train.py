@@ -67,7 +67,7 @@ def reference(synth, tmp_path_factory) -> Path:
 def test_run_folder_checkpoints_and_metrics(reference):
     import torch
 
-    from whalesub.model import load_embedding_net
+    from whalesub.models.network import load_embedding_net
 
     for name in ("config.yaml", "command.txt", "train.log", "metrics.csv", "last.pt", "best.pt",
                  "model_spec.json", "oof_embeddings.npz", "oof_gallery.npz", "oof_labels.csv"):
@@ -98,13 +98,14 @@ def test_training_learns_on_the_synthetic_set(reference):
 
 def test_validation_equals_whalesub_inference_path(reference, synth):
     """OOF vectors = load_embedding_net(best.pt) on load_for_model inputs (the inference path), and
-    MAP@5 recomputed with whalesub.rank.predict_top5 + metric.map_at_5 equals metrics.csv's best row."""
+    MAP@5 recomputed with whalesub.ranking.rank.predict_top5 + metric.map_at_5 equals metrics.csv's best
+    row."""
     import torch
 
-    from whalesub import metric, rank
-    from whalesub.image import load_for_model
-    from whalesub.model import load_embedding_net
-    from whalesub.store import load_embeddings
+    from whalesub.data.image import load_for_model
+    from whalesub.models.network import load_embedding_net
+    from whalesub.ranking import metric, rank
+    from whalesub.ranking.store import load_embeddings
 
     net, spec = load_embedding_net(reference / "best.pt")
     oof = load_embeddings(reference / "oof_embeddings.npz")
@@ -195,7 +196,7 @@ def test_missing_images_are_all_listed_before_training(synth, tmp_path, capsys):
 def test_torchrun_two_processes_gloo_checkpoint_loads_in_one_process(synth, tmp_path):
     import torch
 
-    from whalesub.model import load_embedding_net
+    from whalesub.models.network import load_embedding_net
 
     argv = base_args(synth, tmp_path, "ddp", epochs=1, deterministic="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "train",

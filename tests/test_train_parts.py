@@ -23,7 +23,7 @@ from train.dataset import (
     seed_transform,
 )
 from train.loop import WarmupCosine, epoch_batches
-from whalesub.errors import DataError
+from whalesub.core.errors import DataError
 
 
 def _image(seed=0, h=60, w=90) -> np.ndarray:
@@ -85,7 +85,7 @@ def test_training_crop_keeps_the_decoded_resolution(tmp_path):
     full-resolution photo directly: no resize to the input side before cropping (which upsampled
     every crop 2x here: ~21.5 dB instead of 32-55 dB). Geometric crop only, every other augmentation off."""
     from train.dataset import BoxTable, TrainSet
-    from whalesub.spec import ModelSpec
+    from whalesub.models.spec import ModelSpec
 
     full = _textured_jpeg(tmp_path / "a.jpg")
     s = 32
@@ -186,8 +186,8 @@ def test_warmup_cosine_hand_values():
 def test_optimizer_groups_give_the_head_ten_times_the_backbone_lr():
     from train.heads import ArcMarginHead
     from train.loop import TrainModel, build_optimizer
-    from whalesub.model import EmbeddingNet
-    from whalesub.spec import ModelSpec
+    from whalesub.models.network import EmbeddingNet
+    from whalesub.models.spec import ModelSpec
 
     net = EmbeddingNet(ModelSpec(backbone="test_efficientnet", image_size=32, embed_dim=8, neck="linear_bn"))
     model = TrainModel(net, ArcMarginHead(8, 5, k=2))
@@ -208,7 +208,7 @@ def test_eval_set_is_the_documented_preprocessing(tmp_path):
     the same flipped left-right."""
     import cv2
 
-    from whalesub.spec import ModelSpec
+    from whalesub.models.spec import ModelSpec
 
     rgb = _image(1, 50, 80)
     cv2.imwrite(str(tmp_path / "x.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))  # lossless

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from whalesub.errors import WhalesubError
-from whalesub.store import load_embeddings
+from whalesub.core.errors import WhalesubError
+from whalesub.ranking.store import load_embeddings
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""whalesub.vectors against independent oracles, and every caller using the one rule.
+"""whalesub.ranking.vectors against independent oracles, and every caller using the one rule.
 
 Oracles: per-row Python ``math.fsum`` sums and ``math.sqrt`` norms (float64, computed in another
 order than numpy), rounded to float32 once.
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from whalesub.embed import EmbedOptions, embed_batch
-from whalesub.store import Embeddings, average_views
-from whalesub.vectors import average_groups, sub_centre_means, unit_rows, zero_rows
-from whalesub.vectors import average_views as average_view_array
+from whalesub.embedding.embed import EmbedOptions, embed_batch
+from whalesub.ranking.store import Embeddings, average_views
+from whalesub.ranking.vectors import average_groups, sub_centre_means, unit_rows, zero_rows
+from whalesub.ranking.vectors import average_views as average_view_array
 
 
 def _oracle_unit(row) -> list[float]:

@@ -4,8 +4,8 @@ A checkpoint is a plain ``dict`` (tensors, numbers, strings, lists, dicts only; 
 objects), so ``torch.load(path, weights_only=True)`` reads it:
 
 - ``format`` ("whalesub.train_checkpoint"), ``format_version`` (1)
-- ``model``: state dict of the unwrapped :class:`whalesub.model.EmbeddingNet` (loads with
-  ``whalesub.model.load_embedding_net``); ``spec``: its ModelSpec as a dict
+- ``model``: state dict of the unwrapped :class:`whalesub.models.network.EmbeddingNet` (loads with
+  ``whalesub.models.network.load_embedding_net``); ``spec``: its ModelSpec as a dict
 - ``heads``: state dict of the margin heads (individual and optional species); ``classes``,
   ``species_classes``: the label strings of the head rows
 - ``optimizer``, ``scheduler``, ``scaler``: state dicts
@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from whalesub.atomic import atomic_open, atomic_path
-from whalesub.errors import DataError
-from whalesub.spec import SPEC_FILENAME
+from whalesub.core.atomic import atomic_open, atomic_path
+from whalesub.core.errors import DataError
+from whalesub.models.spec import SPEC_FILENAME
 
 FORMAT = "whalesub.train_checkpoint"
 FORMAT_VERSION = 1

@@ -2,7 +2,7 @@
 
 Resolution order: dataclass defaults < ``--config FILE.yaml`` < command-line ``--key=value`` (or
 ``--key value``; ``-`` and ``_`` are interchangeable in keys). Unknown keys and wrong types raise
-:class:`~whalesub.errors.ConfigError` listing every problem, the closest valid key and all valid
+:class:`~whalesub.core.errors.ConfigError` listing every problem, the closest valid key and all valid
 keys. The resolved config is plain data (``dict`` of str/int/float/bool/None/list/dict), so it is
 saved as ``config.yaml`` in the run folder and inside checkpoints loadable with
 ``torch.load(weights_only=True)``.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from whalesub.errors import ConfigError
+from whalesub.core.errors import ConfigError
 
 # 1st place Happywhale (knshnb) individual-id margins: m_c = 0.27126 * n_c ** -0.364399 + 0.05
 # (margin_coef_id, margin_power_id, margin_cons_id in that solution's config); train.heads uses it too.
@@ -46,7 +46,7 @@ class TrainConfig:
     pseudo_csv: str | None = None  # second round: `whalesub pseudo-label` rows added to every fold's training
     pseudo_image_dir: str | None = None  # folder of the pseudo_csv images (default: test_image_dir)
     pseudo_truth_csv: str | None = None  # their truth (synthetic data): precision -> pseudo.json
-    # --- model (whalesub.spec.ModelSpec) -------------------------------------------------------
+    # --- model (whalesub.models.spec.ModelSpec) -------------------------------------------------------
     backbone: str = "resnet18"
     pretrained: bool = False
     pretrained_file: str | None = None  # local timm weights (no downloads)
@@ -94,7 +94,7 @@ class TrainConfig:
     knn_k: int = 50
     threshold_grid: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(-4, 21)])
     threshold: float | None = None  # fixed threshold for test scoring when there is no validation
-    report: bool = False  # write report.html (whalesub.report) of each fold from its OOF files
+    report: bool = False  # write report.html (whalesub.report.build) of each fold from its OOF files
     eval_only: bool = False  # skip training; score best.pt (else last.pt) on test_csv
     # --- reproducibility / runtime --------------------------------------------------------------
     seed: int = 42

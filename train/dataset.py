@@ -1,13 +1,13 @@
 """Training and evaluation datasets: albumentations 2.0.8 pipelines, box crops, image checks.
 
-- Training: ``whalesub.image.load_image`` (decode, EXIF, RGB, box crop; JPEGs DCT-downscaled only
+- Training: ``whalesub.data.image.load_image`` (decode, EXIF, RGB, box crop; JPEGs DCT-downscaled only
   as far as the smallest random crop keeps >= the input side, see :func:`decode_target`) -> a
   random resized crop taken from that decoded frame and resized ONCE to the input side
   (:func:`random_resized_crop`; crop scale/ratio are relative to the square the network sees, as
   inference squashes the frame) -> albumentations at the input side (flip, affine, colour, grey,
-  blur/noise, coarse dropout) -> ``whalesub.image.to_model_input`` (normalise with the spec's
+  blur/noise, coarse dropout) -> ``whalesub.data.image.to_model_input`` (normalise with the spec's
   mean/std). Crops are never upsampled unless the photo itself is smaller than the input.
-- Evaluation (validation gallery/queries, test): exactly ``whalesub.image.load_for_model``, no
+- Evaluation (validation gallery/queries, test): exactly ``whalesub.data.image.load_for_model``, no
   randomness, optionally with a horizontally flipped second view.
 
 Randomness is a pure function of (seed, epoch, sample index): every sample seeds its own
@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from whalesub import image
-from whalesub.data import choose_box_type, find_missing_files
-from whalesub.errors import DataError
-from whalesub.image import load_for_model, to_model_input
+from whalesub.core.errors import DataError
+from whalesub.data import image
+from whalesub.data.contract import choose_box_type, find_missing_files
+from whalesub.data.image import load_for_model, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class BoxTable:
         return o[:4]
 
     def eval_type(self, box_type: str | None) -> str | None:
-        """The box type evaluation crops: :func:`whalesub.data.choose_box_type`, the rule of
+        """The box type evaluation crops: :func:`whalesub.data.contract.choose_box_type`, the rule of
         ``whalesub embed --box-type`` (one type in the table: that one; several: name one)."""
         return choose_box_type(self.kinds, box_type, "boxes_csv", "eval_box_type")
 
@@ -167,7 +167,7 @@ class BoxTable:
 
 
 def decode(path: Path, box, spec, target: tuple[int, int]) -> np.ndarray:
-    """uint8 [H, W, 3] RGB through whalesub.image (box crop mapped to the decoded scale); JPEGs are
+    """uint8 [H, W, 3] RGB through whalesub.data.image (box crop mapped to the decoded scale); JPEGs are
     DCT-downscaled as far as the frame (or box) stays >= ``target`` (width, height) px."""
 
     return image.load_image(path, target=target, box=box, margin=spec.box_margin)

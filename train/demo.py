@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     # embed exactly as the run's validation did: its box type and its TTA (the debug recipe's
     # synthetic marks are chiral, so it trains and validates without flips)
     cfg = yaml.safe_load((fold / "config.yaml").read_text())
-    # the same box rule (whalesub.data.choose_box_type): no box file -> whole frames; no type named
+    # the same box rule (whalesub.data.contract.choose_box_type): no box file -> whole frames; no type named
     # -> the file's only type (training refuses a file of several types without eval_box_type)
     box_type = cfg.get("eval_box_type")
     boxes = (["--boxes", str(data / "boxes.csv")] + (["--box-type", box_type] if box_type else [])

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from whalesub.atomic import atomic_write_text
-from whalesub.data import read_boxes, read_train_csv, read_truth
-from whalesub.errors import ConfigError, WhalesubError
+from whalesub.core.atomic import atomic_write_text
+from whalesub.core.errors import ConfigError, WhalesubError
+from whalesub.data.contract import read_boxes, read_train_csv, read_truth
 from whalesub.synth import make_dataset
 
 from .config import TrainConfig, config_to_yaml, load_config

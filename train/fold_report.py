@@ -3,7 +3,8 @@
 Gallery = ``oof_gallery.npz`` (the fold's training part), queries = ``oof_embeddings.npz`` (its
 validation part), truth = ``oof_labels.csv`` (``new_individual`` for animals absent from the
 training part, with their species), threshold = the best of ``threshold_grid``, exactly what the
-fold's validation MAP@5 reports. Written to ``<fold>/report.html`` by :func:`whalesub.report.write_report`.
+fold's validation MAP@5 reports. Written to ``<fold>/report.html`` by
+:func:`whalesub.report.build.write_report`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from whalesub.report import write_report
+from whalesub.report.build import write_report
 
 log = logging.getLogger("train")
 

@@ -30,9 +30,9 @@ import os
 import numpy as np
 import pandas as pd
 
-from whalesub.atomic import atomic_open
-from whalesub.data import NEW_INDIVIDUAL
-from whalesub.errors import ConfigError, DataError, first_few
+from whalesub.core.atomic import atomic_open
+from whalesub.core.errors import ConfigError, DataError, first_few
+from whalesub.data.contract import NEW_INDIVIDUAL
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from whalesub.vectors import sub_centre_means
+from whalesub.ranking.vectors import sub_centre_means
 
 from .config import HAPPYWHALE_MARGIN  # the one source of the default margin constants
 

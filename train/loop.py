@@ -9,7 +9,8 @@
 - :func:`train_epoch`: autocast (bf16/fp16), GradScaler (fp16), gradient accumulation and
   clipping, a NaN/inf guard, mid-epoch checkpoints through a callback.
 - :func:`embed_set` and :func:`score`: the validation embeds with THE inference preprocessing and
-  ranks with whalesub.rank / whalesub.threshold / whalesub.metric (nothing re-implemented).
+  ranks with whalesub.ranking.rank / whalesub.ranking.threshold / whalesub.ranking.metric (nothing
+  re-implemented).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from whalesub import metric, rank
-from whalesub import threshold as thr
-from whalesub.errors import WhalesubError
-from whalesub.vectors import average_views
+from whalesub.core.errors import WhalesubError
+from whalesub.ranking import metric, rank
+from whalesub.ranking import threshold as thr
+from whalesub.ranking.vectors import average_views
 
 log = logging.getLogger("train")
 
@@ -213,7 +214,7 @@ def score(gallery_views: np.ndarray, gallery_labels, query_views: np.ndarray, tr
 
     gallery_views [N, V, D] (every view is a neighbour), gallery_labels [N] str, query_views [Q, V, D],
     truths [Q] str (``new_individual`` for new animals). Returns the best grid threshold and the
-    breakdown (whalesub.metric.score_breakdown) at ``threshold`` if given, else at the best one.
+    breakdown (whalesub.ranking.metric.score_breakdown) at ``threshold`` if given, else at the best one.
     """
 
     v = gallery_views.shape[1]

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from whalesub.atomic import atomic_write_text
-from whalesub.data import read_train_csv, read_truth
-from whalesub.errors import ConfigError, DataError, first_few
+from whalesub.core.atomic import atomic_write_text
+from whalesub.core.errors import ConfigError, DataError, first_few
+from whalesub.data.contract import read_train_csv, read_truth
 
 from .dataset import check_images_exist
 

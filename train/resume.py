@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from whalesub.errors import ConfigError, DataError
+from whalesub.core.errors import ConfigError, DataError
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, config_to_dict

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from whalesub.atomic import atomic_open, atomic_write_text
-from whalesub.errors import ConfigError
-from whalesub.model import EmbeddingNet
-from whalesub.spec import ModelSpec, weights_digest
-from whalesub.store import save_embeddings
+from whalesub.core.atomic import atomic_open, atomic_write_text
+from whalesub.core.errors import ConfigError
+from whalesub.models.network import EmbeddingNet
+from whalesub.models.spec import ModelSpec, weights_digest
+from whalesub.ranking.store import save_embeddings
 
 from . import checkpoint as ckpt
 from .config import config_to_dict
@@ -295,7 +295,7 @@ class FoldSession:
         return res[0]
 
     def save_oof(self, res: dict) -> None:
-        """OOF query and gallery embeddings (whalesub.store) + labels, for `whalesub tune`."""
+        """OOF query and gallery embeddings (whalesub.ranking.store) + labels, for `whalesub tune`."""
 
         v = self._queries.shape[1]
         meta = {"fingerprint": self.spec.fingerprint(weights_digest(self.model.net.state_dict())),

@@ -2,18 +2,19 @@
 
 Each command parses its arguments, checks them, and calls one library function; no logic lives
 here. Heavy libraries (torch, timm, onnx, faiss) are imported inside the functions that need
-them so that ``whalesub --help`` is instant. A :class:`~whalesub.errors.WhalesubError` becomes
+them so that ``whalesub --help`` is instant. A :class:`~whalesub.core.errors.WhalesubError` becomes
 one readable message on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path  # noqa: F401  (used by the command signatures below)
 
 import typer
 
-from whalesub.errors import WhalesubError
+from whalesub.core.errors import WhalesubError
 
 app = typer.Typer(
     name="whalesub",
@@ -49,7 +50,7 @@ def _log_info_to_stderr() -> None:
 
 
 # Commands are added below, one section per command; keep each body short and call the library.
-# --- submit / tune (whalesub.rank, whalesub.threshold) -------------------------------------------
+# --- submit / tune (whalesub.ranking.rank, whalesub.ranking.threshold) --------------------------------------
 @app.command("submit")
 @guarded
 def submit_command(
@@ -84,7 +85,7 @@ def submit_command(
     distinct labels per row. Gallery and queries must share dimension and model fingerprint.
     Give --threshold, or --new-share to set it from the queries' own scores.
     """
-    from whalesub.pipeline import submit_files
+    from whalesub.workflows.submit import submit_files
 
     _log_info_to_stderr()
     s = submit_files(gallery, queries, train_csv, threshold, out, k=k, sample=sample, new_share=new_share,
@@ -127,7 +128,7 @@ def tune_command(
     """
     import json
 
-    from whalesub.oof import tune_runs_or_files
+    from whalesub.workflows.oof import tune_runs_or_files
 
     _log_info_to_stderr()
     r = tune_runs_or_files(run, gallery, queries, truth, train_csv, grid=grid,
@@ -154,7 +155,7 @@ def tune_command(
                    f"wrote {per_species}")
 
 
-# --- score / validate (whalesub.metric, whalesub.submission) ---------------------------------------
+# --- score / validate (whalesub.ranking.metric, whalesub.ranking.submission) --------------------------------
 @app.command("score")
 @guarded
 def score_command(
@@ -170,8 +171,8 @@ def score_command(
     """
     import json
 
-    from whalesub.metric import format_breakdown
-    from whalesub.submission import score_submission
+    from whalesub.ranking.metric import format_breakdown
+    from whalesub.ranking.submission import score_submission
 
     result = score_submission(submission, truth)
     typer.echo(json.dumps(result) if as_json else format_breakdown(result))
@@ -193,7 +194,7 @@ def validate_command(
     - each row has 1-5 distinct space-separated labels
     - with --train-csv, every label is a train individual_id or new_individual
     """
-    from whalesub.submission import check_submission_file
+    from whalesub.ranking.submission import check_submission_file
 
     s = check_submission_file(submission, sample, train_csv)
     typer.echo(f"OK: {submission}: {s['n_rows']} rows, {s['n_labels']} distinct labels, "
@@ -244,7 +245,7 @@ def synth_command(
     typer.echo(f"wrote {out}: " + json.dumps({k: stats[k] for k in keys}))
 
 
-# --- export / embed (whalesub.export, whalesub.embed) ----------------------------------------------
+# --- export / embed (whalesub.models.export, whalesub.embedding.embed) --------------------------------------
 @app.command("export")
 @guarded
 def export_command(
@@ -258,10 +259,10 @@ def export_command(
 ) -> None:
     """Export the embedding network to ONNX; fail (nothing written) unless it matches PyTorch.
 
-    Input 'image' float32 (batch, 3, S, S) from whalesub.image.to_model_input; output 'embedding'
+    Input 'image' float32 (batch, 3, S, S) from whalesub.data.image.to_model_input; output 'embedding'
     float32 (batch, D), L2-normalised. Also writes class_centres.npz when the checkpoint has a head.
     """
-    from whalesub.export import export_model, pick_parity_images
+    from whalesub.models.export import export_model, pick_parity_images
 
     _log_info_to_stderr()
     m = export_model(source, out, fp16=fp16, opset=opset, parity_images=pick_parity_images(parity_images))
@@ -301,7 +302,7 @@ def embed_command(
     chunk: int = typer.Option(1024, "--chunk", help="Images per resumable chunk in <out>.parts/."),
 ) -> None:
     """Embed images into an .npz of L2-normalised vectors (resumable: re-run the same command)."""
-    from whalesub.embed import EmbedOptions, run_embed
+    from whalesub.embedding.embed import EmbedOptions, run_embed
 
     _log_info_to_stderr()
     tta = tta if tta is not None else ("none" if flip_views else "flip")
@@ -318,7 +319,7 @@ def merge_embeddings_command(
     out: Path = typer.Option(..., "--out", help="Merged embedding file (.npz), in listing order."),
 ) -> None:
     """Merge the shard files of one embedding run (checks fingerprints and coverage)."""
-    from whalesub.shards import merge_embeddings
+    from whalesub.embedding.shards import merge_embeddings
 
     _log_info_to_stderr()
     typer.echo(str(merge_embeddings(files, out)))
@@ -352,7 +353,7 @@ def boxes_convert_command(
     Empty cells mean "no box" (the image is embedded whole); with several boxes the most confident
     is kept; boxes past the image are clipped; every problem is reported with its line.
     """
-    from whalesub.boxes import convert_boxes
+    from whalesub.data.boxes import convert_boxes
 
     _log_info_to_stderr()
     s = convert_boxes(source, out, box_type, images=images, image_col=image_col, box_col=box_col,
@@ -376,7 +377,7 @@ def pseudo_label_command(
     k: int = typer.Option(100, "--k", help="Neighbours searched per query."),
 ) -> None:
     """Confident test predictions as extra training rows (python -m train --pseudo_csv=OUT)."""
-    from whalesub.pseudo import pseudo_label_files
+    from whalesub.workflows.pseudo import pseudo_label_files
 
     _log_info_to_stderr()
     s = pseudo_label_files(gallery, queries, train_csv, out, min_score=min_score, min_margin=min_margin,
@@ -386,7 +387,7 @@ def pseudo_label_command(
                                                if s.get("precision") is not None else ""))
 
 
-# --- report (whalesub.report) ----------------------------------------------------------------------
+# --- report (whalesub.report.build) ----------------------------------------------------------------------
 @app.command("report")
 @guarded
 def report_command(
@@ -410,7 +411,7 @@ def report_command(
     thumb_px: int = typer.Option(96, "--thumb-px", help="Longest thumbnail side in pixels."),
 ) -> None:
     """Write an HTML error report: MAP@5 tables, threshold curve, top-1 cosine histograms, worst queries."""
-    from whalesub.report import write_report
+    from whalesub.report.build import write_report
 
     _log_info_to_stderr()
     r = write_report(out, gallery, queries, train_csv, submission=submission, truth=truth,
@@ -424,7 +425,7 @@ from whalesub.kaggle.commands import kaggle_app  # noqa: E402  (after guarded, w
 
 app.add_typer(kaggle_app(guarded, _log_info_to_stderr), name="kaggle")
 
-# --- blend (whalesub.blend) ------------------------------------------------------------------------
+# --- blend (whalesub.workflows.blend) -----------------------------------------------------------------------
 @app.command("blend")
 @guarded
 def blend_command(
@@ -446,7 +447,7 @@ def blend_command(
 
     A candidate missing from a table takes that table's lowest kept score for the image.
     """
-    from whalesub.blend import blend_files
+    from whalesub.workflows.blend import blend_files
 
     _log_info_to_stderr()
     s = blend_files(table, weight, out, threshold=threshold, new_share=new_share, sample=sample,
@@ -455,7 +456,7 @@ def blend_command(
                f"{s['new_first']}, present in {s['new_any']}; threshold={s['threshold']:g}")
 
 
-# --- predict (whalesub.predict) -------------------------------------------------------------------
+# --- predict (whalesub.workflows.predict) -------------------------------------------------------------------
 @app.command("predict")
 @guarded
 def predict_command(
@@ -495,15 +496,25 @@ def predict_command(
 
     Intermediate files stay in --out; a rerun reuses those whose fingerprints still match.
     """
-    from whalesub.embed import EmbedOptions
-    from whalesub.predict import predict
+    from whalesub.embedding.embed import EmbedOptions
+    from whalesub.workflows.predict import predict
 
     _log_info_to_stderr()
     options = EmbedOptions(device=device, fp16=fp16, batch_size=batch_size, workers=workers,
                            box_type=box_type, box_conf=box_conf)
     r = predict(model, train_csv, train_images, test_images, out, sample=sample, truth=truth, boxes=boxes,
-                threshold=threshold, new_share=new_share, grid=grid, k=k, options=options, report=report,
+                threshold=threshold, new_share=new_share, grid=grid, k=k, options=options,
                 thresholds=thresholds, knn_ratio=knn_ratio, candidates_out=candidates_out)
+    if report:
+        from whalesub.core.atomic import atomic_write_text
+        from whalesub.report.build import write_report
+
+        rep = write_report(out / "report.html", Path(r["gallery"]), Path(r["queries"]), train_csv,
+                           submission=Path(r["submission"]), truth=truth, images_dir=test_images,
+                           gallery_images_dir=train_images, k=k,
+                           threshold=None if r["per_species"] else r["threshold"])
+        r["report"] = rep["out"]
+        atomic_write_text(out / "predict.json", json.dumps(r, indent=1, default=str) + "\n")
     s = r["submit"]
     typer.echo(f"wrote {s['out']}: {s['rows']} rows, {len(r['models'])} models, threshold "
                f"{s['threshold']:.4f} ({r['threshold_source']}); new_individual first in "

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from whalesub.errors import ConfigError, WhalesubError
+from whalesub.core.errors import ConfigError, WhalesubError
 
 log = logging.getLogger(__name__)
 

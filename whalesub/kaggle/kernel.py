@@ -18,14 +18,14 @@ import sys
 from pathlib import Path
 
 from whalesub import __version__
-from whalesub.backends import open_model
-from whalesub.embed import EmbedOptions, run_embed
-from whalesub.errors import WhalesubError
+from whalesub.core.errors import WhalesubError
+from whalesub.embedding.embed import EmbedOptions, run_embed
 from whalesub.kaggle import KIND_BOXES, KIND_MODELS, MANIFEST
 from whalesub.kaggle.kernel_script import COMPETITION, timed, verify_files
-from whalesub.pipeline import submit_files
-from whalesub.store import load_embeddings
-from whalesub.submission import check_submission_file
+from whalesub.models.backends import open_model
+from whalesub.ranking.store import load_embeddings
+from whalesub.ranking.submission import check_submission_file
+from whalesub.workflows.submit import submit_files
 
 SUBMISSION = "submission.csv"
 

@@ -19,7 +19,7 @@ import json
 import re
 from pathlib import Path
 
-from whalesub.errors import ConfigError
+from whalesub.core.errors import ConfigError
 from whalesub.kaggle import DATASET_METADATA, DATASETS, KERNEL_DIR, KERNEL_METADATA, MANIFEST
 from whalesub.kaggle.kernel_script import verify_files
 

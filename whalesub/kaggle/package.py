@@ -26,12 +26,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
-from whalesub.atomic import atomic_write_text
-from whalesub.backends import read_export_manifest
-from whalesub.embed import EmbedOptions, combined_fingerprint
-from whalesub.errors import ConfigError
-from whalesub.export import MANIFEST as EXPORT_MANIFEST
-from whalesub.export import export_model
+from whalesub.core.atomic import atomic_write_text
+from whalesub.core.errors import ConfigError
+from whalesub.embedding.embed import EmbedOptions
 from whalesub.kaggle import (
     DATASET_METADATA,
     DATASETS,
@@ -47,8 +44,11 @@ from whalesub.kaggle.kernel import installed_version
 from whalesub.kaggle.kernel_script import sha256_file
 from whalesub.kaggle.metadata import check_build, dataset_metadata, kernel_metadata, read_json
 from whalesub.kaggle.wheels import DEFAULT_PACKAGES, DEFAULT_PLATFORMS, DEFAULT_PYTHON, collect_wheels
-from whalesub.rank import check_threshold
-from whalesub.store import load_embeddings
+from whalesub.models.backends import read_export_manifest
+from whalesub.models.export import MANIFEST as EXPORT_MANIFEST
+from whalesub.models.export import export_model
+from whalesub.ranking.rank import check_threshold
+from whalesub.ranking.store import combined_fingerprint, load_embeddings
 
 log = logging.getLogger(__name__)
 

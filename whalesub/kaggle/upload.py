@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from whalesub.errors import ConfigError
+from whalesub.core.errors import ConfigError
 from whalesub.kaggle import KERNEL_DIR
 from whalesub.kaggle.client import (
     download_output,
@@ -21,7 +21,7 @@ from whalesub.kaggle.client import (
     wait_kernel,
 )
 from whalesub.kaggle.metadata import check_build
-from whalesub.submission import check_submission_file
+from whalesub.ranking.submission import check_submission_file
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 import whalesub
-from whalesub.errors import ConfigError, WhalesubError
+from whalesub.core.errors import ConfigError, WhalesubError
 
 log = logging.getLogger(__name__)
 

@@ -4,6 +4,8 @@
 sample submission and a box table (see :func:`whalesub.synth.dataset.make_dataset`). The pieces:
 ``species`` (what animals look like), ``sprite`` (drawing one animal), ``scene`` (photographing
 it), ``plan`` (who is photographed how often, the split), ``dataset`` (writing the files).
+
+Layer 3: imports ``core`` and ``data`` only.
 """
 
 from whalesub.synth.dataset import PRESETS, make_dataset, parse_image_size

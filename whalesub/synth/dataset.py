@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from whalesub.atomic import atomic_open, atomic_write_text
-from whalesub.errors import ConfigError, WhalesubError, first_few
+from whalesub.core.atomic import atomic_open, atomic_write_text
+from whalesub.core.errors import ConfigError, WhalesubError, first_few
 from whalesub.synth.plan import Photo, Plan, make_plan
 from whalesub.synth.scene import Shot, render_sighting
 from whalesub.synth.species import EXTRA_TYPOS, SPECIES, Individual

@@ -1,0 +1,161 @@
+"""Files of the scoring step: per-species threshold files, class-centre files, candidate tables.
+
+Threshold file (JSON, written by ``whalesub tune --per-species FILE``, read by ``submit --thresholds``)::
+
+    {"format": "whalesub.thresholds", "format_version": 1, "global": 0.52, "k0": 20.0,
+     "species": {"beluga": {"threshold": 0.61, "raw_threshold": 0.64, "n": 310, ...}, ...}}
+
+A hand-written file may give a species as a bare number (``"beluga": 0.61``); ``global`` is
+required: it is used for species absent from the file and for rows without candidates.
+
+Candidate table (CSV, ``submit --candidates-out``): one row per (query image, candidate):
+``image, rank (1 = best), individual_id, score`` (float32 score written so that it reads back
+bit-exact), the best ``--candidates-n`` individuals of every query, ``new_individual`` excluded.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from whalesub.core.atomic import atomic_write_text
+from whalesub.core.errors import ConfigError, DataError, first_few
+from whalesub.data.contract import describe_lines, read_table
+from whalesub.ranking.rank import PAD
+from whalesub.ranking.store import Embeddings, combined_fingerprint, load_embeddings, unit_float32
+
+log = logging.getLogger(__name__)
+
+THRESHOLDS_FORMAT = "whalesub.thresholds"
+CANDIDATE_COLUMNS = ("image", "rank", "individual_id", "score")
+
+
+def write_thresholds(path, per_species: dict) -> Path:
+    """Write :func:`whalesub.ranking.threshold.tune_per_species`'s result as a threshold file, atomically."""
+    doc = {"format": THRESHOLDS_FORMAT, "format_version": 1, **per_species}
+    atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return Path(path)
+
+
+def _threshold_value(value, key: str, path) -> float:
+    if isinstance(value, dict):
+        value = value.get("threshold")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not -1.0 <= value <= 1.0:
+        raise DataError(f"threshold file {str(path)!r}: {key} must be a number in [-1, 1] (or an object "
+                        f"with one under 'threshold'), got {value!r}")
+    return float(value)
+
+
+def read_thresholds(path) -> tuple[float, dict[str, float]]:
+    """(global threshold, {species: threshold}) from a threshold file; DataError naming the key."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"threshold file {str(path)!r} not found: write one with "
+                        "`whalesub tune ... --per-species FILE`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as exc:
+        raise DataError(f"threshold file {str(path)!r} is not JSON ({exc})") from None
+    if not isinstance(doc, dict) or "global" not in doc:
+        raise DataError(f"threshold file {str(path)!r} needs a 'global' threshold (used for species "
+                        "not in the file), e.g. {\"global\": 0.5, \"species\": {\"beluga\": 0.6}}")
+    species = doc.get("species", {})
+    if not isinstance(species, dict):
+        raise DataError(f"threshold file {str(path)!r}: 'species' must be an object species -> threshold")
+    return (_threshold_value(doc["global"], "'global'", path),
+            {str(k): _threshold_value(v, f"species {k!r}", path) for k, v in species.items()})
+
+
+def load_centres(paths, classes: np.ndarray, queries: Embeddings) -> tuple[np.ndarray, np.ndarray]:
+    """Class-centre files -> (centres [n_ind, D] f32, has_centre [n_ind] bool), rows = ``classes``.
+
+    Several files (one per model, in the order of ``embed --model``) are concatenated and
+    renormalised like the embeddings (each block unit, then / sqrt(files)). An individual needs
+    a centre in every file; the others have none (they score by kNN alone). The dimensions and
+    the combined fingerprint must match the queries'.
+    """
+    files = [load_embeddings(p) for p in paths]
+    where = ", ".join(repr(str(p)) for p in paths)
+    dim = sum(f.dim for f in files)
+    if dim != queries.dim:
+        raise DataError(f"class centres {where} have D={dim} in all but the queries "
+                        f"{str(queries.path)!r} have D={queries.dim}; give one centres file per --model "
+                        "of embed, in the same order")
+    if all(f.fingerprint is not None for f in files) and queries.fingerprint is not None:
+        if (fp := combined_fingerprint(files)) != queries.fingerprint:
+            raise DataError(f"class centres {where} (fingerprint {fp!r}) do not come from the models of the "
+                            f"queries {str(queries.path)!r} ({queries.fingerprint!r}); pass the "
+                            "class_centres.npz of each exported model, in the order of embed's --model")
+    else:
+        log.warning("no fingerprint on the centres or queries: cannot check that they share the models")
+    has = np.ones(classes.size, dtype=bool)
+    blocks = []
+    for f in files:
+        if np.unique(f.ids).size != len(f):
+            raise DataError(f"class centres {str(f.path)!r} repeat individual ids; one centre per individual")
+        vec = unit_float32(f)
+        pos = np.searchsorted(classes, f.ids).clip(0, classes.size - 1)
+        known = classes[pos] == f.ids
+        if not known.any():
+            raise DataError(f"none of the ids of {str(f.path)!r} are individuals of train.csv "
+                            f"(e.g. {first_few(f.ids.tolist())}); pass a class_centres.npz from export")
+        if (~known).any():
+            log.info("%s: %d centres of individuals absent from the gallery are not used", f.path,
+                     int((~known).sum()))
+        block = np.zeros((classes.size, f.dim), dtype=np.float32)
+        block[pos[known]] = vec[known]
+        present = np.zeros(classes.size, dtype=bool)
+        present[pos[known]] = True
+        has &= present
+        blocks.append(block)
+    centres = (np.concatenate(blocks, axis=1) / np.float32(np.sqrt(len(files)))).astype(np.float32)
+    if (~has).any():
+        log.info("%d of %d individuals have no class centre in every file: they score by kNN alone",
+                 int((~has).sum()), has.size)
+    return centres, has
+
+
+def write_candidates(path, images, labels: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> Path:
+    """Write the tidy table ``image, rank, individual_id, score`` of [Q, m] candidates (PAD skipped)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CANDIDATE_COLUMNS)
+    for image, lab, sc in zip(images, labels, scores, strict=True):
+        keep = lab != PAD
+        writer.writerows((image, r + 1, classes[c], str(s))
+                         for r, (c, s) in enumerate(zip(lab[keep], sc[keep], strict=True)))
+    atomic_write_text(path, buf.getvalue())
+    return Path(path)
+
+
+def read_candidates(path) -> pd.DataFrame:
+    """Read and check a candidate table: columns image, individual_id (str), score (float64)."""
+    frame, lines = read_table(path, CANDIDATE_COLUMNS, "candidate table")
+    problems = []
+    score = pd.to_numeric(frame["score"], errors="coerce").to_numpy(np.float64)
+    if (bad := ~np.isfinite(score)).any():
+        problems.append(f"'score' is not a finite number on {describe_lines(lines[bad])}")
+    empty = (frame["image"] == "") | (frame["individual_id"] == "")
+    if empty.any():
+        problems.append(f"empty image or individual_id on {describe_lines(lines[empty.to_numpy()])}")
+    dup = frame.duplicated(["image", "individual_id"]).to_numpy()
+    if dup.any():
+        problems.append(f"an (image, individual_id) pair repeats on {describe_lines(lines[dup])}")
+    if problems:
+        raise DataError(f"candidate table {str(path)!r} is not a table of `submit --candidates-out`:",
+                        problems)
+    if frame.empty:
+        raise DataError(f"candidate table {str(path)!r} has no rows")
+    return pd.DataFrame({"image": frame["image"], "individual_id": frame["individual_id"], "score": score})
+
+
+def check_output_path(path, option: str) -> None:
+    """ConfigError when an output path is a folder (checked before the long work)."""
+    if path is not None and Path(path).is_dir():
+        raise ConfigError(f"{option} {path} is a folder; give a file name such as {Path(path) / 'out.csv'}")
