@@ -70,12 +70,8 @@ def cli_root():
 
 
 def _subcommands(cmd) -> dict:
-    if not hasattr(cmd, "list_commands"):
-        return {}
-    from typer._click import Context
-
-    ctx = Context(cmd)
-    return {name: cmd.get_command(ctx, name) for name in cmd.list_commands(ctx)}
+    """A group's subcommands by name (click's and typer's vendored click groups both have ``commands``)."""
+    return dict(getattr(cmd, "commands", None) or {})
 
 
 def help_options(cmd) -> set[str]:
