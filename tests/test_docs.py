@@ -263,6 +263,17 @@ def test_python_option_checker_finds_planted_options():
                                                           ("benchmarks/x.py", "--rep")]
 
 
+def test_readme_is_a_front_door():
+    """Short, and its set-up is still: 1. install, 2. demo, 3. tests, in that order."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 250
+    first_block = FENCE.search(text).group(2)
+    commands = shell_commands(first_block)
+    assert commands[:3] == ['pip install -e ".[dev]" -c constraints.txt', "python -m train.demo",
+                            "python -m pytest -q"]
+    assert "docs/index.md" in text
+
+
 # --- the MkDocs site ----------------------------------------------------------------------------------
 
 def nav_pages(nav) -> list[str]:
