@@ -297,7 +297,7 @@ def test_a_degenerate_box_is_reported_and_that_image_embedded_whole(tmp_path, ca
     assert "line 19" in caplog.text
     convert = ["boxes", "convert", str(src), "--box-type", "fin", "--out"]
     r = runner.invoke(app, [*convert, str(tmp_path / "b2.csv")])
-    assert r.exit_code == 0 and "1 degenerate (left out, embedded whole; lines 19)" in r.output, r.output
+    assert r.exit_code == 0 and "1 degenerate (left out, embedded whole; line 19)" in r.output, r.output
     r = runner.invoke(app, [*convert, str(tmp_path / "b3.csv"), "--strict"])
     assert r.exit_code == 2 and r.output.startswith("error: ") and "line 19" in r.output
     assert not (tmp_path / "b3.csv").exists()

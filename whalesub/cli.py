@@ -381,8 +381,9 @@ def boxes_convert_command(
     _log_info_to_stderr()
     s = convert_boxes(source, out, box_type, images=images, image_col=image_col, box_col=box_col,
                       conf_col=conf_col, inclusive=inclusive, append=append, strict=strict)
-    degenerate = (f"{s['degenerate']} degenerate (left out, embedded whole; lines "
-                  f"{', '.join(map(str, s['degenerate_lines']))}{' ...' if s['degenerate'] > 20 else ''}), "
+    lines = ", ".join(map(str, s["degenerate_lines"])) + (" ..." if s["degenerate"] > 20 else "")
+    plural = "s" * (s["degenerate"] > 1)
+    degenerate = (f"{s['degenerate']} degenerate (left out, embedded whole; line{plural} {lines}), "
                   if s["degenerate"] else "")
     typer.echo(f"wrote {s['out']}: {s['boxes']} {s['box_type']} boxes from {s['rows']} rows; "
                f"{s['empty']} without a box, {degenerate}{s['several']} with several (most confident kept), "
