@@ -320,6 +320,12 @@ def test_lock_is_reentrant_names_its_holder_and_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError), output_lock(out):
         raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError), output_lock(tmp_path / "new" / "deeper" / "x.npz"):
+        raise RuntimeError("bad arguments")  # the folders the lock made for its file go again
+    assert list(tmp_path.iterdir()) == []
+    with output_lock(tmp_path / "new" / "deeper" / "x.npz"):
+        (tmp_path / "new" / "deeper" / "x.npz").write_text("the output")
+    assert [p.name for p in (tmp_path / "new" / "deeper").iterdir()] == ["x.npz"]
 
 
 HOLDER = textwrap.dedent("""

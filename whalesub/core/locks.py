@@ -149,11 +149,12 @@ def output_lock(path: str | os.PathLike, what: str = "", wait: float = 0.0,
             with _GUARD:
                 _HELD[key] -= 1
         return
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(lock.parent)
     start = time.monotonic()
     while (fd := _acquire(lock)) is None:
         waited = time.monotonic() - start
         if waited >= wait:
+            _remove_if_empty(created)
             raise _busy(Path(path), lock, what, round(waited, 1) if wait > 0 else 0.0)
         time.sleep(min(poll, max(wait - waited, 0.01)))
     try:
@@ -170,3 +171,26 @@ def output_lock(path: str | os.PathLike, what: str = "", wait: float = 0.0,
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)
         os.close(fd)
+        _remove_if_empty(created)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return those created, deepest first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for f in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            f.mkdir()
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders the lock created when the work left nothing in them (a command that failed
+    on its arguments leaves no empty output folder behind)."""
+    for f in folders:
+        try:
+            f.rmdir()
+        except OSError:
+            return
