@@ -25,7 +25,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from whalesub.cli import app
-from whalesub.core.errors import ConfigError, DataError
+from whalesub.core.errors import ConfigError, DataError, WriteError
 from whalesub.core.locks import BusyError, lock_path, output_lock, read_holder
 from whalesub.data.boxes import convert_boxes
 from whalesub.data.contract import individual_species, read_boxes, read_train_csv
@@ -326,6 +326,27 @@ def test_lock_is_reentrant_names_its_holder_and_leaves_nothing(tmp_path):
     with output_lock(tmp_path / "new" / "deeper" / "x.npz"):
         (tmp_path / "new" / "deeper" / "x.npz").write_text("the output")
     assert [p.name for p in (tmp_path / "new" / "deeper").iterdir()] == ["x.npz"]
+    (tmp_path / "a_file").write_text("")
+    under_a_file = tmp_path / "a_file" / "x.npz"
+    with pytest.raises(WriteError, match="cannot write .*a_file/x.npz"), output_lock(under_a_file):
+        pass
+
+
+def test_waiting_for_the_other_writer(tmp_path):
+    out = tmp_path / "x.csv"
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    holder = start(HOLDER, out, ready, go, tmp_path=tmp_path)
+    try:
+        wait_for(ready, holder)
+        with pytest.raises(BusyError, match=r"\(waited 0.[0-9] s\)"), output_lock(out, wait=0.3, poll=0.1):
+            pass
+        go.touch()  # the other writer finishes within the wait
+        with output_lock(out, wait=60, poll=0.05):
+            assert read_holder(lock_path(out))["pid"] == os.getpid()
+    finally:
+        go.touch()
+        holder.wait(60)
+    assert not lock_path(out).exists()
 
 
 HOLDER = textwrap.dedent("""

@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from whalesub.core.atomic import writing
 from whalesub.core.errors import WhalesubError
 
 try:  # POSIX
@@ -149,14 +150,17 @@ def output_lock(path: str | os.PathLike, what: str = "", wait: float = 0.0,
             with _GUARD:
                 _HELD[key] -= 1
         return
-    created = _make_parents(lock.parent)
+    with writing(path, what):  # an output folder that cannot be written: one WriteError naming it
+        created = _make_parents(lock.parent)
+        fd = _acquire(lock)
     start = time.monotonic()
-    while (fd := _acquire(lock)) is None:
+    while fd is None:
         waited = time.monotonic() - start
         if waited >= wait:
             _remove_if_empty(created)
             raise _busy(Path(path), lock, what, round(waited, 1) if wait > 0 else 0.0)
         time.sleep(min(poll, max(wait - waited, 0.01)))
+        fd = _acquire(lock)
     try:
         os.ftruncate(fd, 0)
         os.write(fd, _holder_text().encode())
