@@ -40,6 +40,7 @@ import numpy as np
 
 from whalesub.core.atomic import atomic_open, atomic_write_text
 from whalesub.core.errors import ConfigError, WhalesubError
+from whalesub.core.locks import output_lock
 from whalesub.embedding.loader import apply_box_conf, list_images, make_loader, select_boxes
 from whalesub.embedding.shards import parse_shard
 from whalesub.models.backends import open_model
@@ -92,6 +93,24 @@ class EmbedOptions:
 
 def digest_names(names) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def digest_image_files(folder: Path, names) -> str:
+    """A digest of each image file's size and modification time (ns), in ``names`` order.
+
+    Part of every reuse key (``predict``'s embedding files, ``embed``'s resumable chunks): a photo
+    replaced in place under the same name changes it, so its vector is computed again. Reading
+    every byte would cost as much as decoding; size + mtime is what ``make`` and ``rsync`` trust.
+    A missing file counts as (-1, -1) (the loader reports it by name).
+    """
+    h = hashlib.sha256()
+    for name in names:
+        try:
+            st = os.stat(Path(folder) / name)
+            h.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{name}\t-1\t-1\n".encode())
+    return h.hexdigest()
 
 
 def preprocess_key(spec) -> str:
@@ -187,10 +206,19 @@ def resolve_box_conf(models, options: EmbedOptions) -> float:
 
 def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out: Path,
                  options: EmbedOptions, boxes: list | None = None, shard_info: dict | None = None) -> Path:
-    """Embed ``names`` (files in ``image_dir``) with every model; write ``out`` (.npz) atomically."""
+    """Embed ``names`` (files in ``image_dir``) with every model; write ``out`` (.npz) atomically.
+
+    One writer per output: a second process embedding into the same ``out`` (and its parts folder)
+    stops at once with a :class:`~whalesub.core.locks.BusyError` naming this one.
+    """
+    options.check()
+    with output_lock(out, f"embedding file {out} (and its parts folder)"):
+        return _embed_images(model_paths, names, image_dir, out, options, boxes, shard_info)
+
+
+def _embed_images(model_paths, names, image_dir, out, options, boxes, shard_info) -> Path:
     from tqdm import tqdm
 
-    options.check()
     models = [open_model(p, options.backend, options.device, options.fp16) for p in model_paths]
     keys = list(dict.fromkeys(preprocess_key(m.spec) for m in models))
     key_of = [keys.index(preprocess_key(m.spec)) for m in models]
@@ -201,6 +229,7 @@ def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out
     if any(b is not None and len(b) == 5 for b in boxes):  # (x1, y1, x2, y2, conf) from select_boxes
         boxes = apply_box_conf(boxes, resolve_box_conf(models, options))
     run_key = {"fingerprint": fingerprint, "images": digest_names(names), "n": len(names),
+               "image_files": digest_image_files(image_dir, names),
                "boxes": hashlib.sha256(repr(boxes).encode()).hexdigest(), "chunk": chunk,
                "options": {k: v for k, v in asdict(options).items() if k not in ("workers", "chunk")},
                "models": [{k: m.describe()[k] for k in ("fingerprint", "backend", "precision", "device")}
