@@ -271,6 +271,14 @@ def test_a_gallery_is_checked_against_train_csv_and_settings(trained, blend, tmp
         check_gallery_embeddings(test, fingerprint=d["fingerprint"], flip_views=True, tta="none",
                                  box_type=None, listing=train["image"].tolist())
     assert "view(s) per image" in str(err.value) and "not those of train.csv" in str(err.value)
+    # ... and a --threshold build refuses them as its packaged gallery
+    from whalesub.kaggle.package import BuildOptions, build_package
+
+    opts = BuildOptions(owner="someone", threshold=0.3, packages=[],
+                        gallery=blend / "embeddings" / "test.npz")
+    with pytest.raises(ConfigError, match="view"):
+        build_package(sorted((blend / "models").iterdir()), tmp_path / "b", opts)
+    assert not (tmp_path / "b").exists()
     # a decision whose gallery file was replaced by the test embeddings
     fake = tmp_path / "fake"
     shutil.copytree(blend, fake)

@@ -118,9 +118,9 @@ def predict_submission(
 
     if manifest.get("gallery_file"):
         gallery = model_dirs[0].parent / manifest["gallery_file"]
-        emb = load_embeddings(gallery)
+        packed = load_embeddings(gallery)
         check_gallery_embeddings(
-            emb,
+            packed,
             fingerprint=manifest["fingerprint"],
             flip_views=bool(manifest["gallery"].get("flip_views")),
             tta=manifest["gallery"].get("tta", "none"),
@@ -128,7 +128,7 @@ def predict_submission(
             listing=[str(i) for i in read_test_listing(train_csv)],
             where="packaged",
         )
-        print(f"[whalesub] packaged gallery {gallery.name}: fingerprint {emb.fingerprint}, views and the "
+        print(f"[whalesub] packaged gallery {gallery.name}: fingerprint {packed.fingerprint}, views and the "
               f"images of {train_csv.name} match", flush=True)
     else:
         with timed("embed train images (gallery)", times):
