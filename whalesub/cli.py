@@ -522,6 +522,7 @@ def predict_command(
     typer.echo(f"wrote {s['out']}: {s['rows']} rows, {len(r['models'])} models, threshold "
                f"{s['threshold']:.4f} ({r['threshold_source']}); new_individual first in "
                f"{100 * s['new_first'] / max(s['rows'], 1):.1f}%")
+    typer.echo(f"decision: {r['decision']} (`whalesub kaggle build --predict {out}` packages it)")
     if "score" in r:
         typer.echo(f"MAP@5 {r['score']['map5']:.4f} (known {r['score']['map5_known']}, "
                    f"new {r['score']['map5_new']})")

@@ -11,6 +11,12 @@ Build folder (default ``kernels/build``)::
 Every dataset's ``manifest.json`` holds its ``kind`` (the marker the kernel searches for), the
 whalesub version and the sha256 of every file; the models manifest also holds what the kernel
 needs to run exactly like ``whalesub embed`` + ``submit`` (threshold, k, TTA, boxes, batch size).
+
+``--predict OUT`` (:func:`build_decision`) packages a ``whalesub predict`` decision instead:
+``models/`` then holds ``decision.json`` (paths rewritten inside the dataset), each export it names
+under its model name, ``gallery.npz`` (+ ``gallery.key.json``), ``gallery_labels.csv`` and the
+class centres of a blend, and the kernel applies it with
+:func:`whalesub.workflows.predict.predict_from_decision`.
 The build is made in a temporary sibling folder and moved into place when complete, then every
 metadata rule (:mod:`whalesub.kaggle.metadata`) is checked.
 """
@@ -257,8 +263,16 @@ def build_decision(folder: Path, sources: list[Path], opts: BuildOptions) -> dic
             )
         if sha256_file(opts.boxes) != emb["boxes_sha256"]:
             raise ConfigError(f"--boxes {opts.boxes} is not the box file the decision {path} was made with")
-    if opts.box_type is not None and opts.box_type != emb["box_type"] or opts.fp16 and not emb["fp16"]:
-        raise ConfigError(f"--box-type / --fp16 come from the decision {path} with --predict; drop them")
+    fixed = {
+        "--box-type": opts.box_type is not None and opts.box_type != emb["box_type"],
+        "--fp16": opts.fp16 and not emb["fp16"],
+        "--no-flip-gallery": opts.flip_gallery != decision["gallery"]["flip_views"],
+        "--query-tta": opts.query_tta != decision["queries"]["tta"],
+    }
+    if clash := [name for name, bad in fixed.items() if bad]:
+        raise ConfigError(
+            f"{', '.join(clash)}: with --predict the embed settings come from the decision {path}; drop them"
+        )
     packed = copy.deepcopy(decision)
     names, exports = [], []
     for m, pm in zip(decision["models"], packed["models"], strict=True):
