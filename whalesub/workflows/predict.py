@@ -256,7 +256,6 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
     return summary
 
 
-
 # --- the decision: written by predict, applied by predict_from_decision (predict, report, Kaggle) -------
 GALLERY_LABELS = "gallery_labels.csv"
 
