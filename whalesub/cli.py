@@ -419,10 +419,11 @@ def pseudo_label_command(
 @guarded
 @one_writer("report")
 def report_command(
-    gallery: Path = typer.Option(..., "--gallery", help="Gallery embeddings .npz (train images)."),
+    gallery: Path | None = typer.Option(None, "--gallery", help="Gallery embeddings .npz (train images; "
+                                        "default with --decision: the decision's)."),
     queries: Path = typer.Option(..., "--queries", help="Query embeddings .npz."),
-    train_csv: Path = typer.Option(..., "--train-csv", help="train.csv: gallery image -> individual_id, "
-                                   "species."),
+    train_csv: Path | None = typer.Option(None, "--train-csv", help="train.csv: gallery image -> "
+                                          "individual_id, species (default with --decision: its labels)."),
     out: Path = typer.Option(..., "--out", help="HTML file to write (self-contained, atomically)."),
     submission: Path | None = typer.Option(None, "--submission", help="Submission CSV to analyse (default: "
                                            "the ranking of these embeddings at the threshold)."),
@@ -437,6 +438,9 @@ def report_command(
     k: int = typer.Option(100, "--k", help="Neighbours searched per query."),
     max_queries: int = typer.Option(50, "--max-queries", help="Worst queries shown (caps the page size)."),
     thumb_px: int = typer.Option(96, "--thumb-px", help="Longest thumbnail side in pixels."),
+    decision: Path | None = typer.Option(None, "--decision", help="decision.json of `whalesub predict`: rank "
+                                         "with its scoring (kNN / centre blend) and place new_individual by "
+                                         "its rule, i.e. analyse exactly what was submitted."),
 ) -> None:
     """Write an HTML error report: MAP@5 tables, threshold curve, top-1 cosine histograms, worst queries."""
     from whalesub.report.build import write_report
@@ -444,7 +448,7 @@ def report_command(
     _log_info_to_stderr()
     r = write_report(out, gallery, queries, train_csv, submission=submission, truth=truth,
                      images_dir=images_dir, gallery_images_dir=gallery_images_dir, threshold=threshold,
-                     grid=grid, k=k, max_queries=max_queries, thumb_px=thumb_px)
+                     grid=grid, k=k, max_queries=max_queries, thumb_px=thumb_px, decision=decision)
     typer.echo(f"wrote {r['out']}: {r['n']} queries, {r['shown']} shown, {r['bytes'] / 1024:.0f} KB")
 
 
@@ -541,14 +545,14 @@ def predict_command(
 
         rep = write_report(out / "report.html", Path(r["gallery"]), Path(r["queries"]), train_csv,
                            submission=Path(r["submission"]), truth=truth, images_dir=test_images,
-                           gallery_images_dir=train_images, k=k,
-                           threshold=None if r["per_species"] else r["threshold"])
+                           gallery_images_dir=train_images, decision=Path(r["decision"]))
         r["report"] = rep["out"]
         atomic_write_text(out / "predict.json", json.dumps(r, indent=1, default=str) + "\n")
     s = r["submit"]
     typer.echo(f"wrote {s['out']}: {s['rows']} rows, {len(r['models'])} models, threshold "
                f"{s['threshold']:.4f} ({r['threshold_source']}); new_individual first in "
                f"{100 * s['new_first'] / max(s['rows'], 1):.1f}%")
+    typer.echo(f"decision: {r['decision']} (`whalesub kaggle build --predict {out}` packages it)")
     if "score" in r:
         typer.echo(f"MAP@5 {r['score']['map5']:.4f} (known {r['score']['map5_known']}, "
                    f"new {r['score']['map5_new']})")
