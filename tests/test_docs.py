@@ -318,7 +318,7 @@ def test_architecture_page_names_every_package():
 
 # --- names and paths shown in code ----------------------------------------------------------------
 
-DOTTED = re.compile(r"(?<![\w./-])whalesub(?:\.[A-Za-z_]\w*)+")
+DOTTED = re.compile(r"(?<![\w./'\"-])whalesub(?:\.[A-Za-z_]\w*)+")  # a quoted one is a string (format name)
 REPO_PATH = re.compile(
     r"(?<![\w./-])((?:whalesub|train|tests|benchmarks|kernels|docs)/[\w/.-]*\.(?:py|yaml|md))")
 
