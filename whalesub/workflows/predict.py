@@ -132,7 +132,7 @@ def export_fingerprint(export_dir: Path) -> str:
 
 
 def ensure_embedding(models: list[Path], out: Path, options: EmbedOptions, images: Path,
-                     listing: Path | None, boxes: Path | None) -> Path:
+                     listing: Path | None, boxes: Path | None, runner=None) -> Path:
     """``run_embed`` unless ``out`` already holds these models' vectors of these images/settings."""
     fingerprint = combined_fingerprint([SimpleNamespace(fingerprint=export_fingerprint(m)) for m in models])
     names, folder = list_images(images, listing)
@@ -147,7 +147,7 @@ def ensure_embedding(models: list[Path], out: Path, options: EmbedOptions, image
             return out
     log.info("computing embeddings of %d images of %s -> %s", len(names), folder, out)
     key_file.unlink(missing_ok=True)  # a crash mid-embed must not leave an old key beside a new file
-    run_embed(models, out, options, images=images, listing=listing, boxes=boxes)
+    run_embed(models, out, options, images=images, listing=listing, boxes=boxes, runner=runner)
     atomic_write_text(key_file, json.dumps(key, indent=1, sort_keys=True) + "\n")
     return out
 
@@ -155,14 +155,16 @@ def ensure_embedding(models: list[Path], out: Path, options: EmbedOptions, image
 def predict(models: list[Path], train_csv: Path, train_images: Path, test_images: Path, out: Path, *,
             sample: Path | None = None, truth: Path | None = None, boxes: Path | None = None,
             threshold: float | None = None, new_share: float | None = None, grid: str = "0.0:1.0:0.02",
-            k: int = 100, options: EmbedOptions | None = None, **submit_extra) -> dict:
+            k: int = 100, options: EmbedOptions | None = None, runner=None, **submit_extra) -> dict:
     """Export, embed, choose the threshold, submit, validate and (with ``truth``) score; return the
     summary written to ``out/predict.json``.
 
     ``models``: run folders, fold folders, checkpoints or export folders. ``sample``:
     sample_submission.csv giving the test rows and their order (default: every image of
     ``test_images``). ``options``: the embedding settings (backend, device, batch size, workers,
-    fp16, box type/conf); TTA is fixed: flipped gallery, flip-TTA queries. Extra keyword
+    fp16, box type/conf); TTA is fixed: flipped gallery, flip-TTA queries. ``runner``: where the
+    embedding chunks run (``whalesub.embedding.distributed.RayRunner`` for ``--ray``; default: this
+    process); the result is the same either way. Extra keyword
     arguments go to :func:`whalesub.workflows.submit.submit_files` unchanged (``thresholds``: a per-species
     file instead of the pooled share; ``knn_ratio`` < 1 without ``centres``: the exports' own
     ``class_centres.npz``, in model order). The report (``whalesub predict --report``) is written by
@@ -187,9 +189,9 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
     exports = [ensure_export(s, out / "models", fp16=options.fp16, parity_images=parity) for s in sources]
     emb = out / "embeddings"
     gallery = ensure_embedding(exports, emb / "gallery.npz", replace(options, tta="none", flip_views=True),
-                               train_images, train_csv, boxes)
+                               train_images, train_csv, boxes, runner)
     queries = ensure_embedding(exports, emb / "test.npz", replace(options, tta="flip", flip_views=False),
-                               test_images, sample, boxes)
+                               test_images, sample, boxes, runner)
     summary = {"models": [{"name": s.name, "source": str(s.path), "export": str(e),
                            "fingerprint": export_fingerprint(e)}
                           for s, e in zip(sources, exports, strict=True)],
