@@ -118,6 +118,7 @@ def _task_pids() -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_equal_to_single_process_on_two_nodes(cluster, model, pictures, reference, tmp_path):
     runner = RayRunner(cluster.address)
     out = run_embed([model], tmp_path / "ray.npz", _opts(), images=pictures, runner=runner)
@@ -129,6 +130,7 @@ def test_equal_to_single_process_on_two_nodes(cluster, model, pictures, referenc
     assert again(SimpleNamespace(), [], [model], None) is None and again.results == []
 
 
+@pytest.mark.slow
 def test_worker_sigkilled_mid_task_is_retried(cluster, model, pictures, reference, tmp_path):
     out = tmp_path / "k.npz"
     runner = RayRunner(cluster.address)
@@ -159,6 +161,7 @@ def test_worker_sigkilled_mid_task_is_retried(cluster, model, pictures, referenc
                  reference)
 
 
+@pytest.mark.slow
 def test_driver_sigkilled_then_same_command_resumes(cluster, model, pictures, reference, tmp_path):
     out = tmp_path / "d.npz"
     args = ["embed", "--model", model, "--images", pictures, "--out", out, "--device", "cpu",
@@ -179,6 +182,7 @@ def test_driver_sigkilled_then_same_command_resumes(cluster, model, pictures, re
     _assert_same(out, reference)
 
 
+@pytest.mark.slow
 def test_node_without_the_image_folder_is_named(cluster, model, pictures, tmp_path):
     """A third node runs in its own mount namespace where the image folder is an empty tmpfs: the
     error names that node and the folder, and says the storage is not shared."""
@@ -257,3 +261,22 @@ def test_cli_bad_address_is_one_line(model, pictures, tmp_path):
     res = subprocess.run(_cli("embed", "--model", model, "--images", pictures, "--out", tmp_path / "x.npz",
                               "--ray", "local:zero"), capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "local:N" in res.stderr
+
+
+@pytest.mark.slow
+def test_predict_on_ray_equals_predict_in_one_process(cluster, model, synth_set, tmp_path):
+    """``predict --ray``: the gallery and test embeddings, and so the submission, are those of a
+    predict run without Ray."""
+    from whalesub.workflows.predict import predict
+
+    kw = dict(sample=synth_set / "sample_submission.csv", threshold=0.5,
+              options=EmbedOptions(device="cpu", batch_size=4, workers=0, chunk=8))
+    args = (synth_set / "train.csv", synth_set / "train_images", synth_set / "test_images")
+    plain = predict([model], *args, tmp_path / "plain", **kw)
+    on_ray = predict([model], *args, tmp_path / "ray", runner=RayRunner(cluster.address), **kw)
+    for key in ("gallery", "queries"):
+        a, b = load_embeddings(Path(plain[key])), load_embeddings(Path(on_ray[key]))
+        assert a.ids.tolist() == b.ids.tolist() and len(a) > 0
+        assert np.array_equal(a.vectors, b.vectors)
+    sub = "submission.csv"
+    assert (tmp_path / "plain" / sub).read_bytes() == (tmp_path / "ray" / sub).read_bytes()

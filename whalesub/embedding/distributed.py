@@ -275,7 +275,9 @@ class RayRunner:
         self.results = results
         for r in results:
             log.info("node %s: %d chunks in %.1f s", r["node"], r["chunks"], r["seconds"])
-        return min(results, key=lambda r: r["first"])["models"]
+        # as the workers ran them (device, precision), under the paths the user gave (as one process records)
+        ran = min(results, key=lambda r: r["first"])["models"]
+        return [{**d, "path": str(m.path)} for d, m in zip(ran, plan.models, strict=True)]
 
     def _result(self, ray, ref) -> dict:
         from ray.exceptions import RayError
@@ -284,9 +286,13 @@ class RayRunner:
             r = ray.get(ref)
         except RayError as exc:
             text = str(exc).strip().splitlines()
-            last = next((t for t in reversed(text) if t.strip()), type(exc).__name__)
-            raise WhalesubError(f"a Ray task failed after {MAX_RETRIES} retries: {last.strip()}; the chunks "
-                                "finished so far are kept: run the command again to continue") from None
+            last = next((t for t in reversed(text) if t.strip()), type(exc).__name__).strip()
+            if "No module named 'whalesub" in last:
+                raise ConfigError(f"a Ray worker cannot import whalesub ({last}): install the same whalesub "
+                                  "on every node") from None
+            raise WhalesubError(f"a Ray task failed ({last}); a task whose worker dies is retried up to "
+                                f"{MAX_RETRIES} times, and the chunks finished so far are kept: run the "
+                                "command again to continue") from None
         if "error" in r:
             cls = {"DataError": DataError, "ConfigError": ConfigError}.get(r["kind"], WhalesubError)
             raise cls(r["error"])
