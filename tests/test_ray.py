@@ -280,3 +280,10 @@ def test_predict_on_ray_equals_predict_in_one_process(cluster, model, synth_set,
         assert np.array_equal(a.vectors, b.vectors)
     sub = "submission.csv"
     assert (tmp_path / "plain" / sub).read_bytes() == (tmp_path / "ray" / sub).read_bytes()
+
+
+def test_missing_ray_is_a_clear_error(monkeypatch, model, pictures, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
+    with pytest.raises(ConfigError, match=r'--ray needs Ray, which is not installed: .*\.\[cluster\]'):
+        run_embed([model], tmp_path / "x.npz", _opts(), images=pictures, runner=RayRunner("local:1"))
+    assert not (tmp_path / "x.npz.parts").exists()  # refused before any file was written
