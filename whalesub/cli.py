@@ -57,6 +57,23 @@ def _ray_runner(address: str | None):
     return RayRunner(address)
 
 
+def one_writer(what: str):
+    """Hold the lock of the command's ``--out`` while it runs (``whalesub.core.locks``): a second
+    process writing the same output stops at once with one line naming this one."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            from whalesub.core.locks import output_lock
+
+            with output_lock(kwargs["out"], f"{what} {kwargs['out']}"):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
 def _log_info_to_stderr() -> None:
     """INFO logs on stderr (a no-op when logging is already configured)."""
     import logging
@@ -68,6 +85,7 @@ def _log_info_to_stderr() -> None:
 # --- submit / tune (whalesub.ranking.rank, whalesub.ranking.threshold) --------------------------------------
 @app.command("submit")
 @guarded
+@one_writer("submission")
 def submit_command(
     gallery: Path = typer.Option(..., "--gallery", help="Gallery embeddings .npz (train images; an image "
                                  "may repeat: several views)."),
@@ -332,6 +350,7 @@ def embed_command(
 
 @app.command("merge-embeddings")
 @guarded
+@one_writer("embedding file")
 def merge_embeddings_command(
     files: list[Path] = typer.Argument(..., help="Shard files from `whalesub embed --shard i/n`."),
     out: Path = typer.Option(..., "--out", help="Merged embedding file (.npz), in listing order."),
@@ -350,6 +369,7 @@ app.add_typer(boxes_app, name="boxes")
 
 @boxes_app.command("convert")
 @guarded
+@one_writer("box table")
 def boxes_convert_command(
     source: Path = typer.Argument(..., help="A public box file: YOLOv5 (bbox numpy text + conf), Detic "
                                   "(box 'x1 y1 x2 y2') or the cropped set's literal lists."),
@@ -365,19 +385,26 @@ def boxes_convert_command(
     inclusive: bool = typer.Option(False, "--inclusive", help="The source's x2/y2 are the last pixel "
                                    "inside the box: add 1."),
     append: bool = typer.Option(False, "--append", help="Add to an existing --out (another box type)."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse the file when a box is degenerate (x2 <= x1 "
+                                "or y2 <= y1); by default it is reported and that image embedded whole."),
 ) -> None:
     """Convert a public box file into whalesub's boxes.csv, joined on the image name.
 
-    Empty cells mean "no box" (the image is embedded whole); with several boxes the most confident
-    is kept; boxes past the image are clipped; every problem is reported with its line.
+    Empty cells mean "no box" (the image is embedded whole); so do degenerate boxes (reported with
+    their lines; --strict refuses them); with several boxes the most confident is kept; boxes past the
+    image are clipped; every problem is reported with its line.
     """
     from whalesub.data.boxes import convert_boxes
 
     _log_info_to_stderr()
     s = convert_boxes(source, out, box_type, images=images, image_col=image_col, box_col=box_col,
-                      conf_col=conf_col, inclusive=inclusive, append=append)
+                      conf_col=conf_col, inclusive=inclusive, append=append, strict=strict)
+    lines = ", ".join(map(str, s["degenerate_lines"])) + (" ..." if s["degenerate"] > 20 else "")
+    plural = "s" * (s["degenerate"] > 1)
+    degenerate = (f"{s['degenerate']} degenerate (left out, embedded whole; line{plural} {lines}), "
+                  if s["degenerate"] else "")
     typer.echo(f"wrote {s['out']}: {s['boxes']} {s['box_type']} boxes from {s['rows']} rows; "
-               f"{s['empty']} without a box, {s['several']} with several (most confident kept), "
+               f"{s['empty']} without a box, {degenerate}{s['several']} with several (most confident kept), "
                f"{s['clipped']} clipped to the image"
                + ("" if s["sizes_checked"] else " (sizes not checked: give --images)"))
 
@@ -408,6 +435,7 @@ def pseudo_label_command(
 # --- report (whalesub.report.build) ----------------------------------------------------------------------
 @app.command("report")
 @guarded
+@one_writer("report")
 def report_command(
     gallery: Path = typer.Option(..., "--gallery", help="Gallery embeddings .npz (train images)."),
     queries: Path = typer.Option(..., "--queries", help="Query embeddings .npz."),
@@ -446,6 +474,7 @@ app.add_typer(kaggle_app(guarded, _log_info_to_stderr), name="kaggle")
 # --- blend (whalesub.workflows.blend) -----------------------------------------------------------------------
 @app.command("blend")
 @guarded
+@one_writer("submission")
 def blend_command(
     table: list[Path] = typer.Option(..., "--table", help="Candidate table of `submit --candidates-out`; "
                                      "repeat, each followed by its --weight."),
@@ -477,6 +506,7 @@ def blend_command(
 # --- predict (whalesub.workflows.predict) -------------------------------------------------------------------
 @app.command("predict")
 @guarded
+@one_writer("predict folder")
 def predict_command(
     model: list[Path] = typer.Option(..., "--model", help="Run folder (all its fold*/), fold "
                                      "folder, checkpoint or export folder; repeatable."),

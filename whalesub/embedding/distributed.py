@@ -141,7 +141,8 @@ def _embed_task(job: dict) -> dict:
         torch.set_num_threads(job["threads"])
     options = EmbedOptions(**job["options"])
     plan = plan_embed([Path(p) for p in job["model_paths"]], job["names"], Path(job["image_dir"]),
-                      Path(job["out"]), options, job["boxes"], device=device, threads=job["threads"])
+                      Path(job["out"]), options, job["boxes"], device=device, threads=job["threads"],
+                      with_key=False)
     mine = [m.fingerprint for m in plan.models]
     for path, have, want in zip(job["model_paths"], mine, job["fingerprints"], strict=True):
         if have != want:

@@ -40,6 +40,7 @@ import numpy as np
 
 from whalesub.core.atomic import atomic_open, atomic_write_text
 from whalesub.core.errors import ConfigError, WhalesubError
+from whalesub.core.locks import output_lock
 from whalesub.embedding.loader import apply_box_conf, list_images, make_loader, select_boxes
 from whalesub.embedding.shards import parse_shard
 from whalesub.models.backends import open_model
@@ -92,6 +93,24 @@ class EmbedOptions:
 
 def digest_names(names) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def digest_image_files(folder: Path, names) -> str:
+    """A digest of each image file's size and modification time (ns), in ``names`` order.
+
+    Part of every reuse key (``predict``'s embedding files, ``embed``'s resumable chunks): a photo
+    replaced in place under the same name changes it, so its vector is computed again. Reading
+    every byte would cost as much as decoding; size + mtime is what ``make`` and ``rsync`` trust.
+    A missing file counts as (-1, -1) (the loader reports it by name).
+    """
+    h = hashlib.sha256()
+    for name in names:
+        try:
+            st = os.stat(Path(folder) / name)
+            h.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{name}\t-1\t-1\n".encode())
+    return h.hexdigest()
 
 
 def preprocess_key(spec) -> str:
@@ -205,9 +224,11 @@ class EmbedPlan:
 
 
 def plan_embed(model_paths: list[Path], names: list[str], image_dir: Path, out: Path, options: EmbedOptions,
-               boxes: list | None = None, device: str | None = None, threads: int | None = None) -> EmbedPlan:
+               boxes: list | None = None, device: str | None = None, threads: int | None = None,
+               with_key: bool = True) -> EmbedPlan:
     """Open the models and decide the run (``device``/``threads`` override the options' device and
-    the inference threads for this process); touches no file."""
+    the inference threads for this process); touches no file. ``with_key=False`` (a Ray task, which
+    does not check the parts folder) skips the resume key and its stat of every image."""
     options.check()
     models = [open_model(p, options.backend, device or options.device, options.fp16, threads=threads)
               for p in model_paths]
@@ -219,11 +240,14 @@ def plan_embed(model_paths: list[Path], names: list[str], image_dir: Path, out: 
     boxes = boxes if boxes is not None else [None] * len(names)
     if any(b is not None and len(b) == 5 for b in boxes):  # (x1, y1, x2, y2, conf) from select_boxes
         boxes = apply_box_conf(boxes, resolve_box_conf(models, options))
-    run_key = {"fingerprint": fingerprint, "images": digest_names(names), "n": len(names),
-               "boxes": hashlib.sha256(repr(boxes).encode()).hexdigest(), "chunk": chunk,
-               "options": {k: v for k, v in asdict(options).items() if k not in ("workers", "chunk")},
-               "models": [{k: m.describe()[k] for k in ("fingerprint", "backend", "precision", "device")}
-                          for m in models]}
+    run_key = {}
+    if with_key:
+        run_key = {"fingerprint": fingerprint, "images": digest_names(names), "n": len(names),
+                   "image_files": digest_image_files(image_dir, names),
+                   "boxes": hashlib.sha256(repr(boxes).encode()).hexdigest(), "chunk": chunk,
+                   "options": {k: v for k, v in asdict(options).items() if k not in ("workers", "chunk")},
+                   "models": [{k: m.describe()[k] for k in ("fingerprint", "backend", "precision", "device")}
+                              for m in models]}
     parts = _Parts(out.with_name(out.name + ".parts"), chunk, len(names))
     return EmbedPlan(list(names), Path(image_dir), Path(out), options, models, key_of, specs, boxes,
                      fingerprint, run_key, parts)
@@ -296,11 +320,21 @@ def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out
                  runner=None) -> Path:
     """Embed ``names`` (files in ``image_dir``) with every model; write ``out`` (.npz) atomically.
 
+    One writer per output: a second process embedding into the same ``out`` (and its parts folder)
+    stops at once with a :class:`~whalesub.core.locks.BusyError` naming this one.
+
     ``runner``: embeds the missing chunks elsewhere instead of in this process: called as
     ``runner(plan, todo, model_paths, boxes)``, it must leave every chunk of ``todo`` on disk and
     may return the models' descriptions (see :func:`finish_embed`); ``whalesub embed --ray`` passes
-    :class:`whalesub.embedding.distributed.RayRunner`.
+    :class:`whalesub.embedding.distributed.RayRunner` (its tasks write chunks while this process
+    holds the lock).
     """
+    options.check()
+    with output_lock(out, f"embedding file {out} (and its parts folder)"):
+        return _embed_images(model_paths, names, image_dir, out, options, boxes, shard_info, runner)
+
+
+def _embed_images(model_paths, names, image_dir, out, options, boxes, shard_info, runner) -> Path:
     from tqdm import tqdm
 
     plan = plan_embed(model_paths, names, image_dir, out, options, boxes,

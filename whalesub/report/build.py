@@ -7,7 +7,8 @@ threshold
 with the code of ``whalesub tune`` (:func:`whalesub.ranking.threshold.grid_search`). The page holds:
 
 - MAP@5 overall, for known and new animals, and per species (truth's species: the truth
-  individual's species in ``train.csv``; for new animals the truth file's ``species`` column
+  individual's species in ``train.csv`` by :func:`whalesub.data.contract.individual_species`, the
+  rule per-species thresholds use; for new animals the truth file's ``species`` column
   when it has one, as ``oof_labels.csv`` and ``test_truth_full.csv`` do, else ``unknown``);
 - MAP@5 against the threshold with the chosen threshold marked, and histograms of the top-1
   cosine for known and new animals;
@@ -40,7 +41,7 @@ import numpy as np
 
 from whalesub.core.atomic import atomic_write_text
 from whalesub.core.errors import ConfigError, DataError, first_few
-from whalesub.data.contract import NEW_INDIVIDUAL, read_table, read_train_csv
+from whalesub.data.contract import NEW_INDIVIDUAL, individual_species, read_table, read_train_csv
 from whalesub.ranking.metric import score_breakdown, scores_at_5
 from whalesub.ranking.rank import (
     NEW,
@@ -193,7 +194,7 @@ def write_report(out, gallery, queries, train_csv, *, submission=None, truth=Non
     data = load_ranking_inputs(gallery, queries, train_csv)
     ids, classes = data["query_ids"].tolist(), data["classes"]
     train = read_train_csv(train_csv)
-    species_of = dict(zip(train["individual_id"], train["species"], strict=False))
+    species_of = individual_species(train).to_dict()  # the one species rule (thresholds use it too)
     preds = read_predictions(submission, ids) if submission is not None else None  # checked before the
     search = truth_list = species = None  # search, which is the long part
     if truth is not None:

@@ -12,11 +12,15 @@ model, tune, submit, validate, score) and leaves every intermediate file in ``ou
     out/score.json               with ``truth``: MAP@5 and its known/new breakdown
     out/predict.json             the summary: models, fingerprints, threshold and how it was chosen
 
-A rerun reuses what is still valid, decided by fingerprints, never by file times: an export is
+A rerun reuses what is still valid, decided by fingerprints: an export is
 reused when its ``export.json`` fingerprint (ModelSpec + weights digest) equals that of the
 checkpoint it comes from; an embedding file when its ``meta["fingerprint"]`` equals the models'
-combined fingerprint and its ``.key.json`` equals the current key (image listing, image folder,
-box file digest, embed options). A changed checkpoint or setting recomputes exactly what depends on it.
+combined fingerprint and its ``.key.json`` equals the current key (image listing, each image file's
+size and modification time, image folder, box file digest, embed options). A changed checkpoint,
+photo or setting recomputes exactly what depends on it. ``score.json``, ``tune.json`` and
+``report.html`` of an earlier run are removed before the new submission is made (each is written
+again when this run makes it), and the folds' out-of-fold fingerprints must equal the exported
+models' before their share is used.
 
 Threshold (in this order): ``threshold`` (a cosine), ``new_share`` (a share of test rows), else the
 share of rows that put ``new_individual`` first at the best threshold of the pooled out-of-fold
@@ -35,7 +39,7 @@ from types import SimpleNamespace
 
 from whalesub.core.atomic import atomic_write_text
 from whalesub.core.errors import ConfigError, DataError
-from whalesub.embedding.embed import EmbedOptions, digest_names, run_embed
+from whalesub.embedding.embed import EmbedOptions, digest_image_files, digest_names, run_embed
 from whalesub.embedding.loader import list_images
 from whalesub.models.export import (
     CENTRES,
@@ -48,7 +52,7 @@ from whalesub.models.export import (
 from whalesub.models.sources import load_source, resolve_checkpoint
 from whalesub.ranking.store import combined_fingerprint, load_embeddings
 from whalesub.ranking.submission import check_submission_file, score_submission
-from whalesub.workflows.oof import has_oof, tune_folds
+from whalesub.workflows.oof import fold_fingerprint, has_oof, tune_folds, unique_folds
 from whalesub.workflows.submit import submit_files
 
 log = logging.getLogger(__name__)
@@ -131,12 +135,52 @@ def export_fingerprint(export_dir: Path) -> str:
     return str(read_manifest(export_dir)["fingerprint"])
 
 
+#: Files of an earlier run that belong to its submission only; a rerun writes those that apply again.
+RESULT_FILES = ("score.json", "tune.json", "report.html")
+
+
+def clear_stale_results(out: Path) -> list[str]:
+    """Remove ``out``'s :data:`RESULT_FILES` before a new run, so none is left beside a submission it
+    does not describe (a rerun without --truth keeping the old score.json, a fixed --threshold keeping
+    the old tune.json); return the names removed."""
+    removed = []
+    for name in RESULT_FILES:
+        path = Path(out) / name
+        if path.is_file():
+            path.unlink()
+            removed.append(name)
+    if removed:
+        log.info("removed %s of the previous run in %s (written again when this run makes them)",
+                 ", ".join(removed), out)
+    return removed
+
+
+def check_oof_fingerprints(sources: list[ModelSource], exports: list[Path]) -> None:
+    """ConfigError unless each fold's out-of-fold files come from the very model predict exports.
+
+    The pooled share is tuned on the folds' OOF embeddings; OOF files of another checkpoint (``last.pt``
+    passed while the OOF files are the best epoch's, a fold retrained without validation) would choose
+    the threshold for a model that is not in the submission.
+    """
+    for source, export in zip(sources, exports, strict=True):
+        if source.fold_dir is None:
+            continue
+        oof, model = fold_fingerprint(source.fold_dir), export_fingerprint(export)
+        if oof != model:
+            raise ConfigError(
+                f"fold {source.fold_dir}: its out-of-fold files (oof_embeddings.npz) come from model "
+                f"fingerprint {oof}, but predict uses {source.path} with fingerprint {model}; the pooled "
+                "share would be tuned on another model. Pass the checkpoint the fold validated (best.pt), "
+                "validate this one again, or give --threshold / --new-share")
+
+
 def ensure_embedding(models: list[Path], out: Path, options: EmbedOptions, images: Path,
                      listing: Path | None, boxes: Path | None, runner=None) -> Path:
     """``run_embed`` unless ``out`` already holds these models' vectors of these images/settings."""
     fingerprint = combined_fingerprint([SimpleNamespace(fingerprint=export_fingerprint(m)) for m in models])
     names, folder = list_images(images, listing)
     key = {"fingerprint": fingerprint, "images": digest_names(names), "n": len(names),
+           "image_files": digest_image_files(folder, names),  # a photo replaced in place is embedded again
            "image_dir": str(folder.resolve()), "boxes": sha256_file(boxes) if boxes is not None else None,
            "options": {k: v for k, v in asdict(options).items() if k not in ("workers", "chunk")}}
     key_file = out.with_suffix(".key.json")
@@ -181,12 +225,14 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sources = find_model_sources(models)
-    folds = list(dict.fromkeys(s.fold_dir for s in sources if s.fold_dir is not None))
+    folds = unique_folds(s.fold_dir for s in sources if s.fold_dir is not None)
     if threshold is None and new_share is None and per_species is None and not folds:  # before the long work
         raise ConfigError("none of the models has out-of-fold files (fold*/oof_*.npz) to choose the "
                           "threshold on: pass --threshold or --new-share (e.g. 0.165)")
     parity = pick_parity_images(train_images)
     exports = [ensure_export(s, out / "models", fp16=options.fp16, parity_images=parity) for s in sources]
+    if threshold is None and new_share is None and per_species is None:
+        check_oof_fingerprints(sources, exports)
     emb = out / "embeddings"
     gallery = ensure_embedding(exports, emb / "gallery.npz", replace(options, tta="none", flip_views=True),
                                train_images, train_csv, boxes, runner)
@@ -196,6 +242,7 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
                            "fingerprint": export_fingerprint(e)}
                           for s, e in zip(sources, exports, strict=True)],
                "gallery": str(gallery), "queries": str(queries)}
+    clear_stale_results(out)  # from here on this run writes the results that apply to it
     if submit_extra.get("knn_ratio", 1.0) < 1.0 and submit_extra.get("centres") is None:
         submit_extra["centres"] = [e / CENTRES for e in exports]
         if missing := [str(c) for c in submit_extra["centres"] if not c.is_file()]:
