@@ -94,7 +94,7 @@ def fake_embedding(calls: list):
     """Stand-in for ensure_embedding's run_embed: random vectors of the listed images, counted."""
     from whalesub.embedding.loader import list_images
 
-    def run(models, out, options, images=None, listing=None, boxes=None):
+    def run(models, out, options, images=None, listing=None, boxes=None, runner=None):
         names, _ = list_images(images, listing)
         calls.append((out.name, list(names)))
         fp = combined_fingerprint([SimpleNamespace(fingerprint=predict_mod.export_fingerprint(m))

@@ -42,6 +42,21 @@ def guarded(fn):
     return wrapper
 
 
+RAY_HELP = ("Spread the chunks over Ray: local:N (a Ray on this machine with N workers), auto (the "
+            "cluster joined with `ray start`) or HOST:PORT; needs the 'cluster' extra.")
+
+
+def _ray_runner(address: str | None):
+    """A context holding the Ray runner of ``--ray ADDRESS`` (None without --ray)."""
+    import contextlib
+
+    if address is None:
+        return contextlib.nullcontext(None)
+    from whalesub.embedding.distributed import RayRunner
+
+    return RayRunner(address)
+
+
 def one_writer(what: str):
     """Hold the lock of the command's ``--out`` while it runs (``whalesub.core.locks``): a second
     process writing the same output stops at once with one line naming this one."""
@@ -318,6 +333,7 @@ def embed_command(
     shard: str | None = typer.Option(None, "--shard", help="i/n: embed the i-th of n blocks (0-based); "
                                      "merge with `whalesub merge-embeddings`."),
     chunk: int = typer.Option(1024, "--chunk", help="Images per resumable chunk in <out>.parts/."),
+    ray: str | None = typer.Option(None, "--ray", help=RAY_HELP),
 ) -> None:
     """Embed images into an .npz of L2-normalised vectors (resumable: re-run the same command)."""
     from whalesub.embedding.embed import EmbedOptions, run_embed
@@ -327,7 +343,9 @@ def embed_command(
     options = EmbedOptions(tta=tta, flip_views=flip_views, backend=backend, device=device, fp16=fp16,
                            batch_size=batch_size, workers=workers, chunk=chunk, box_type=box_type,
                            box_conf=box_conf, shard=shard)
-    typer.echo(str(run_embed(model, out, options, images=images, listing=listing, boxes=boxes)))
+    with _ray_runner(ray) as runner:
+        typer.echo(str(run_embed(model, out, options, images=images, listing=listing, boxes=boxes,
+                                 runner=runner)))
 
 
 @app.command("merge-embeddings")
@@ -524,6 +542,7 @@ def predict_command(
                                                "table (for `whalesub blend`)."),
     report: bool = typer.Option(False, "--report", help="Also write OUT/report.html (candidates and "
                                 "scores; with --truth the full error report)."),
+    ray: str | None = typer.Option(None, "--ray", help=RAY_HELP),
 ) -> None:
     """From trained runs to a validated submission: export, embed (flipped gallery, flip-TTA test set,
     every model combined), pooled out-of-fold threshold share, submit, validate, score.
@@ -536,9 +555,10 @@ def predict_command(
     _log_info_to_stderr()
     options = EmbedOptions(device=device, fp16=fp16, batch_size=batch_size, workers=workers,
                            box_type=box_type, box_conf=box_conf)
-    r = predict(model, train_csv, train_images, test_images, out, sample=sample, truth=truth, boxes=boxes,
-                threshold=threshold, new_share=new_share, grid=grid, k=k, options=options,
-                thresholds=thresholds, knn_ratio=knn_ratio, candidates_out=candidates_out)
+    with _ray_runner(ray) as runner:
+        r = predict(model, train_csv, train_images, test_images, out, sample=sample, truth=truth,
+                    boxes=boxes, threshold=threshold, new_share=new_share, grid=grid, k=k, options=options,
+                    runner=runner, thresholds=thresholds, knn_ratio=knn_ratio, candidates_out=candidates_out)
     if report:
         from whalesub.core.atomic import atomic_write_text
         from whalesub.report.build import write_report

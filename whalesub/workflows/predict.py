@@ -192,7 +192,7 @@ def check_oof_fingerprints(sources: list[ModelSource], exports: list[Path]) -> N
 
 
 def ensure_embedding(models: list[Path], out: Path, options: EmbedOptions, images: Path,
-                     listing: Path | None, boxes: Path | None) -> Path:
+                     listing: Path | None, boxes: Path | None, runner=None) -> Path:
     """``run_embed`` unless ``out`` already holds these models' vectors of these images/settings."""
     fingerprint = combined_fingerprint([SimpleNamespace(fingerprint=export_fingerprint(m)) for m in models])
     names, folder = list_images(images, listing)
@@ -208,7 +208,7 @@ def ensure_embedding(models: list[Path], out: Path, options: EmbedOptions, image
             return out
     log.info("computing embeddings of %d images of %s -> %s", len(names), folder, out)
     key_file.unlink(missing_ok=True)  # a crash mid-embed must not leave an old key beside a new file
-    run_embed(models, out, options, images=images, listing=listing, boxes=boxes)
+    run_embed(models, out, options, images=images, listing=listing, boxes=boxes, runner=runner)
     atomic_write_text(key_file, json.dumps(key, indent=1, sort_keys=True) + "\n")
     return out
 
@@ -216,14 +216,16 @@ def ensure_embedding(models: list[Path], out: Path, options: EmbedOptions, image
 def predict(models: list[Path], train_csv: Path, train_images: Path, test_images: Path, out: Path, *,
             sample: Path | None = None, truth: Path | None = None, boxes: Path | None = None,
             threshold: float | None = None, new_share: float | None = None, grid: str = "0.0:1.0:0.02",
-            k: int = 100, options: EmbedOptions | None = None, **submit_extra) -> dict:
+            k: int = 100, options: EmbedOptions | None = None, runner=None, **submit_extra) -> dict:
     """Export, embed, choose the threshold, submit, validate and (with ``truth``) score; return the
     summary written to ``out/predict.json``.
 
     ``models``: run folders, fold folders, checkpoints or export folders. ``sample``:
     sample_submission.csv giving the test rows and their order (default: every image of
     ``test_images``). ``options``: the embedding settings (backend, device, batch size, workers,
-    fp16, box type/conf); TTA is fixed: flipped gallery, flip-TTA queries. Extra keyword
+    fp16, box type/conf); TTA is fixed: flipped gallery, flip-TTA queries. ``runner``: where the
+    embedding chunks run (``whalesub.embedding.distributed.RayRunner`` for ``--ray``; default: this
+    process); the result is the same either way. Extra keyword
     arguments go to :func:`whalesub.workflows.submit.submit_files` unchanged (``thresholds``: a per-species
     file instead of the pooled share; ``knn_ratio`` < 1 without ``centres``: the exports' own
     ``class_centres.npz``, in model order). The report (``whalesub predict --report``) is written by
@@ -250,7 +252,7 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
         check_oof_fingerprints(sources, exports)
     emb = out / "embeddings"
     gallery = ensure_embedding(exports, emb / "gallery.npz", replace(options, tta="none", flip_views=True),
-                               train_images, train_csv, boxes)
+                               train_images, train_csv, boxes, runner)
     # the test images are embedded by predict_from_decision below: the step the Kaggle kernel runs
     summary = {"models": [{"name": s.name, "source": str(s.path), "export": str(e),
                            "fingerprint": export_fingerprint(e)}
@@ -288,7 +290,7 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
     _write_if_changed(decision_file, json.dumps(decision, indent=1, sort_keys=True) + "\n")
     applied = predict_from_decision(decision_file, test_images, out, sample=sample, train_csv=train_csv,
                                     boxes=boxes, device=options.device, batch_size=options.batch_size,
-                                    workers=options.workers, truth=truth, **submit_extra)
+                                    workers=options.workers, truth=truth, runner=runner, **submit_extra)
     s = applied["submit"]
     summary.update(queries=applied["queries"], submit=s, threshold=s["threshold"], new_share=new_share,
                    per_species=per_species is not None, decision=str(decision_file),
@@ -450,14 +452,15 @@ def submit_extra_of(decision: dict, decision_path: Path, tmp: Path) -> dict:
 
 def predict_from_decision(decision_path, test_images, out, *, sample=None, train_csv=None, boxes=None,
                           device: str | None = None, batch_size: int | None = None,
-                          workers: int | None = None, truth=None, **submit_extra) -> dict:
+                          workers: int | None = None, truth=None, runner=None, **submit_extra) -> dict:
     """Apply a decision to a test folder: embed the test images with the decision's models, TTA and
     embed settings (``out/embeddings/test.npz``, reused when its key matches), rank them against the
     decision's gallery with its scoring, place new_individual by its rule, write and validate
     ``out/submission.csv`` (and score it with ``truth``). ``train_csv``: checked to be the gallery's
     listing (the decision's own ``gallery_labels.csv`` gives the labels). ``boxes``: the box file,
     needed when the decision crops boxes (its sha256 must match). ``device`` / ``batch_size`` /
-    ``workers`` override the embedding defaults (auto, 32, one per core). Extra keyword arguments go to
+    ``workers`` override the embedding defaults (auto, 32, one per core); ``runner``: where the chunks
+    are embedded (a Ray runner, or None for this process). Extra keyword arguments go to
     :func:`submit_files` (``candidates_out``, ``use_gpu``, ``progress``). Returns a summary.
     """
     import tempfile
@@ -490,7 +493,7 @@ def predict_from_decision(decision_path, test_images, out, *, sample=None, train
                            fp16=emb_s["fp16"], box_type=emb_s["box_type"], box_conf=emb_s["box_conf"],
                            device=device or "auto", batch_size=batch_size or 32, workers=workers)
     queries = ensure_embedding(exports, out / "embeddings" / "test.npz", options, Path(test_images),
-                               sample, boxes)
+                               sample, boxes, runner)
     submission = out / "submission.csv"
     listing = sample if sample is not None else test_images
     log.info("applying %s: %s", decision_path, describe_rule(decision))
