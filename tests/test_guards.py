@@ -181,7 +181,7 @@ def test_a_rerun_leaves_no_result_file_of_the_previous_run(small, monkeypatch):
         (out / name).write_text("{}", encoding="utf-8")
     predict_mod.predict(**{**common, "threshold": 0.9})  # no truth now, a fixed threshold
     left = sorted(p.name for p in out.iterdir() if p.is_file())
-    assert left == ["predict.json", "submission.csv"]
+    assert left == ["decision.json", "gallery_labels.csv", "predict.json", "submission.csv"]
     assert len(calls) == 2  # the embeddings were reused
 
 
