@@ -9,7 +9,8 @@ Build folder (default ``kernels/build``)::
     kernel/   kernel-metadata.json, whalesub_kernel.py
 
 Every dataset's ``manifest.json`` holds its ``kind`` (the marker the kernel searches for), the
-whalesub version and the sha256 of every file; the models manifest also holds what the kernel
+version of the whalesub wheel in this build (from git: one per commit, so the kernel tells two builds
+apart) and the sha256 of every file; the models manifest also holds what the kernel
 needs to run exactly like ``whalesub embed`` + ``submit`` (threshold, k, TTA, boxes, batch size).
 The build is made in a temporary sibling folder and moved into place when complete, then every
 metadata rule (:mod:`whalesub.kaggle.metadata`) is checked.
@@ -40,7 +41,7 @@ from whalesub.kaggle import (
     KIND_WHEELS,
     MANIFEST,
 )
-from whalesub.kaggle.kernel import installed_version
+from whalesub.kaggle.kernel import installed_version, same_version
 from whalesub.kaggle.kernel_script import sha256_file
 from whalesub.kaggle.metadata import check_build, dataset_metadata, kernel_metadata, read_json
 from whalesub.kaggle.wheels import DEFAULT_PACKAGES, DEFAULT_PLATFORMS, DEFAULT_PYTHON, collect_wheels
@@ -127,8 +128,8 @@ def models_fingerprint(folders: list[Path]) -> str:
     )
 
 
-def write_manifest(folder: Path, kind: str, **extra) -> dict:
-    """``manifest.json``: kind, whalesub version, sha256 of every other file (relative paths)."""
+def write_manifest(folder: Path, kind: str, version: str, **extra) -> dict:
+    """``manifest.json``: kind, whalesub ``version`` (the build's wheel), sha256 of every other file."""
     files = {
         p.relative_to(folder).as_posix(): sha256_file(p)
         for p in sorted(folder.rglob("*"))
@@ -136,7 +137,7 @@ def write_manifest(folder: Path, kind: str, **extra) -> dict:
     }
     manifest = {
         "kind": kind,
-        "whalesub_version": installed_version(),
+        "whalesub_version": version,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         **extra,
         "files": files,
@@ -145,12 +146,24 @@ def write_manifest(folder: Path, kind: str, **extra) -> dict:
     return manifest
 
 
+def wheel_version(install: list[str]) -> str:
+    """The whalesub version of a build: its wheel's (``whalesub==V`` in the install list), which the
+    kernel will run; a warning when it is not the whalesub running the build (``--whalesub-wheel`` or
+    ``--source`` from another commit: the models were exported here, the kernel runs that wheel)."""
+    (version,) = [spec.split("==", 1)[1] for spec in install if spec.startswith("whalesub==")]
+    running = installed_version()
+    if not same_version(version, running):
+        log.warning("the whalesub wheel of this build is %s but whalesub %s runs the build", version, running)
+    return version
+
+
 def _write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def build_models(tmp: Path, sources: list[Path], opts: BuildOptions) -> dict:
-    """The models dataset in ``tmp/models``; returns its manifest."""
+    """The models dataset's files in ``tmp/models``; returns its manifest's fields (the manifest itself
+    is written once the whalesub wheel, hence the build's version, is known)."""
     folder = tmp / "models"
     folder.mkdir()
     threshold = resolve_threshold(opts)
@@ -173,9 +186,7 @@ def build_models(tmp: Path, sources: list[Path], opts: BuildOptions) -> dict:
             )
         gallery_file = "gallery.npz"
         shutil.copy2(opts.gallery, folder / gallery_file)
-    return write_manifest(
-        folder,
-        KIND_MODELS,
+    return dict(
         models=names,
         fingerprint=fingerprint,
         threshold=threshold,
@@ -202,7 +213,7 @@ def build_package(sources: list[Path], out: Path, opts: BuildOptions, overwrite:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        build_models(tmp, sources, opts)
+        models = build_models(tmp, sources, opts)
         wheels = collect_wheels(
             opts.packages,
             tmp / "wheels",
@@ -212,9 +223,12 @@ def build_package(sources: list[Path], out: Path, opts: BuildOptions, overwrite:
             python_version=opts.python_version,
             platforms=opts.platforms,
         )
+        version = wheel_version(wheels["install"])
+        write_manifest(tmp / "models", KIND_MODELS, version, **models)
         write_manifest(
             tmp / "wheels",
             KIND_WHEELS,
+            version,
             install=wheels["install"],
             python_version=opts.python_version,
             platforms=list(opts.platforms),
@@ -222,7 +236,7 @@ def build_package(sources: list[Path], out: Path, opts: BuildOptions, overwrite:
         if opts.boxes is not None:
             (tmp / "boxes").mkdir()
             shutil.copy2(opts.boxes, tmp / "boxes" / opts.boxes.name)
-            write_manifest(tmp / "boxes", KIND_BOXES)
+            write_manifest(tmp / "boxes", KIND_BOXES, version)
         refs = []
         for sub in DATASETS:
             if (tmp / sub).is_dir():
