@@ -13,7 +13,11 @@ Not part of CI (it downloads wheels from PyPI). Steps:
    wheels with ``pip install --no-index --no-deps`` into the venv, embeds, submits, validates;
 5. its submission compared row for row with ``whalesub embed`` + ``submit`` run here.
 
-    python benchmarks/kaggle_rehearsal.py [--work DIR] [--keep]
+With ``--predict OUT --data DIR`` the build packages the decision of a ``whalesub predict`` run
+(``whalesub kaggle build --predict OUT``; DIR is the competition folder predict used) and the
+kernel's submission is compared row for row with ``OUT/submission.csv``.
+
+    python benchmarks/kaggle_rehearsal.py [--work DIR] [--keep] [--predict OUT --data DIR]
 """
 
 from __future__ import annotations
@@ -110,8 +114,12 @@ def main() -> int:
     ap.add_argument("--export", type=Path, help="export folder to package (default: a tiny random model)")
     ap.add_argument("--data", type=Path, help="competition folder (default: a small synthetic one)")
     ap.add_argument("--new-share", type=float, default=0.3, help="share of rows with new_individual first")
+    ap.add_argument("--predict", type=Path, help="a `whalesub predict` output folder: package its decision "
+                    "and compare with its submission.csv (needs --data)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
+    if args.predict is not None and args.data is None:
+        ap.error("--predict needs --data (the competition folder predict used)")
     import pandas as pd
 
     from whalesub.kaggle.package import BuildOptions, build_package
@@ -122,11 +130,17 @@ def main() -> int:
     times = {}
     try:
         t = time.perf_counter()
-        export, data = (args.export, args.data) if args.export else make_inputs(work)
-        threshold = reference_submission(export, data, work / "reference", args.new_share)
         py = f"{sys.version_info.major}.{sys.version_info.minor}"
-        opts = BuildOptions(owner="rehearsal", threshold=threshold, python_version=py)
-        build_package([export], work / "build", opts, overwrite=True)
+        if args.predict is not None:  # the decision of a predict run, compared with its submission
+            data, reference = args.data, args.predict / "submission.csv"
+            opts = BuildOptions(owner="rehearsal", predict=args.predict, python_version=py)
+            build_package([], work / "build", opts, overwrite=True)
+        else:
+            export, data = (args.export, args.data) if args.export else make_inputs(work)
+            threshold = reference_submission(export, data, work / "reference", args.new_share)
+            reference = work / "reference" / "submission.csv"
+            opts = BuildOptions(owner="rehearsal", threshold=threshold, python_version=py)
+            build_package([export], work / "build", opts, overwrite=True)
         times["build (wheels downloaded)"] = time.perf_counter() - t
         wheels = json.loads((work / "build" / "wheels" / "manifest.json").read_text())["install"]
         t = time.perf_counter()
@@ -139,7 +153,8 @@ def main() -> int:
         root = work / "input"
         for sub, rel in (("models", "whalesub-models"), ("wheels", "whalesub-wheels")):
             shutil.copytree(work / "build" / sub, root / "datasets" / "rehearsal" / rel)
-        shutil.copytree(data, root / "competitions" / "happy-whale-and-dolphin")
+        shutil.copytree(data, root / "competitions" / "happy-whale-and-dolphin",
+                        ignore=shutil.ignore_patterns("test_truth*"))
         env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "WHALESUB_KAGGLE_INPUT": str(root),
                "WHALESUB_KAGGLE_WORKING": str(work / "working"), "PYTHONNOUSERSITE": "1"}
         t = time.perf_counter()
@@ -153,7 +168,7 @@ def main() -> int:
             print(f"FAILED: the kernel exited {proc.returncode} in the fresh venv")
             return 1
         got = pd.read_csv(work / "working" / "submission.csv", dtype=str)
-        same = got.equals(pd.read_csv(work / "reference" / "submission.csv", dtype=str))
+        same = got.equals(pd.read_csv(reference, dtype=str))
         mb = sum(p.stat().st_size for p in (work / "build" / "wheels").iterdir()) / 1e6
         print(f"\nimage stand-in ({len(image)} distributions): {', '.join(image)}")
         print(f"wheels installed offline with --no-index --no-deps: {' '.join(wheels)} ({mb:.0f} MB; "
@@ -161,8 +176,8 @@ def main() -> int:
         for k, v in times.items():
             print(f"{k}: {v:.1f} s")
         print(f"submission ({len(got)} rows, new_individual first in "
-              f"{got['predictions'].str.startswith('new_individual').sum()}) equals whalesub embed + submit "
-              f"row for row: {same}")
+              f"{got['predictions'].str.startswith('new_individual').sum()}) equals "
+              f"{'predict' if args.predict else 'whalesub embed + submit'} ({reference}) row for row: {same}")
         return 0 if same else 1
     finally:
         if not args.keep and args.work is None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,10 +30,14 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from train.config import make_config
-from train.dataset import BoxTable, TrainSet, augment, sample_seed
-from whalesub.data.image import to_model_input
-from whalesub.models.spec import ModelSpec
+# `python benchmarks/train_loader.py` puts benchmarks/, not the repository root, on sys.path; train/
+# is not installed, so the root goes first (this checkout's whalesub then comes with it).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train.config import make_config  # noqa: E402
+from train.dataset import BoxTable, TrainSet, augment, sample_seed  # noqa: E402
+from whalesub.data.image import to_model_input  # noqa: E402
+from whalesub.models.spec import ModelSpec  # noqa: E402
 
 
 def make_frames(out: Path, n: int, w: int, h: int, noise: float) -> list[str]:

@@ -117,7 +117,7 @@ def test_sizes_from_the_image_files_after_exif_rotation(tmp_path):
 def test_problems_name_the_line_and_write_nothing(tmp_path, text, needle):
     out = tmp_path / "boxes.csv"
     with pytest.raises(DataError, match="nothing was written|none of the columns") as err:
-        convert_boxes(write(tmp_path, "bad.csv", text), out, "body")
+        convert_boxes(write(tmp_path, "bad.csv", text), out, "body", strict=True)  # strict: empty boxes too
     assert needle in str(err.value)
     if "none of the columns" not in needle:
         assert "line 2" in str(err.value) or "lines 2" in str(err.value) or "'a.jpg'" in str(err.value)

@@ -210,8 +210,8 @@ def test_rerun_reuses_everything_and_a_changed_model_recomputes(trained, predict
     state["model"][name] = state["model"][name] + 0.05
     torch.save(state, ckpt)
     caplog.clear()
-    with caplog.at_level(logging.INFO):
-        res = runner.invoke(app, _predict_args(data, out, run))
+    with caplog.at_level(logging.INFO):  # its OOF files are the old model's: a fixed share, not theirs
+        res = runner.invoke(app, [*_predict_args(data, out, run), "--new-share", "0.2"])
     assert res.exit_code == 0, res.output
     assert caplog.text.count("reusing export") == 1 and "is stale" in caplog.text
     assert "reusing embeddings" not in caplog.text and caplog.text.count("computing embeddings") == 2
@@ -221,6 +221,11 @@ def test_rerun_reuses_everything_and_a_changed_model_recomputes(trained, predict
     meta = np.load(out / "embeddings/test.npz")["meta"]
     assert json.loads(str(meta))["fingerprint"] != json.loads(
         str(np.load(predicted / "embeddings/test.npz")["meta"]))["fingerprint"]
+    res = runner.invoke(app, _predict_args(data, out, run))  # the pooled share would use those OOF files
+    old = json.loads(str(np.load(run / "fold1" / "oof_embeddings.npz")["meta"]))["fingerprint"]
+    new = json.loads((out / "models" / "run_fold1" / "export.json").read_text())["fingerprint"]
+    assert res.exit_code == 2 and f"fold {run / 'fold1'}:" in res.output
+    assert old in res.output and new in res.output and old != new
 
 
 def test_predict_errors_name_the_problem(tmp_path):

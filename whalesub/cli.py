@@ -59,6 +59,38 @@ def guarded(fn):
     return wrapper
 
 
+RAY_HELP = ("Spread the chunks over Ray: local:N (a Ray on this machine with N workers), auto (the "
+            "cluster joined with `ray start`) or HOST:PORT; needs the 'cluster' extra.")
+
+
+def _ray_runner(address: str | None):
+    """A context holding the Ray runner of ``--ray ADDRESS`` (None without --ray)."""
+    import contextlib
+
+    if address is None:
+        return contextlib.nullcontext(None)
+    from whalesub.embedding.distributed import RayRunner
+
+    return RayRunner(address)
+
+
+def one_writer(what: str):
+    """Hold the lock of the command's ``--out`` while it runs (``whalesub.core.locks``): a second
+    process writing the same output stops at once with one line naming this one."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            from whalesub.core.locks import output_lock
+
+            with output_lock(kwargs["out"], f"{what} {kwargs['out']}"):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
 def _log_info_to_stderr() -> None:
     """INFO logs on stderr (a no-op when logging is already configured)."""
     import logging
@@ -70,6 +102,7 @@ def _log_info_to_stderr() -> None:
 # --- submit / tune (whalesub.ranking.rank, whalesub.ranking.threshold) --------------------------------------
 @app.command("submit")
 @guarded
+@one_writer("submission")
 def submit_command(
     gallery: Path = typer.Option(..., "--gallery", help="Gallery embeddings .npz (train images; an image "
                                  "may repeat: several views)."),
@@ -317,6 +350,7 @@ def embed_command(
     shard: str | None = typer.Option(None, "--shard", help="i/n: embed the i-th of n blocks (0-based); "
                                      "merge with `whalesub merge-embeddings`."),
     chunk: int = typer.Option(1024, "--chunk", help="Images per resumable chunk in <out>.parts/."),
+    ray: str | None = typer.Option(None, "--ray", help=RAY_HELP),
 ) -> None:
     """Embed images into an .npz of L2-normalised vectors (resumable: re-run the same command)."""
     from whalesub.embedding.embed import EmbedOptions, run_embed
@@ -326,11 +360,14 @@ def embed_command(
     options = EmbedOptions(tta=tta, flip_views=flip_views, backend=backend, device=device, fp16=fp16,
                            batch_size=batch_size, workers=workers, chunk=chunk, box_type=box_type,
                            box_conf=box_conf, shard=shard)
-    typer.echo(str(run_embed(model, out, options, images=images, listing=listing, boxes=boxes)))
+    with _ray_runner(ray) as runner:
+        typer.echo(str(run_embed(model, out, options, images=images, listing=listing, boxes=boxes,
+                                 runner=runner)))
 
 
 @app.command("merge-embeddings")
 @guarded
+@one_writer("embedding file")
 def merge_embeddings_command(
     files: list[Path] = typer.Argument(..., help="Shard files from `whalesub embed --shard i/n`."),
     out: Path = typer.Option(..., "--out", help="Merged embedding file (.npz), in listing order."),
@@ -349,6 +386,7 @@ app.add_typer(boxes_app, name="boxes")
 
 @boxes_app.command("convert")
 @guarded
+@one_writer("box table")
 def boxes_convert_command(
     source: Path = typer.Argument(..., help="A public box file: YOLOv5 (bbox numpy text + conf), Detic "
                                   "(box 'x1 y1 x2 y2') or the cropped set's literal lists."),
@@ -364,19 +402,26 @@ def boxes_convert_command(
     inclusive: bool = typer.Option(False, "--inclusive", help="The source's x2/y2 are the last pixel "
                                    "inside the box: add 1."),
     append: bool = typer.Option(False, "--append", help="Add to an existing --out (another box type)."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse the file when a box is degenerate (x2 <= x1 "
+                                "or y2 <= y1); by default it is reported and that image embedded whole."),
 ) -> None:
     """Convert a public box file into whalesub's boxes.csv, joined on the image name.
 
-    Empty cells mean "no box" (the image is embedded whole); with several boxes the most confident
-    is kept; boxes past the image are clipped; every problem is reported with its line.
+    Empty cells mean "no box" (the image is embedded whole); so do degenerate boxes (reported with
+    their lines; --strict refuses them); with several boxes the most confident is kept; boxes past the
+    image are clipped; every problem is reported with its line.
     """
     from whalesub.data.boxes import convert_boxes
 
     _log_info_to_stderr()
     s = convert_boxes(source, out, box_type, images=images, image_col=image_col, box_col=box_col,
-                      conf_col=conf_col, inclusive=inclusive, append=append)
+                      conf_col=conf_col, inclusive=inclusive, append=append, strict=strict)
+    lines = ", ".join(map(str, s["degenerate_lines"])) + (" ..." if s["degenerate"] > 20 else "")
+    plural = "s" * (s["degenerate"] > 1)
+    degenerate = (f"{s['degenerate']} degenerate (left out, embedded whole; line{plural} {lines}), "
+                  if s["degenerate"] else "")
     typer.echo(f"wrote {s['out']}: {s['boxes']} {s['box_type']} boxes from {s['rows']} rows; "
-               f"{s['empty']} without a box, {s['several']} with several (most confident kept), "
+               f"{s['empty']} without a box, {degenerate}{s['several']} with several (most confident kept), "
                f"{s['clipped']} clipped to the image"
                + ("" if s["sizes_checked"] else " (sizes not checked: give --images)"))
 
@@ -407,11 +452,13 @@ def pseudo_label_command(
 # --- report (whalesub.report.build) ----------------------------------------------------------------------
 @app.command("report")
 @guarded
+@one_writer("report")
 def report_command(
-    gallery: Path = typer.Option(..., "--gallery", help="Gallery embeddings .npz (train images)."),
+    gallery: Path | None = typer.Option(None, "--gallery", help="Gallery embeddings .npz (train images; "
+                                        "default with --decision: the decision's)."),
     queries: Path = typer.Option(..., "--queries", help="Query embeddings .npz."),
-    train_csv: Path = typer.Option(..., "--train-csv", help="train.csv: gallery image -> individual_id, "
-                                   "species."),
+    train_csv: Path | None = typer.Option(None, "--train-csv", help="train.csv: gallery image -> "
+                                          "individual_id, species (default with --decision: its labels)."),
     out: Path = typer.Option(..., "--out", help="HTML file to write (self-contained, atomically)."),
     submission: Path | None = typer.Option(None, "--submission", help="Submission CSV to analyse (default: "
                                            "the ranking of these embeddings at the threshold)."),
@@ -426,6 +473,9 @@ def report_command(
     k: int = typer.Option(100, "--k", help="Neighbours searched per query."),
     max_queries: int = typer.Option(50, "--max-queries", help="Worst queries shown (caps the page size)."),
     thumb_px: int = typer.Option(96, "--thumb-px", help="Longest thumbnail side in pixels."),
+    decision: Path | None = typer.Option(None, "--decision", help="decision.json of `whalesub predict`: rank "
+                                         "with its scoring (kNN / centre blend) and place new_individual by "
+                                         "its rule, i.e. analyse exactly what was submitted."),
 ) -> None:
     """Write an HTML error report: MAP@5 tables, threshold curve, top-1 cosine histograms, worst queries."""
     from whalesub.report.build import write_report
@@ -433,7 +483,7 @@ def report_command(
     _log_info_to_stderr()
     r = write_report(out, gallery, queries, train_csv, submission=submission, truth=truth,
                      images_dir=images_dir, gallery_images_dir=gallery_images_dir, threshold=threshold,
-                     grid=grid, k=k, max_queries=max_queries, thumb_px=thumb_px)
+                     grid=grid, k=k, max_queries=max_queries, thumb_px=thumb_px, decision=decision)
     typer.echo(f"wrote {r['out']}: {r['n']} queries, {r['shown']} shown, {r['bytes'] / 1024:.0f} KB")
 
 
@@ -445,6 +495,7 @@ app.add_typer(kaggle_app(guarded, _log_info_to_stderr), name="kaggle")
 # --- blend (whalesub.workflows.blend) -----------------------------------------------------------------------
 @app.command("blend")
 @guarded
+@one_writer("submission")
 def blend_command(
     table: list[Path] = typer.Option(..., "--table", help="Candidate table of `submit --candidates-out`; "
                                      "repeat, each followed by its --weight."),
@@ -476,6 +527,7 @@ def blend_command(
 # --- predict (whalesub.workflows.predict) -------------------------------------------------------------------
 @app.command("predict")
 @guarded
+@one_writer("predict folder")
 def predict_command(
     model: list[Path] = typer.Option(..., "--model", help="Run folder (all its fold*/), fold "
                                      "folder, checkpoint or export folder; repeatable."),
@@ -507,6 +559,7 @@ def predict_command(
                                                "table (for `whalesub blend`)."),
     report: bool = typer.Option(False, "--report", help="Also write OUT/report.html (candidates and "
                                 "scores; with --truth the full error report)."),
+    ray: str | None = typer.Option(None, "--ray", help=RAY_HELP),
 ) -> None:
     """From trained runs to a validated submission: export, embed (flipped gallery, flip-TTA test set,
     every model combined), pooled out-of-fold threshold share, submit, validate, score.
@@ -519,23 +572,24 @@ def predict_command(
     _log_info_to_stderr()
     options = EmbedOptions(device=device, fp16=fp16, batch_size=batch_size, workers=workers,
                            box_type=box_type, box_conf=box_conf)
-    r = predict(model, train_csv, train_images, test_images, out, sample=sample, truth=truth, boxes=boxes,
-                threshold=threshold, new_share=new_share, grid=grid, k=k, options=options,
-                thresholds=thresholds, knn_ratio=knn_ratio, candidates_out=candidates_out)
+    with _ray_runner(ray) as runner:
+        r = predict(model, train_csv, train_images, test_images, out, sample=sample, truth=truth,
+                    boxes=boxes, threshold=threshold, new_share=new_share, grid=grid, k=k, options=options,
+                    runner=runner, thresholds=thresholds, knn_ratio=knn_ratio, candidates_out=candidates_out)
     if report:
         from whalesub.core.atomic import atomic_write_text
         from whalesub.report.build import write_report
 
         rep = write_report(out / "report.html", Path(r["gallery"]), Path(r["queries"]), train_csv,
                            submission=Path(r["submission"]), truth=truth, images_dir=test_images,
-                           gallery_images_dir=train_images, k=k,
-                           threshold=None if r["per_species"] else r["threshold"])
+                           gallery_images_dir=train_images, decision=Path(r["decision"]))
         r["report"] = rep["out"]
         atomic_write_text(out / "predict.json", json.dumps(r, indent=1, default=str) + "\n")
     s = r["submit"]
     typer.echo(f"wrote {s['out']}: {s['rows']} rows, {len(r['models'])} models, threshold "
                f"{s['threshold']:.4f} ({r['threshold_source']}); new_individual first in "
                f"{100 * s['new_first'] / max(s['rows'], 1):.1f}%")
+    typer.echo(f"decision: {r['decision']} (`whalesub kaggle build --predict {out}` packages it)")
     if "score" in r:
         typer.echo(f"MAP@5 {r['score']['map5']:.4f} (known {r['score']['map5_known']}, "
                    f"new {r['score']['map5_new']})")

@@ -14,8 +14,11 @@ box. Rows are joined on the image name, never on position. An empty cell (``""``
 means "no box" and is reported; the image is then embedded whole. With several boxes the most
 confident one is kept (the first among equals). Boxes are checked against the image size (the
 file's ``width``/``height`` columns, else the upright size of the image files under ``images``):
-a box reaching past the frame is clipped and reported; one that is empty after clipping, or a cell
-that does not hold a multiple of four numbers, is an error naming its line.
+a box reaching past the frame is clipped and reported. A degenerate box (no area: x2 <= x1 or
+y2 <= y1, as given or after clipping; the 1st-place team's ``backfin_test_charm.csv`` has one with
+y1 = y2 among 27,454 good ones) is reported with its count and lines and left out, so that image is
+embedded whole, like one without a box; with ``strict`` it is an error instead. A cell that does not
+hold a multiple of four numbers is always an error naming its line.
 """
 
 from __future__ import annotations
@@ -105,13 +108,14 @@ def image_sizes(frame: pd.DataFrame, names: pd.Series, images: Path | None, line
 def convert_boxes(src: str | os.PathLike, out: str | os.PathLike, box_type: str, *,
                   images: str | os.PathLike | None = None, image_col: str | None = None,
                   box_col: str | None = None, conf_col: str | None = None, inclusive: bool = False,
-                  append: bool = False) -> dict:
+                  append: bool = False, strict: bool = False) -> dict:
     """Read the public box file ``src`` and write ``out`` (``image,x1,y1,x2,y2,conf,box_type``).
 
     ``inclusive``: the source's x2/y2 are the last pixel inside the box (some teams' convention);
     1 is added so that they become exclusive as whalesub expects. ``append``: add the rows to an
-    existing ``out`` (which must not already hold ``box_type``). Returns counts and the reported
-    lines; raises :class:`DataError` listing every problem with its line, writing nothing.
+    existing ``out`` (which must not already hold ``box_type``). ``strict``: a degenerate box is an
+    error instead of being left out (reported). Returns counts and the reported lines; raises
+    :class:`DataError` listing every problem with its line, writing nothing.
     """
     src, out = Path(src), Path(out)
     if not box_type or not box_type.strip():
@@ -172,11 +176,18 @@ def convert_boxes(src: str | os.PathLike, out: str | os.PathLike, box_type: str,
         clipped = lines[idx[outside]].tolist()
         xyxy[known] = np.clip(xyxy[known], lo[known], hi[known])
     flat = (xyxy[:, 2] <= xyxy[:, 0]) | (xyxy[:, 3] <= xyxy[:, 1])
-    if flat.any():
+    degenerate = lines[idx[flat]].tolist()
+    if flat.any() and strict:
         problems.append(f"{int(flat.sum())} box(es) are empty (x2 <= x1 or y2 <= y1, after clipping to the "
-                        f"image) on {describe_lines(lines[idx[flat]])}")
+                        f"image) on {describe_lines(lines[idx[flat]])}; without --strict they are left out "
+                        "and those images embedded whole")
     if problems:
         raise DataError(f"cannot convert {src}: {len(problems)} problem(s); nothing was written:", problems)
+    if flat.any():
+        log.warning("%s: %d degenerate box(es) (x2 <= x1 or y2 <= y1, after clipping to the image) left out, "
+                    "those images are embedded whole: %s (--strict refuses the file instead)", src,
+                    int(flat.sum()), describe_lines(lines[idx[flat]]))
+        idx, xyxy, conf = idx[~flat], xyxy[~flat], conf[~flat]
     table = pd.DataFrame({"image": names.to_numpy()[idx], "x1": xyxy[:, 0], "y1": xyxy[:, 1],
                           "x2": xyxy[:, 2], "y2": xyxy[:, 3], "conf": conf, "box_type": box_type.strip()})
     if append and out.exists():
@@ -194,10 +205,12 @@ def convert_boxes(src: str | os.PathLike, out: str | os.PathLike, box_type: str,
         read_boxes(tmp)  # the written table obeys the contract, or nothing replaces ``out``
     summary = {"out": str(out), "rows": int(len(frame)), "boxes": int(len(idx)), "empty": len(empty),
                "empty_lines": empty[:20], "several": int(several), "clipped": len(clipped),
-               "clipped_lines": [int(x) for x in clipped[:20]], "box_type": box_type,
+               "clipped_lines": [int(x) for x in clipped[:20]], "degenerate": len(degenerate),
+               "degenerate_lines": [int(x) for x in degenerate[:20]], "box_type": box_type,
                "sizes_checked": sizes is not None}
-    log.info("%s -> %s: %d boxes of type %r from %d rows; %d without a box (embedded whole), %d with "
-             "several boxes (most confident kept), %d clipped to the image", src, out, summary["boxes"],
-             box_type, summary["rows"], summary["empty"], several, summary["clipped"])
+    log.info("%s -> %s: %d boxes of type %r from %d rows; %d without a box and %d degenerate (embedded "
+             "whole), %d with several boxes (most confident kept), %d clipped to the image", src, out,
+             summary["boxes"], box_type, summary["rows"], summary["empty"], summary["degenerate"], several,
+             summary["clipped"])
     return summary
 

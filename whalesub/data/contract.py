@@ -268,6 +268,30 @@ def read_train_csv(path: str | os.PathLike, image_dir: str | os.PathLike | None 
     return frame[list(TRAIN_COLUMNS) + rest]
 
 
+def individual_species(train: pd.DataFrame) -> pd.Series:
+    """THE species of each individual, for everything that needs one (per-species thresholds, the
+    report's species tables, pseudo-labels): its most frequent non-empty species in ``train``
+    (a frame of :func:`read_train_csv`), ties broken alphabetically; ``""`` when every row of it has
+    none. Returns a str Series indexed by ``individual_id`` (sorted).
+
+    train.csv can give one animal several species (Happywhale has a few such ids); taking its last
+    row or its first would make the answer depend on row order.
+    """
+    species = train["species"].astype(str)
+    named = ~is_missing(species)
+    frame = pd.DataFrame({"individual_id": train["individual_id"].astype(str),
+                          "species": species.where(named, ""), "named": named})
+    counts = frame.groupby(["individual_id", "species", "named"]).size().reset_index(name="n")
+    counts = counts.sort_values(["individual_id", "named", "n", "species"],
+                                ascending=[True, False, False, True])
+    several = counts[counts["named"]]["individual_id"].duplicated()
+    if several.any():
+        log.warning("%d individuals carry several species in train.csv; each takes its most frequent one "
+                    "(ties: alphabetical)", counts[counts["named"]].loc[several, "individual_id"].nunique())
+    first = counts.drop_duplicates("individual_id").set_index("individual_id")["species"]
+    return first.astype(str)
+
+
 def read_test_listing(path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> list[str]:
     """The test image names: a folder of images (sorted) or a CSV with an ``image`` column (file order).
 

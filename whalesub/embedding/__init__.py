@@ -4,6 +4,8 @@
 - :mod:`~whalesub.embedding.embed`: ``whalesub embed``: batches through a backend, TTA, several
   models combined, chunked and resumable.
 - :mod:`~whalesub.embedding.shards`: ``--shard i/n`` and merging shard files.
+- :mod:`~whalesub.embedding.distributed`: ``--ray ADDRESS``: the chunks of one run as Ray tasks on a
+  cluster (Ray imported inside functions; the ``cluster`` extra).
 
 Imports: ``core``, ``data``, ``ranking``, ``models``.
 """

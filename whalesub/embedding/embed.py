@@ -40,6 +40,7 @@ import numpy as np
 
 from whalesub.core.atomic import atomic_open, atomic_write_text
 from whalesub.core.errors import ConfigError, WhalesubError
+from whalesub.core.locks import output_lock
 from whalesub.embedding.loader import apply_box_conf, list_images, make_loader, select_boxes
 from whalesub.embedding.shards import parse_shard
 from whalesub.models.backends import open_model
@@ -92,6 +93,24 @@ class EmbedOptions:
 
 def digest_names(names) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def digest_image_files(folder: Path, names) -> str:
+    """A digest of each image file's size and modification time (ns), in ``names`` order.
+
+    Part of every reuse key (``predict``'s embedding files, ``embed``'s resumable chunks): a photo
+    replaced in place under the same name changes it, so its vector is computed again. Reading
+    every byte would cost as much as decoding; size + mtime is what ``make`` and ``rsync`` trust.
+    A missing file counts as (-1, -1) (the loader reports it by name).
+    """
+    h = hashlib.sha256()
+    for name in names:
+        try:
+            st = os.stat(Path(folder) / name)
+            h.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{name}\t-1\t-1\n".encode())
+    return h.hexdigest()
 
 
 def preprocess_key(spec) -> str:
@@ -160,17 +179,10 @@ def _open_parts(out: Path, run_key: dict, n: int, chunk: int) -> tuple[_Parts, s
         atomic_write_text(manifest, json.dumps(run_key, sort_keys=True, indent=1))
     done = set()
     for c in range(parts.count):
-        p = parts.path(c)
-        if p.is_file():
-            try:
-                with np.load(p, allow_pickle=False) as z:
-                    ok = z["positions"].tolist() == list(parts.rows(c))
-            except Exception:  # noqa: BLE001 - an unreadable chunk is recomputed
-                ok = False
-            if ok:
-                done.add(c)
-            else:
-                log.warning("chunk %s is unreadable or stale: recomputing it", p.name)
+        if chunk_done(parts, c):
+            done.add(c)
+        elif parts.path(c).is_file():
+            log.warning("chunk %s is unreadable or stale: recomputing it", parts.path(c).name)
     return parts, done
 
 
@@ -185,13 +197,41 @@ def resolve_box_conf(models, options: EmbedOptions) -> float:
     return cuts[0]
 
 
-def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out: Path,
-                 options: EmbedOptions, boxes: list | None = None, shard_info: dict | None = None) -> Path:
-    """Embed ``names`` (files in ``image_dir``) with every model; write ``out`` (.npz) atomically."""
-    from tqdm import tqdm
+@dataclass
+class EmbedPlan:
+    """One embedding run, fully decided: the opened models, the resume key and the chunk layout.
 
+    ``whalesub embed`` builds it once; with ``--ray`` the driver and every Ray task build the same
+    plan from the same arguments (:mod:`whalesub.embedding.distributed`), so every process agrees
+    on chunk boundaries, batches and the fingerprint.
+    """
+
+    names: list[str]
+    image_dir: Path
+    out: Path
+    options: EmbedOptions
+    models: list
+    key_of: list[int]
+    specs: list
+    boxes: list
+    fingerprint: str
+    run_key: dict
+    parts: _Parts
+
+    @property
+    def views(self) -> tuple[str, ...]:  # the rows stored per image
+        return self.options.views if self.options.flip_views else ("orig",)
+
+
+def plan_embed(model_paths: list[Path], names: list[str], image_dir: Path, out: Path, options: EmbedOptions,
+               boxes: list | None = None, device: str | None = None, threads: int | None = None,
+               with_key: bool = True) -> EmbedPlan:
+    """Open the models and decide the run (``device``/``threads`` override the options' device and
+    the inference threads for this process); touches no file. ``with_key=False`` (a Ray task, which
+    does not check the parts folder) skips the resume key and its stat of every image."""
     options.check()
-    models = [open_model(p, options.backend, options.device, options.fp16) for p in model_paths]
+    models = [open_model(p, options.backend, device or options.device, options.fp16, threads=threads)
+              for p in model_paths]
     keys = list(dict.fromkeys(preprocess_key(m.spec) for m in models))
     key_of = [keys.index(preprocess_key(m.spec)) for m in models]
     specs = [next(m.spec for m in models if preprocess_key(m.spec) == k) for k in keys]
@@ -200,61 +240,132 @@ def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out
     boxes = boxes if boxes is not None else [None] * len(names)
     if any(b is not None and len(b) == 5 for b in boxes):  # (x1, y1, x2, y2, conf) from select_boxes
         boxes = apply_box_conf(boxes, resolve_box_conf(models, options))
-    run_key = {"fingerprint": fingerprint, "images": digest_names(names), "n": len(names),
-               "boxes": hashlib.sha256(repr(boxes).encode()).hexdigest(), "chunk": chunk,
-               "options": {k: v for k, v in asdict(options).items() if k not in ("workers", "chunk")},
-               "models": [{k: m.describe()[k] for k in ("fingerprint", "backend", "precision", "device")}
-                          for m in models]}
-    parts, done = _open_parts(out, run_key, len(names), chunk)
-    if done:
-        log.info("resuming from %s: %d of %d chunks already done (%d images)", parts.folder, len(done),
-                 parts.count, sum(len(parts.rows(c)) for c in done))
-    todo = [c for c in range(parts.count) if c not in done]
+    run_key = {}
+    if with_key:
+        run_key = {"fingerprint": fingerprint, "images": digest_names(names), "n": len(names),
+                   "image_files": digest_image_files(image_dir, names),
+                   "boxes": hashlib.sha256(repr(boxes).encode()).hexdigest(), "chunk": chunk,
+                   "options": {k: v for k, v in asdict(options).items() if k not in ("workers", "chunk")},
+                   "models": [{k: m.describe()[k] for k in ("fingerprint", "backend", "precision", "device")}
+                              for m in models]}
+    parts = _Parts(out.with_name(out.name + ".parts"), chunk, len(names))
+    return EmbedPlan(list(names), Path(image_dir), Path(out), options, models, key_of, specs, boxes,
+                     fingerprint, run_key, parts)
+
+
+def chunk_done(parts: _Parts, c: int) -> bool:
+    """Chunk ``c`` is on disk, readable and covers exactly its rows."""
+    p = parts.path(c)
+    if not p.is_file():
+        return False
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return z["positions"].tolist() == list(parts.rows(c))
+    except Exception:  # noqa: BLE001 - an unreadable chunk is recomputed
+        return False
+
+
+def embed_chunks(plan: EmbedPlan, todo: list[int], workers: int, on_images=None) -> None:
+    """Embed chunks ``todo`` of ``plan`` with ``workers`` decoding processes; each finished chunk goes
+    atomically to the parts folder. ``on_images(n)`` is called after every batch."""
+    options, parts = plan.options, plan.parts
     batches = [list(parts.rows(c))[i:i + options.batch_size] for c in todo
                for i in range(0, len(parts.rows(c)), options.batch_size)]
-    paths = [str(image_dir / n) for n in names]
-    workers = options.workers if options.workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
-    loader = make_loader(paths, boxes, specs, batches, options.batch_size, workers,
-                         pin_memory=any(m.device == "cuda" for m in models))
-    n_todo = sum(len(parts.rows(c)) for c in todo)
-    bar = tqdm(total=len(names), initial=len(names) - n_todo, unit="img",
-               desc="embed", dynamic_ncols=True, smoothing=0.1,
-               mininterval=0.2 if sys.stderr.isatty() else 30.0)  # keep notebook/kernel logs short
-    views = options.views if options.flip_views else ("orig",)  # the rows stored per image
+    paths = [str(plan.image_dir / n) for n in plan.names]
+    loader = make_loader(paths, plan.boxes, plan.specs, batches, options.batch_size, workers,
+                         pin_memory=any(m.device == "cuda" for m in plan.models))
+    views = plan.views
     pending: dict[int, list[np.ndarray]] = {}
-    started = time.perf_counter()
-    with bar:
-        for positions, inputs in loader:
-            rows = embed_batch(models, inputs, key_of, options)
-            rows = rows[: len(positions) * len(views)]  # drop the padding
-            c = positions[0] // chunk
-            pending.setdefault(c, []).append(rows)
-            bar.update(len(positions))
-            if positions[-1] == parts.rows(c)[-1]:
-                with atomic_open(parts.path(c), "wb") as fh:
-                    np.savez(fh, positions=np.array(parts.rows(c)), vectors=np.concatenate(pending.pop(c)))
+    for positions, inputs in loader:
+        rows = embed_batch(plan.models, inputs, plan.key_of, options)
+        rows = rows[: len(positions) * len(views)]  # drop the padding
+        c = positions[0] // parts.chunk
+        pending.setdefault(c, []).append(rows)
+        if on_images is not None:
+            on_images(len(positions))
+        if positions[-1] == parts.rows(c)[-1]:
+            with atomic_open(parts.path(c), "wb") as fh:
+                np.savez(fh, positions=np.array(parts.rows(c)), vectors=np.concatenate(pending.pop(c)))
+
+
+def finish_embed(plan: EmbedPlan, shard_info: dict | None = None,
+                 models_meta: list[dict] | None = None) -> Path:
+    """Every chunk on disk -> the embedding file (atomically); the parts folder is removed.
+
+    ``models_meta``: the models as the processes that ran them describe them (default: this
+    process's ``plan.models``)."""
+    parts, options, views = plan.parts, plan.options, plan.views
     vectors = []
     for c in range(parts.count):
         with np.load(parts.path(c), allow_pickle=False) as z:
             vectors.append(z["vectors"])
-    ids = np.repeat(np.asarray(names, dtype=str), len(views))
-    meta = {"fingerprint": fingerprint, "models": [m.describe() for m in models],
-            "model": models[0].describe()["spec"], "tta": list(options.views),
+    ids = np.repeat(np.asarray(plan.names, dtype=str), len(views))
+    described = models_meta if models_meta is not None else [m.describe() for m in plan.models]
+    meta = {"fingerprint": plan.fingerprint, "models": described,
+            "model": described[0]["spec"], "tta": list(options.views),
             "tta_reduce": "mean" if options.tta == "flip" else None, "views_per_image": len(views),
             "views": list(views), "backend": options.backend, "box_type": options.box_type,
-            "n_images": len(names)}
+            "n_images": len(plan.names)}
     if shard_info:
         meta["shard"] = shard_info
-    save_embeddings(out, ids, np.concatenate(vectors), meta)
+    save_embeddings(plan.out, ids, np.concatenate(vectors), meta)
     shutil.rmtree(parts.folder, ignore_errors=True)
+    log.info("wrote %s: %d rows x %d (fingerprint %s)", plan.out, len(ids), vectors[0].shape[1],
+             plan.fingerprint)
+    return plan.out
+
+
+def embed_images(model_paths: list[Path], names: list[str], image_dir: Path, out: Path,
+                 options: EmbedOptions, boxes: list | None = None, shard_info: dict | None = None,
+                 runner=None) -> Path:
+    """Embed ``names`` (files in ``image_dir``) with every model; write ``out`` (.npz) atomically.
+
+    One writer per output: a second process embedding into the same ``out`` (and its parts folder)
+    stops at once with a :class:`~whalesub.core.locks.BusyError` naming this one.
+
+    ``runner``: embeds the missing chunks elsewhere instead of in this process: called as
+    ``runner(plan, todo, model_paths, boxes)``, it must leave every chunk of ``todo`` on disk and
+    may return the models' descriptions (see :func:`finish_embed`); ``whalesub embed --ray`` passes
+    :class:`whalesub.embedding.distributed.RayRunner` (its tasks write chunks while this process
+    holds the lock).
+    """
+    options.check()
+    with output_lock(out, f"embedding file {out} (and its parts folder)"):
+        return _embed_images(model_paths, names, image_dir, out, options, boxes, shard_info, runner)
+
+
+def _embed_images(model_paths, names, image_dir, out, options, boxes, shard_info, runner) -> Path:
+    from tqdm import tqdm
+
+    plan = plan_embed(model_paths, names, image_dir, out, options, boxes,
+                      device=getattr(runner, "driver_device", None))
+    parts = plan.parts
+    _, done = _open_parts(out, plan.run_key, len(names), parts.chunk)
+    if done:
+        log.info("resuming from %s: %d of %d chunks already done (%d images)", parts.folder, len(done),
+                 parts.count, sum(len(parts.rows(c)) for c in done))
+    todo = [c for c in range(parts.count) if c not in done]
+    n_todo = sum(len(parts.rows(c)) for c in todo)
+    started = time.perf_counter()
+    models_meta = None
+    if runner is not None:
+        models_meta = runner(plan, todo, model_paths, boxes)
+    else:
+        cores = os.cpu_count() or 2
+        workers = options.workers if options.workers is not None else max(1, min(8, cores - 1))
+        bar = tqdm(total=len(names), initial=len(names) - n_todo, unit="img",
+                   desc="embed", dynamic_ncols=True, smoothing=0.1,
+                   mininterval=0.2 if sys.stderr.isatty() else 30.0)  # keep notebook/kernel logs short
+        with bar:
+            embed_chunks(plan, todo, workers, bar.update)
     took = time.perf_counter() - started
-    log.info("wrote %s: %d rows x %d (fingerprint %s); %d images embedded in %.1f s (%.1f img/s)", out,
-             len(ids), vectors[0].shape[1], fingerprint, n_todo, took, n_todo / max(took, 1e-9))
+    finish_embed(plan, shard_info, models_meta)
+    log.info("%d images embedded in %.1f s (%.1f img/s)", n_todo, took, n_todo / max(took, 1e-9))
     return out
 
 
 def run_embed(model_paths: list[Path], out: Path, options: EmbedOptions, images: Path | None = None,
-              listing: Path | None = None, boxes: Path | None = None) -> Path:
+              listing: Path | None = None, boxes: Path | None = None, runner=None) -> Path:
     """The ``whalesub embed`` command: list and check the images, pick boxes and the shard, embed."""
 
     options.check()
@@ -277,4 +388,4 @@ def run_embed(model_paths: list[Path], out: Path, options: EmbedOptions, images:
         raise ConfigError(f"--shard {options.shard}: this shard is empty ({len(names)} images in all)")
     names = names[start:stop]
     picked = picked[start:stop] if picked is not None else None
-    return embed_images(model_paths, names, folder, out, options, picked, shard_info)
+    return embed_images(model_paths, names, folder, out, options, picked, shard_info, runner)

@@ -18,10 +18,10 @@ def kaggle_app(guarded: Callable, log_to_stderr: Callable[[], None]) -> typer.Ty
     @app.command("build")
     @guarded
     def build_command(
-        models: list[Path] = typer.Argument(
-            ...,
+        models: list[Path] | None = typer.Argument(
+            None,
             help="Export folders (`whalesub export`) or training runs, "
-            "one per fold; their vectors are combined like `embed --model`.",
+            "one per fold; their vectors are combined like `embed --model`. None with --predict.",
         ),
         owner: str = typer.Option(
             ..., "--owner", help="Your Kaggle user name (owner of the datasets/kernel)."
@@ -32,6 +32,12 @@ def kaggle_app(guarded: Callable, log_to_stderr: Callable[[], None]) -> typer.Ty
         ),
         threshold_json: Path | None = typer.Option(
             None, "--threshold-json", help="Or: `whalesub tune --json` output; its best threshold."
+        ),
+        predict: Path | None = typer.Option(
+            None,
+            "--predict",
+            help="Or: a `whalesub predict` output folder: package its decision.json (models, TTA, "
+            "gallery, scoring, centres, new_individual rule) as it was submitted.",
         ),
         competition: str = typer.Option("happy-whale-and-dolphin", "--competition", help="Competition slug."),
         prefix: str = typer.Option(
@@ -105,6 +111,7 @@ def kaggle_app(guarded: Callable, log_to_stderr: Callable[[], None]) -> typer.Ty
             box_conf=box_conf,
             boxes=boxes,
             gallery=gallery,
+            predict=predict,
             packages=[] if no_extra_wheels else list(package or DEFAULT_PACKAGES),
             python_version=python_version,
             platforms=tuple(platform) if platform else DEFAULT_PLATFORMS,
@@ -113,7 +120,7 @@ def kaggle_app(guarded: Callable, log_to_stderr: Callable[[], None]) -> typer.Ty
             wheels_from=wheels_from,
             machine_shape=machine_shape,
         )
-        s = build_package(models, out, opts, overwrite=overwrite)
+        s = build_package(list(models or []), out, opts, overwrite=overwrite)
         typer.echo(
             f"built {s['out']}: datasets {', '.join(s['datasets'])}; wheels {' '.join(s['install'])}; "
             + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in s["bytes"].items())

@@ -2,7 +2,9 @@
 
 ``kernel_script.py`` finds the inputs and installs the wheels, then calls :func:`run_kernel`:
 check the models dataset against its manifest, print the environment (Python, CUDA, the ONNX
-Runtime providers a session really uses, FAISS GPUs), then :func:`predict_submission`, which is
+Runtime providers a session really uses, FAISS GPUs), then, for a ``kaggle build --predict OUT``
+build, :func:`whalesub.workflows.predict.predict_from_decision` on the packaged ``decision.json``
+(exactly the step ``whalesub predict`` ends with), else :func:`predict_submission`, which is
 ``whalesub embed`` (train images as the gallery unless the models dataset carries a precomputed
 gallery, test images as queries) + ``whalesub submit`` with the packaged threshold + ``whalesub
 validate`` against the ``sample_submission.csv`` found at run time. Every step reuses whalesub's
@@ -18,12 +20,14 @@ import sys
 from pathlib import Path
 
 from whalesub.core.errors import WhalesubError
+from whalesub.data.contract import read_test_listing
 from whalesub.embedding.embed import EmbedOptions, run_embed
 from whalesub.kaggle import KIND_BOXES, KIND_MODELS, MANIFEST
 from whalesub.kaggle.kernel_script import COMPETITION, timed, verify_files
 from whalesub.models.backends import open_model
 from whalesub.ranking.store import load_embeddings
 from whalesub.ranking.submission import check_submission_file
+from whalesub.workflows.predict import check_gallery_embeddings, predict_from_decision
 from whalesub.workflows.submit import submit_files
 
 SUBMISSION = "submission.csv"
@@ -132,13 +136,18 @@ def predict_submission(
 
     if manifest.get("gallery_file"):
         gallery = model_dirs[0].parent / manifest["gallery_file"]
-        found = load_embeddings(gallery).fingerprint
-        if found != manifest["fingerprint"]:
-            raise WhalesubError(
-                f"the packaged gallery {gallery} has fingerprint {found}, the models "
-                f"{manifest['fingerprint']}: rebuild the gallery with these models"
-            )
-        print(f"[whalesub] packaged gallery {gallery.name}: fingerprint {found} matches", flush=True)
+        packed = load_embeddings(gallery)
+        check_gallery_embeddings(
+            packed,
+            fingerprint=manifest["fingerprint"],
+            flip_views=bool(manifest["gallery"].get("flip_views")),
+            tta=manifest["gallery"].get("tta", "none"),
+            box_type=manifest.get("box_type"),
+            listing=[str(i) for i in read_test_listing(train_csv)],
+            where="packaged",
+        )
+        print(f"[whalesub] packaged gallery {gallery.name}: fingerprint {packed.fingerprint}, views and the "
+              f"images of {train_csv.name} match", flush=True)
     else:
         with timed("embed train images (gallery)", times):
             gallery = embed("gallery.npz", manifest["train_images"], train_csv, manifest["gallery"])
@@ -188,4 +197,29 @@ def run_kernel(inputs: dict, working: Path, times: dict | None = None) -> dict:
             )
         boxes = box_dir / manifest["boxes_file"]
     working.mkdir(parents=True, exist_ok=True)
+    if manifest.get("decision"):
+        return apply_packaged_decision(models / manifest["decision"], inputs[COMPETITION], manifest, working,
+                                       boxes, times)
     return predict_submission(model_dirs, inputs[COMPETITION], manifest, working, boxes, times)
+
+
+def apply_packaged_decision(decision: Path, competition: Path, manifest: dict, working: Path,
+                            boxes: Path | None, times: dict) -> dict:
+    """A ``--predict`` build: :func:`whalesub.workflows.predict.predict_from_decision` on the test
+    images, the packaged gallery checked against the competition's train.csv first."""
+    train_csv, sample = competition / "train.csv", competition / "sample_submission.csv"
+    print(f"[whalesub] decision {decision.name}: {manifest.get('rule')}", flush=True)
+    with timed("predict from decision", times):
+        r = predict_from_decision(decision, competition / manifest["test_images"], working, sample=sample,
+                                  train_csv=train_csv, boxes=boxes, device="auto",
+                                  batch_size=int(manifest["batch_size"]), progress=False)
+    with timed("validate", times):
+        check = check_submission_file(working / SUBMISSION, sample, train_csv)
+    s = r["submit"]
+    print(
+        f"[whalesub] wrote {r['submission']}: {check['n_rows']} rows (as many as {sample.name}), "
+        f"new_individual first in {check['n_new_at1']} ({100 * check['new_share_at1']:.1f}%), "
+        f"threshold {s['threshold']}",
+        flush=True,
+    )
+    return s

@@ -12,12 +12,19 @@ Every dataset's ``manifest.json`` holds its ``kind`` (the marker the kernel sear
 version of the whalesub wheel in this build (from git: one per commit, so the kernel tells two builds
 apart) and the sha256 of every file; the models manifest also holds what the kernel
 needs to run exactly like ``whalesub embed`` + ``submit`` (threshold, k, TTA, boxes, batch size).
+
+``--predict OUT`` (:func:`build_decision`) packages a ``whalesub predict`` decision instead:
+``models/`` then holds ``decision.json`` (paths rewritten inside the dataset), each export it names
+under its model name, ``gallery.npz`` (+ ``gallery.key.json``), ``gallery_labels.csv`` and the
+class centres of a blend, and the kernel applies it with
+:func:`whalesub.workflows.predict.predict_from_decision`.
 The build is made in a temporary sibling folder and moved into place when complete, then every
 metadata rule (:mod:`whalesub.kaggle.metadata`) is checked.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -28,7 +35,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from whalesub.core.atomic import atomic_write_text
-from whalesub.core.errors import ConfigError
+from whalesub.core.errors import ConfigError, DataError
 from whalesub.embedding.embed import EmbedOptions
 from whalesub.kaggle import (
     DATASET_METADATA,
@@ -50,6 +57,9 @@ from whalesub.models.export import MANIFEST as EXPORT_MANIFEST
 from whalesub.models.export import export_model
 from whalesub.ranking.rank import check_threshold
 from whalesub.ranking.store import combined_fingerprint, load_embeddings
+from whalesub.workflows.decision import FILE as DECISION_FILE
+from whalesub.workflows.decision import describe_rule, read_decision, resolve, write_decision
+from whalesub.workflows.predict import check_gallery, check_gallery_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +83,7 @@ class BuildOptions:
     box_conf: float | None = None
     boxes: Path | None = None
     gallery: Path | None = None  # precomputed gallery .npz
+    predict: Path | None = None  # `whalesub predict` OUT folder (or its decision.json): package its decision
     train_images: str = "train_images"
     test_images: str = "test_images"
     packages: list[str] = field(default_factory=lambda: list(DEFAULT_PACKAGES))
@@ -86,15 +97,44 @@ class BuildOptions:
 
 
 def resolve_threshold(opts: BuildOptions) -> float:
-    """``--threshold``, or the best threshold of a ``whalesub tune --json`` file."""
+    """``--threshold``, or the best threshold of a ``whalesub tune --json`` file.
+
+    Refused: a ``predict.json`` / ``decision.json`` (package those with ``--predict OUT``) and a pooled
+    out-of-fold ``tune.json`` (its raw cosine was tuned against 80% galleries and is not what predict
+    applied; ``--predict OUT`` packages the share predict used), and a tune file stamped with a
+    centre blend (this kernel ranks by plain kNN).
+    """
     if (opts.threshold is None) == (opts.threshold_json is None):
         raise ConfigError(
-            "give exactly one of --threshold (cosine score of new_individual) and "
-            "--threshold-json (the output of `whalesub tune --json`)"
+            "give exactly one of --threshold (cosine score of new_individual), "
+            "--threshold-json (the output of `whalesub tune --json`) and --predict (a `whalesub predict` "
+            "output folder)"
         )
     if opts.threshold is not None:
         return check_threshold(opts.threshold)
     tuned = read_json(opts.threshold_json)
+    from_predict = isinstance(tuned, dict) and (
+        tuned.get("format") == "whalesub.decision" or "threshold_source" in tuned
+    )
+    if from_predict:
+        raise ConfigError(
+            f"{opts.threshold_json} is the output of `whalesub predict`, not of `whalesub tune --json`: "
+            "package what predict submitted with "
+            f"`whalesub kaggle build --predict {opts.threshold_json.parent}`"
+        )
+    if isinstance(tuned, dict) and "folds" in tuned:
+        raise ConfigError(
+            f"{opts.threshold_json} is a pooled out-of-fold search: its raw cosine "
+            f"({tuned.get('best', {}).get('threshold')}) was tuned on single models against partial "
+            "galleries and is not the threshold predict applied; use `whalesub kaggle build --predict OUT` "
+            "(the share predict used) or pass --threshold"
+        )
+    stamp = tuned.get("scoring") if isinstance(tuned, dict) else None
+    if isinstance(stamp, dict) and stamp.get("kind") == "blend" and float(stamp.get("knn_ratio", 1.0)) < 1:
+        raise ConfigError(
+            f"{opts.threshold_json} was tuned on a centre blend (knn_ratio {stamp.get('knn_ratio')}) but "
+            "--threshold-json builds rank by plain kNN: use `whalesub kaggle build --predict OUT`"
+        )
     try:
         return check_threshold(float(tuned["best"]["threshold"]))
     except (KeyError, TypeError, ValueError):
@@ -106,7 +146,7 @@ def resolve_threshold(opts: BuildOptions) -> float:
 def stage_exports(sources: list[Path], out: Path) -> list[str]:
     """Copy each export folder (or export each training run) to ``out/fold<i>``; return the names."""
     if not sources:
-        raise ConfigError("pass at least one export folder or training run (one per fold)")
+        raise ConfigError("pass at least one export folder or training run (one per fold), or --predict OUT")
     names = []
     for i, src in enumerate(sources):
         dest = out / f"fold{i}"
@@ -166,6 +206,8 @@ def build_models(tmp: Path, sources: list[Path], opts: BuildOptions) -> dict:
     is written once the whalesub wheel, hence the build's version, is known)."""
     folder = tmp / "models"
     folder.mkdir()
+    if opts.predict is not None:
+        return build_decision(folder, sources, opts)
     threshold = resolve_threshold(opts)
     names = stage_exports(sources, folder)
     fingerprint = models_fingerprint([folder / n for n in names])
@@ -178,12 +220,17 @@ def build_models(tmp: Path, sources: list[Path], opts: BuildOptions) -> dict:
         )
     gallery_file = None
     if opts.gallery is not None:
-        found = load_embeddings(opts.gallery).fingerprint
-        if found != fingerprint:
-            raise ConfigError(
-                f"--gallery {opts.gallery} has fingerprint {found} but these models give "
-                f"{fingerprint}: embed the gallery with the same models, in the same order"
+        try:
+            check_gallery_embeddings(
+                load_embeddings(opts.gallery),
+                fingerprint=fingerprint,
+                flip_views=opts.flip_gallery,
+                tta=opts.gallery_tta,
+                box_type=opts.box_type,
+                where="--gallery",
             )
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
         gallery_file = "gallery.npz"
         shutil.copy2(opts.gallery, folder / gallery_file)
     return dict(
@@ -199,6 +246,86 @@ def build_models(tmp: Path, sources: list[Path], opts: BuildOptions) -> dict:
         box_conf=opts.box_conf,
         boxes_file=opts.boxes.name if opts.boxes else None,
         gallery_file=gallery_file,
+        train_images=opts.train_images,
+        test_images=opts.test_images,
+    )
+
+
+def build_decision(folder: Path, sources: list[Path], opts: BuildOptions) -> dict:
+    """The models dataset of a ``whalesub predict`` decision: its exports, gallery (+ key), gallery
+    labels and class centres, and the decision rewritten with paths inside ``folder``; returns the
+    manifest's fields (written by :func:`build_package` with the wheel's version)."""
+    if sources or opts.threshold is not None or opts.threshold_json is not None or opts.gallery is not None:
+        raise ConfigError(
+            "--predict packages the decision of a predict run as it is: give no models, --threshold, "
+            "--threshold-json or --gallery with it"
+        )
+    path = opts.predict / DECISION_FILE if opts.predict.is_dir() else opts.predict
+    try:
+        decision = read_decision(path)
+        gallery = check_gallery(decision, path)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
+    emb = decision["embed"]
+    if emb["box_type"]:
+        if opts.boxes is None:
+            raise ConfigError(
+                f"the decision {path} crops {emb['box_type']!r} boxes: pass the box file it was made with "
+                "(--boxes)"
+            )
+        if sha256_file(opts.boxes) != emb["boxes_sha256"]:
+            raise ConfigError(f"--boxes {opts.boxes} is not the box file the decision {path} was made with")
+    fixed = {
+        "--box-type": opts.box_type is not None and opts.box_type != emb["box_type"],
+        "--fp16": opts.fp16 and not emb["fp16"],
+        "--no-flip-gallery": opts.flip_gallery != decision["gallery"]["flip_views"],
+        "--query-tta": opts.query_tta != decision["queries"]["tta"],
+    }
+    if clash := [name for name, bad in fixed.items() if bad]:
+        raise ConfigError(
+            f"{', '.join(clash)}: with --predict the embed settings come from the decision {path}; drop them"
+        )
+    packed = copy.deepcopy(decision)
+    names, exports = [], []
+    for m, pm in zip(decision["models"], packed["models"], strict=True):
+        src = resolve(path, m["export"])
+        shutil.copytree(src, folder / m["name"])
+        names.append(m["name"])
+        exports.append(src)
+        pm["export"] = m["name"]
+    shutil.copy2(gallery, folder / "gallery.npz")
+    key = gallery.with_suffix(".key.json")
+    if key.is_file():
+        shutil.copy2(key, folder / "gallery.key.json")
+    shutil.copy2(resolve(path, decision["gallery"]["labels"]), folder / "gallery_labels.csv")
+    packed["gallery"].update(file="gallery.npz", labels="gallery_labels.csv")
+    if decision["scoring"]["kind"] == "blend":
+        centres = []
+        pairs = zip(decision["scoring"]["centres"], exports, names, strict=True)
+        for i, (rel, src, name) in enumerate(pairs):
+            c = resolve(path, rel)
+            if c.parent == src.resolve():
+                centres.append(f"{name}/{c.name}")
+            else:  # centres from elsewhere (--centres): travel beside the exports
+                (folder / "centres").mkdir(exist_ok=True)
+                shutil.copy2(c, folder / "centres" / f"centres{i}.npz")
+                centres.append(f"centres/centres{i}.npz")
+        packed["scoring"]["centres"] = centres
+    write_decision(folder / DECISION_FILE, packed)
+    log.info("packaging the decision of %s: %s", path, describe_rule(decision))
+    return dict(
+        models=names,
+        fingerprint=decision["fingerprint"],
+        decision=DECISION_FILE,
+        rule=describe_rule(decision),
+        threshold=None,
+        k=decision["k"],
+        fp16=emb["fp16"],
+        batch_size=opts.batch_size,
+        box_type=emb["box_type"],
+        box_conf=emb["box_conf"],
+        boxes_file=opts.boxes.name if emb["box_type"] else None,
+        gallery_file="gallery.npz",
         train_images=opts.train_images,
         test_images=opts.test_images,
     )

@@ -54,14 +54,19 @@ class Model:
                 "precision": self.precision, "device": self.device, "spec": self.spec.to_dict()}
 
 
-def open_model(path: str | Path, backend: str = "onnx", device: str = "auto", fp16: bool = False) -> Model:
-    """Open ``path`` for inference: an export folder (onnx) or a run folder / checkpoint (torch)."""
+def open_model(path: str | Path, backend: str = "onnx", device: str = "auto", fp16: bool = False,
+               threads: int | None = None) -> Model:
+    """Open ``path`` for inference: an export folder (onnx) or a run folder / checkpoint (torch).
+
+    ``threads``: ONNX Runtime's intra-op threads (default: its own, one per physical core); a Ray
+    task sets it to the CPUs it was given. The torch backend uses ``torch.set_num_threads``."""
     if backend not in ("onnx", "torch"):
         raise ConfigError(f"--backend {backend!r} is not known: use onnx or torch")
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device {device!r} is not known: use auto, cpu or cuda")
-    opener = _open_onnx if backend == "onnx" else _open_torch
-    return opener(Path(path), device, fp16)
+    if backend == "onnx":
+        return _open_onnx(Path(path), device, fp16, threads)
+    return _open_torch(Path(path), device, fp16)
 
 
 def read_export_manifest(folder: Path) -> dict:
@@ -82,7 +87,7 @@ def read_export_manifest(folder: Path) -> dict:
     return manifest
 
 
-def _open_onnx(folder: Path, device: str, fp16: bool) -> Model:
+def _open_onnx(folder: Path, device: str, fp16: bool, threads: int | None = None) -> Model:
     import onnxruntime as ort
 
     manifest = read_export_manifest(folder)
@@ -112,7 +117,7 @@ def _open_onnx(folder: Path, device: str, fp16: bool) -> Model:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
-    sess = ort_session(onnx_path, providers)
+    sess = ort_session(onnx_path, providers, threads)
     active = sess.get_providers()
     if device == "cuda" and "CUDAExecutionProvider" not in active:
         why = f"available {available} but the session fell back to {active}"

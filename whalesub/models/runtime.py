@@ -36,12 +36,15 @@ def prepare_cuda_libraries() -> None:
             ort.preload_dlls()
 
 
-def ort_session(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)):
-    """An ONNX Runtime session on ``path`` with the given providers (in priority order)."""
+def ort_session(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None):
+    """An ONNX Runtime session on ``path`` with the given providers (in priority order);
+    ``threads``: intra-op threads (None: ONNX Runtime's default)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = int(threads)
     return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
 
 

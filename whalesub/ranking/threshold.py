@@ -205,12 +205,30 @@ def row_thresholds(cand_labels: np.ndarray, class_species: np.ndarray, by_specie
     return np.array([by_species.get(s, global_threshold) for s in species.tolist()], dtype=np.float64)
 
 
+PLATEAU_TOL = 1e-12  # MAP@5 values this close are equal (sums of 1/rank over the same rows)
+
+
+def plateau_choice(map5: np.ndarray, thresholds: np.ndarray, anchor: float) -> int:
+    """Index of the best of ``map5`` [T] over ``thresholds`` [T]; among equal bests (within
+    :data:`PLATEAU_TOL`), the threshold nearest ``anchor`` (the lower one of two equally near).
+
+    A flat MAP@5 over a range of thresholds is no evidence for any value in it: the first
+    (lowest) one would move a species' threshold far from the global one for nothing.
+    """
+    map5 = np.asarray(map5, dtype=np.float64)
+    top = np.flatnonzero(map5 >= map5.max() - PLATEAU_TOL)
+    dist = np.round(np.abs(np.asarray(thresholds, dtype=np.float64)[top] - anchor), 9)  # 0.3-0.2 == 0.2-0.1
+    return int(top[np.lexsort((thresholds[top], dist))[0]])
+
+
 def tune_per_species(cand_labels: np.ndarray, cand_scores: np.ndarray, truth: np.ndarray,
                      class_species: np.ndarray, thresholds: np.ndarray, k0: float = 20.0) -> dict:
     """Per-species thresholds, grouped by the species of each query's top candidate.
 
     The global threshold is the grid's best on all queries. Each species' raw threshold is the
-    grid's best on its n queries alone, then shrunk toward the global one:
+    grid's best on its n queries alone (:func:`plateau_choice`: on a plateau of equal MAP@5, the grid
+    value nearest the global threshold, so a species moves only on evidence), then shrunk toward the
+    global one:
     ``t = w * raw + (1 - w) * global`` with ``w = n / (n + k0)`` (k0 = 0: no shrinkage; a species
     with n << k0 stays near the global threshold). Arrays as in :func:`average_precision_grid`,
     ``class_species`` [n_ind] str. Returns a JSON-ready dict: ``global``, ``k0``, ``n``,
@@ -233,7 +251,7 @@ def tune_per_species(cand_labels: np.ndarray, cand_scores: np.ndarray, truth: np
         rows = species == name
         n = int(rows.sum())
         sp_map = ap[:, rows].mean(axis=1)
-        best = int(np.argmax(sp_map))
+        best = plateau_choice(sp_map, thresholds, t_global)
         w = n / (n + k0)
         t = float(w * thresholds[best] + (1 - w) * t_global)
         per_row[rows] = t

@@ -7,7 +7,8 @@ threshold
 with the code of ``whalesub tune`` (:func:`whalesub.ranking.threshold.grid_search`). The page holds:
 
 - MAP@5 overall, for known and new animals, and per species (truth's species: the truth
-  individual's species in ``train.csv``; for new animals the truth file's ``species`` column
+  individual's species in ``train.csv`` by :func:`whalesub.data.contract.individual_species`, the
+  rule per-species thresholds use; for new animals the truth file's ``species`` column
   when it has one, as ``oof_labels.csv`` and ``test_truth_full.csv`` do, else ``unknown``);
 - MAP@5 against the threshold with the chosen threshold marked, and histograms of the top-1
   cosine for known and new animals;
@@ -40,7 +41,7 @@ import numpy as np
 
 from whalesub.core.atomic import atomic_write_text
 from whalesub.core.errors import ConfigError, DataError, first_few
-from whalesub.data.contract import NEW_INDIVIDUAL, read_table, read_train_csv
+from whalesub.data.contract import NEW_INDIVIDUAL, individual_species, read_table, read_train_csv
 from whalesub.ranking.metric import score_breakdown, scores_at_5
 from whalesub.ranking.rank import (
     NEW,
@@ -54,6 +55,9 @@ from whalesub.ranking.rank import (
 from whalesub.ranking.submission import read_submission, score_submission
 from whalesub.ranking.threshold import grid_search, parse_grid, truth_codes
 from whalesub.report.render import render_report
+from whalesub.workflows.decision import FILE as DECISION_FILE
+from whalesub.workflows.decision import describe_rule, read_decision, resolve
+from whalesub.workflows.predict import check_gallery, decision_thresholds, rank_by_decision
 from whalesub.workflows.submit import load_ranking_inputs, read_truth_for
 
 log = logging.getLogger(__name__)
@@ -169,7 +173,7 @@ def pick_rows(ap, top1: np.ndarray, threshold: float, n: int) -> np.ndarray:
 def write_report(out, gallery, queries, train_csv, *, submission=None, truth=None, images_dir=None,
                  gallery_images_dir=None, threshold: float | None = None, grid=DEFAULT_GRID, k: int = 100,
                  max_queries: int = 50, thumb_px: int = 96, command: str | None = None,
-                 use_gpu: bool | None = None, progress: bool = True) -> dict:
+                 use_gpu: bool | None = None, progress: bool = True, decision=None) -> dict:
     """Write the HTML error report to ``out`` (atomically) and return its numbers as a dict.
 
     ``gallery``/``queries``: embedding files; ``train_csv``: gallery image -> individual_id and
@@ -178,7 +182,10 @@ def write_report(out, gallery, queries, train_csv, *, submission=None, truth=Non
     ``images_dir``: query images, ``gallery_images_dir``: gallery images (default ``images_dir``;
     without either the page has no thumbnails); ``grid``: thresholds as for ``whalesub tune``
     (a string or a list of floats); ``max_queries``: rows in the gallery of worst queries;
-    ``thumb_px``: longest thumbnail side in pixels. Keys of the result: ``n``, ``threshold``,
+    ``thumb_px``: longest thumbnail side in pixels. ``decision``: a ``decision.json``
+    (:mod:`whalesub.workflows.decision`): rank with its scoring (kNN or the centre blend) and ``k``,
+    and place new_individual by its rule, i.e. analyse exactly the submitted ranking; ``gallery``
+    and ``train_csv`` may then be None (the decision's own). Keys of the result: ``n``, ``threshold``,
     ``scores`` (``whalesub score``'s breakdown), ``species``, ``curve``, ``shown``, ``out``, ...
     """
     if not 0 <= max_queries <= 1000:
@@ -190,22 +197,46 @@ def write_report(out, gallery, queries, train_csv, *, submission=None, truth=Non
     if Path(out).is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name such as {Path(out) / 'report.html'}")
     thresholds = parse_grid(grid if isinstance(grid, str) else ",".join(str(float(x)) for x in grid))
+    decided = None
+    if decision is not None:
+        if threshold is not None:
+            raise ConfigError("give --decision or --threshold, not both (the decision places new_individual)")
+        decided = read_decision(decision)
+        decision = Path(decision) / DECISION_FILE if Path(decision).is_dir() else Path(decision)
+        k = int(decided["k"])
+        gallery = gallery if gallery is not None else check_gallery(decided, decision)
+        train_csv = train_csv if train_csv is not None else resolve(decision, decided["gallery"]["labels"])
+    if gallery is None or train_csv is None:
+        raise ConfigError("the report needs --gallery and --train-csv (or a --decision naming them)")
     data = load_ranking_inputs(gallery, queries, train_csv)
     ids, classes = data["query_ids"].tolist(), data["classes"]
     train = read_train_csv(train_csv)
-    species_of = dict(zip(train["individual_id"], train["species"], strict=False))
+    species_of = individual_species(train).to_dict()  # the one species rule (thresholds use it too)
     preds = read_predictions(submission, ids) if submission is not None else None  # checked before the
     search = truth_list = species = None  # search, which is the long part
     if truth is not None:
         truth_list, file_species = read_labelled_truth(truth, ids, queries)
-    labels, scores = rank_queries(data["gallery"], data["gallery_labels"], data["queries"], k,
-                                  use_gpu=use_gpu, progress=progress)
+    if decided is None:
+        labels, scores = rank_queries(data["gallery"], data["gallery_labels"], data["queries"], k,
+                                      use_gpu=use_gpu, progress=progress)
+    else:
+        labels, scores = rank_by_decision(data, decided, decision, use_gpu=use_gpu, progress=progress)
     result: dict = {"n": len(ids), "k": int(k), "has_truth": truth is not None, "submission": submission}
     if truth is not None:
         search = grid_search(labels, scores, truth_codes(truth_list, classes), thresholds)
-    thr = choose_threshold(threshold, preds, labels, scores, classes, search)
+    row_thr = None
+    if decided is None:
+        thr = choose_threshold(threshold, preds, labels, scores, classes, search)
+    else:
+        row_thr = decision_thresholds(decided, labels, scores, data["class_species"])
+        per_row = np.ndim(row_thr) > 0
+        thr = {"value": float(decided["new_individual"]["default"]) if per_row else float(row_thr),
+               "source": f"decision {decision}: {describe_rule(decided)}"
+               + (" (per-species thresholds; the default is marked)" if per_row else "")}
+        result["scoring"] = decided["scoring"]
     if preds is None:
-        preds = decode_labels(insert_new_individual(labels, scores, thr["value"]), classes)
+        preds = decode_labels(insert_new_individual(labels, scores, thr["value"] if row_thr is None
+                                                    else row_thr), classes)
     ap = None
     if truth is not None:
         result["scores"] = (score_submission(submission, truth) if submission is not None
@@ -213,8 +244,12 @@ def write_report(out, gallery, queries, train_csv, *, submission=None, truth=Non
         species = truth_species(truth_list, file_species, species_of)
         result["species"] = species_table(preds, truth_list, species)
         result["curve"] = search.table()
-        at = grid_search(labels, scores, truth_codes(truth_list, classes), np.array([thr["value"]]))
-        thr["map5"] = float(at.map5[0])
+        if row_thr is not None and np.ndim(row_thr) > 0:  # per species: MAP@5 of the rows it gives
+            ranked = decode_labels(insert_new_individual(labels, scores, row_thr), classes)
+            thr["map5"] = float(score_breakdown(ranked, truth_list)["map5"])
+        else:
+            at = grid_search(labels, scores, truth_codes(truth_list, classes), np.array([thr["value"]]))
+            thr["map5"] = float(at.map5[0])
         ap = scores_at_5(preds, truth_list)
     result["threshold"] = thr
     result["top1"] = scores[:, 0].astype(np.float64)
@@ -227,7 +262,7 @@ def write_report(out, gallery, queries, train_csv, *, submission=None, truth=Non
     result["command"] = command or equivalent_command(
         out, gallery, queries, train_csv, submission=submission, truth=truth, images_dir=images_dir,
         gallery_images_dir=gallery_images_dir, threshold=threshold, grid=grid, k=k,
-        max_queries=max_queries, thumb_px=thumb_px)
+        max_queries=max_queries, thumb_px=thumb_px, decision=decision)
     result["inputs"] = describe_inputs(gallery=gallery, queries=queries, train_csv=train_csv,
                                        submission=submission, truth=truth)
     query_dir = Path(images_dir) if images_dir is not None else None

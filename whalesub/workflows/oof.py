@@ -55,6 +55,20 @@ def find_oof_folds(run_dir: str | Path) -> list[Path]:
     return with_oof
 
 
+def unique_folds(folds) -> list[Path]:
+    """``folds`` in order, each fold folder once (compared resolved: ``runs/x`` + ``runs/x/fold0`` or a
+    symlink name the same fold); a fold pooled twice would count its queries twice."""
+    seen, out = set(), []
+    for fold in map(Path, folds):
+        key = fold.resolve()
+        if key in seen:
+            log.warning("%s is given more than once (directly or through its run folder): counted once", fold)
+            continue
+        seen.add(key)
+        out.append(fold)
+    return out
+
+
 def fold_fingerprint(fold_dir: Path) -> str:
     """The model fingerprint stored in a fold's ``oof_embeddings.npz`` (the best epoch's weights)."""
     return str(load_embeddings(Path(fold_dir) / "oof_embeddings.npz").meta.get("fingerprint"))
@@ -96,7 +110,7 @@ def tune_folds(fold_dirs: list[Path], train_csv, grid: str = "0.0:1.0:0.02",
     if not fold_dirs:
         raise ConfigError("no fold with out-of-fold files to tune on")
     parts, folds = [], []
-    for fold_dir in fold_dirs:
+    for fold_dir in unique_folds(fold_dirs):
         labels, scores, truth = fold_candidates(fold_dir, train_csv, k, use_gpu=use_gpu, progress=progress)
         own, _ = _best(labels, scores, truth, thresholds)
         folds.append({"fold": str(fold_dir), "fingerprint": fold_fingerprint(fold_dir), "n": int(truth.size),
@@ -128,7 +142,7 @@ def tune_runs_or_files(runs: list[Path] | None, gallery, queries, truth, train_c
         if per_species_out is not None:
             raise ConfigError("--per-species tunes on one gallery/queries/truth triple (e.g. a fold's "
                               "oof_gallery.npz, oof_embeddings.npz, oof_labels.csv), not on --run")
-        folds = [f for run in runs for f in find_oof_folds(run)]
+        folds = unique_folds(f for run in runs for f in find_oof_folds(run))
         return tune_folds(folds, train_csv, grid, target_new_share, k, progress=True)
     if missing := [name for name, v in single.items() if v is None]:
         raise ConfigError(f"give --run runs/NAME (pooled out-of-fold tuning), or all of --gallery, --queries "

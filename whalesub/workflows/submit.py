@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from whalesub.core.errors import ConfigError, DataError, first_few
-from whalesub.data.contract import read_test_listing, read_train_csv, read_truth
+from whalesub.data.contract import individual_species, read_test_listing, read_train_csv, read_truth
 from whalesub.ranking.centres import check_ratio, rank_with_centres
 from whalesub.ranking.rank import (
     NEW,
@@ -74,14 +74,9 @@ def load_ranking_inputs(gallery_path, queries_path, train_csv) -> dict:
 
 
 def _class_species(train, classes: np.ndarray) -> np.ndarray:
-    """[n_ind] str: each individual's most frequent species (ties: alphabetical), "" if not in train."""
-    counts = train.groupby(["individual_id", "species"]).size().reset_index(name="n")
-    counts = counts.sort_values(["individual_id", "n", "species"], ascending=[True, False, True])
-    if (several := counts["individual_id"].duplicated()).any():
-        log.warning("%d individuals carry several species in train.csv; each takes its most frequent one",
-                    counts.loc[several, "individual_id"].nunique())
-    first = counts.drop_duplicates("individual_id").set_index("individual_id")["species"]
-    return first.reindex(classes).fillna("").to_numpy(dtype=str)
+    """[n_ind] str: each individual's species (:func:`~whalesub.data.contract.individual_species`),
+    "" if not in train."""
+    return individual_species(train).reindex(classes).fillna("").to_numpy(dtype=str)
 
 
 def check_against_sample(query_ids: np.ndarray, sample, queries_path) -> list[str]:
