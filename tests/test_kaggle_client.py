@@ -39,7 +39,7 @@ def make_build(root: Path) -> Path:
     (root / "wheels" / "whalesub-0.1.0-py3-none-any.whl").write_bytes(b"PK" * 100)
     refs = []
     for sub, kind in (("models", KIND_MODELS), ("wheels", KIND_WHEELS)):
-        write_manifest(root / sub, kind)
+        write_manifest(root / sub, kind, "0.1.0")  # the version of the fake wheel beside it
         meta = dataset_metadata("someone", f"whalesub {sub}")
         (root / sub / "dataset-metadata.json").write_text(json.dumps(meta))
         refs.append(meta["id"])

@@ -7,11 +7,11 @@ import hashlib
 import json
 import shutil
 import zipfile
-from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
+import whalesub
 from whalesub.core.errors import ConfigError
 from whalesub.kaggle.metadata import check_build, check_dataset_metadata, check_kernel_metadata, slugify
 
@@ -44,14 +44,22 @@ def test_build_layout_and_what_the_files_say(kaggle_build):
         assert (build / "models" / "fold0" / f.name).read_bytes() == f.read_bytes()
     assert {"model.onnx", "model_fp16.onnx", "model_spec.json", "export.json", "class_centres.npz"} <= {
         p.name for p in (build / "models" / "fold0").iterdir()}
-    # manifests: sha256 of every other file, computed here independently; the installed version
+    # the build's version: its whalesub wheel's, read from the wheel's own METADATA (built from this
+    # checkout, so the checkout's version from git: one per commit)
+    (whl,) = [p for p in (build / "wheels").iterdir() if p.suffix == ".whl"]
+    with zipfile.ZipFile(whl) as zf:
+        (meta,) = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
+        (line,) = [x for x in zf.read(meta).decode().splitlines() if x.startswith("Version: ")]
+    version = line.removeprefix("Version: ")
+    assert version == whalesub.__version__ and version != "0.1.0"
+    # manifests: sha256 of every other file, computed here independently; the wheel's version
     for sub in ("models", "wheels", "boxes"):
         manifest = _json(build / sub / "manifest.json")
         files = {p.relative_to(build / sub).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                  for p in (build / sub).rglob("*") if p.is_file()
                  and p.name not in ("manifest.json", "dataset-metadata.json")}
         assert manifest["files"] == files and files
-        assert manifest["whalesub_version"] == version("whalesub")
+        assert manifest["whalesub_version"] == version
         assert manifest["kind"] == f"whalesub-{sub}"
     models = _json(build / "models" / "manifest.json")
     assert models["threshold"] == kaggle_build["threshold"]
@@ -59,8 +67,7 @@ def test_build_layout_and_what_the_files_say(kaggle_build):
     assert models["fingerprint"] == _json(export / "export.json")["fingerprint"]  # one model: its own
     # wheels: a flat folder with whalesub's wheel, which ships the kernel modules
     wheels = _json(build / "wheels" / "manifest.json")
-    assert wheels["install"] == [f"whalesub=={version('whalesub')}"]
-    (whl,) = [p for p in (build / "wheels").iterdir() if p.suffix == ".whl"]
+    assert wheels["install"] == [f"whalesub=={version}"]
     assert not [p for p in (build / "wheels").iterdir() if p.is_dir()]
     names = zipfile.ZipFile(whl).namelist()
     assert "whalesub/kaggle/kernel.py" in names and "whalesub/kaggle/kernel_script.py" in names

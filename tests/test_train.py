@@ -84,16 +84,60 @@ def test_run_folder_checkpoints_and_metrics(reference):
     assert "epoch 0 (untrained)" in log and "done: val MAP@5 untrained" in log
 
 
+# Margins of the learning check, from the reference run (fold 0 of `synth`, 14 validation images, so
+# one image moves MAP@5 by about 0.07). Measured here: untrained 0.4405 -> 0.4845, 0.5774 after
+# epochs 1, 2; the same run with lr=0 (weights frozen, only BatchNorm statistics move) gives 0.5143,
+# 0.5119, a gain of 0.074. The all-new baseline is 0.0714.
+MIN_MAP_GAIN = 0.10  # best trained MAP@5 over the untrained network's
+MIN_OVER_ALL_NEW = 0.30  # last MAP@5 over answering new_individual everywhere
+
+
+def learning_problems(metrics: pd.DataFrame, min_gain: float = MIN_MAP_GAIN,
+                      min_over_all_new: float = MIN_OVER_ALL_NEW) -> list[str]:
+    """What says a run did not learn, from its metrics.csv (epoch 0 = the untrained network).
+
+    Compares only what holds on any machine: validation MAP@5 against the untrained network and
+    against the all-new baseline, each by a stated margin, and a finite training loss. The training
+    loss is not compared between epochs: an epoch's mean over three batches moves by +-0.4 with the
+    batch mix (14.64 -> 14.25 here, 14.50 -> 14.57 on an AMD EPYC machine, 15.11 -> 15.49 with lr=0).
+    """
+    problems = []
+    untrained = float(metrics["val_map5"].iloc[0])
+    trained = metrics[metrics["epoch"] > 0]
+    best, last = float(trained["val_map5"].max()), float(trained["val_map5"].iloc[-1])
+    baseline = float(metrics["all_new_baseline"].iloc[0])
+    if not best >= untrained + min_gain:
+        problems.append(f"best val MAP@5 {best:.4f} is not {min_gain} above the untrained {untrained:.4f}")
+    if not last >= baseline + min_over_all_new:
+        problems.append(f"last val MAP@5 {last:.4f} is not {min_over_all_new} above all-new {baseline:.4f}")
+    loss = trained["train_loss"].to_numpy(dtype=float)
+    if not np.isfinite(loss).all():
+        problems.append(f"training loss not finite: {loss.tolist()}")
+    return problems
+
+
 def test_training_learns_on_the_synthetic_set(reference):
-    """Two epochs must move validation MAP@5 well above the untrained network (epoch 0) and far
-    above answering new_individual everywhere; the training loss must fall. (Seeded, deterministic
-    run: 0.44 untrained -> 0.57; a run that does not learn stays at its epoch-0 value.)"""
+    """Two epochs move validation MAP@5 above the untrained network and far above answering
+    new_individual everywhere, by the stated margins (see :func:`learning_problems`)."""
     metrics = pd.read_csv(reference / "metrics.csv")
-    untrained, trained = metrics["val_map5"].iloc[0], metrics["val_map5"].iloc[1:]
-    baseline = metrics["all_new_baseline"].iloc[0]
-    assert trained.max() >= untrained + 0.1, metrics[["epoch", "val_map5"]]
-    assert trained.iloc[-1] > untrained and trained.iloc[-1] >= baseline + 0.3
-    assert metrics["train_loss"].iloc[2] < metrics["train_loss"].iloc[1]
+    assert learning_problems(metrics) == [], metrics[["epoch", "train_loss", "val_map5", "all_new_baseline"]]
+
+
+def test_the_learning_check_fails_a_run_that_does_not_learn():
+    """Planted metrics.csv of runs that did not learn: the lr=0 run measured above (BatchNorm alone,
+    +0.074), a run that got worse, one that answers new_individual everywhere, one whose loss blew up."""
+    def metrics(maps, losses=(14.6, 14.3), baseline=0.0714):
+        return pd.DataFrame({"epoch": range(len(maps)), "train_loss": [np.nan, *losses],
+                             "val_map5": maps, "all_new_baseline": baseline})
+
+    assert learning_problems(metrics([0.4405, 0.4845, 0.5774])) == []  # the reference run's numbers
+    (lr0,) = learning_problems(metrics([0.4405, 0.5143, 0.5119], losses=(15.11, 15.49)))
+    assert lr0 == "best val MAP@5 0.5143 is not 0.1 above the untrained 0.4405"
+    assert len(learning_problems(metrics([0.4405, 0.40, 0.38]))) == 1
+    (all_new,) = learning_problems(metrics([0.05, 0.30, 0.0714]))
+    assert all_new.startswith("last val MAP@5 0.0714 is not 0.3 above all-new")
+    (nan,) = learning_problems(metrics([0.4405, 0.4845, 0.5774], losses=(14.6, np.nan)))
+    assert nan.startswith("training loss not finite")
 
 
 def test_validation_equals_whalesub_inference_path(reference, synth):

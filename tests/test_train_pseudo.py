@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -75,13 +76,19 @@ def test_pseudo_rows_train_but_never_validate(synth, tmp_path):
     added = rows[rows["individual_id"].isin(held)]
     right = int((truth.reindex(added["image"]).to_numpy() == added["individual_id"].to_numpy()).sum())
     assert record["correct"] == right and record["precision"] == pytest.approx(right / want_added)
-    # validation queries and gallery are train.csv images only; folds.csv is untouched by pseudo rows
+    # validation queries and gallery are train.csv images only; folds.csv is untouched by pseudo rows.
+    # Pseudo rows travel as paths under the pseudo folder (train/pseudo.py), train rows as bare names:
+    # compare file names, so a leaked row is caught in either spelling
     test_images = set(rows["image"])
+    assert test_images.isdisjoint(pd.read_csv(synth / "train.csv", dtype=str)["image"])  # names are unique
     oof_q = load_embeddings(fold / "oof_embeddings.npz")
     oof_g = load_embeddings(fold / "oof_gallery.npz")
-    assert not test_images & set(oof_q.ids.tolist()) and not test_images & set(oof_g.ids.tolist())
+    for where, ids in (("validation queries", oof_q.ids), ("validation gallery", oof_g.ids),
+                       ("folds.csv", folds["image"])):
+        leaked = sorted(test_images & {Path(i).name for i in ids})
+        assert not leaked, f"pseudo-labelled test images in the {where}: {leaked}"
     assert sorted(set(oof_g.ids.tolist())) == sorted(train_part["image"])
-    assert not test_images & set(folds["image"]) and len(folds) == len(pd.read_csv(synth / "train.csv"))
+    assert len(folds) == len(pd.read_csv(synth / "train.csv"))
     assert set(valid_part["image"]) == set(pd.read_csv(fold / "oof_labels.csv")["image"])
 
 

@@ -20,9 +20,53 @@ derives every module's layer from its package and enforces this; a new module ne
 9. ``kaggle``: datasets, wheels, the offline kernel, upload and submit.
 10. ``cli``: the typer app (``whalesub``), one thin command per workflow.
 
-This file itself (the version and this order) is below everything and imports nothing.
+This file itself (the version and this order) is below everything and imports nothing when imported:
+``__version__`` is computed on first use (:func:`_find_version`), so ``import whalesub`` stays cheap.
 """
 
-__version__ = "0.1.0"
+UNKNOWN_VERSION = "0+unknown"
+
+
+def _find_version() -> str:
+    """whalesub's version: from git in a source checkout, else the installed distribution's.
+
+    A checkout (``.git`` and ``pyproject.toml`` beside this package) asks setuptools-scm, exactly as
+    the wheel build does, so an editable install reports the current commit, not the one it was
+    installed at (its metadata is frozen then). Otherwise the version in the metadata of the
+    distribution this very file belongs to (an installed wheel). Never raises: ``0+unknown``.
+    """
+    import warnings
+    from pathlib import Path
+
+    here = Path(__file__).resolve()
+    root = here.parents[1]
+    if (root / ".git").exists() and (root / "pyproject.toml").is_file():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from setuptools_scm import get_version
+
+                return get_version(root=str(root))
+        except Exception:  # noqa: BLE001 - no setuptools-scm, no git, a broken repository: fall back
+            pass
+    try:
+        from importlib.metadata import distribution
+
+        dist = distribution("whalesub")
+        located = Path(dist.locate_file("whalesub/__init__.py"))
+        if located.exists() and located.resolve() != here:
+            return UNKNOWN_VERSION  # another whalesub's metadata (this copy is not installed)
+        return dist.version or UNKNOWN_VERSION
+    except Exception:  # noqa: BLE001 - not installed, or unreadable metadata
+        return UNKNOWN_VERSION
+
+
+def __getattr__(name: str):
+    """``whalesub.__version__``, computed once on first access (PEP 562)."""
+    if name == "__version__":
+        globals()["__version__"] = version = _find_version()
+        return version
+    raise AttributeError(f"module 'whalesub' has no attribute {name!r}")
+
 
 LAYERS = ("core", "data", "synth", "ranking", "models", "embedding", "workflows", "report", "kaggle", "cli")

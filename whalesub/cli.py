@@ -25,6 +25,23 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import whalesub
+
+        typer.echo(f"whalesub {whalesub.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print whalesub's version (from git in a checkout, else the "
+                                 "installed wheel's) and exit."),
+) -> None:
+    pass
+
+
 def guarded(fn):
     """Turn WhalesubError into one message on stderr and a non-zero exit code."""
 

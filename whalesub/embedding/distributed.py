@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from whalesub import __version__
+import whalesub
 from whalesub.core.errors import ConfigError, DataError, WhalesubError
 from whalesub.embedding.embed import EmbedOptions, chunk_done, embed_chunks, plan_embed
 
@@ -98,8 +98,9 @@ def _not_shared(what: str, path: Path, why: str) -> DataError:
 
 def check_node(job: dict) -> None:
     """On a worker: the node sees what the driver sees, else one clear error naming node and path."""
-    if job["version"] != __version__:
-        raise ConfigError(f"node {node_name()} runs whalesub {__version__}, the driver {job['version']}: "
+    have = whalesub.__version__
+    if job["version"] != have:
+        raise ConfigError(f"node {node_name()} runs whalesub {have}, the driver {job['version']}: "
                           "install the same whalesub on every node")
     image_dir = Path(job["image_dir"])
     if not image_dir.is_dir():
@@ -243,7 +244,8 @@ class RayRunner:
         ranges = [list(map(int, r)) for r in np.array_split(todo, n_tasks)]
         names_ref = ray.put(plan.names)
         boxes_ref = ray.put(boxes)
-        base = {"version": __version__, "model_paths": [str(Path(p).absolute()) for p in model_paths],
+        base = {"version": whalesub.__version__,
+                "model_paths": [str(Path(p).absolute()) for p in model_paths],
                 "fingerprints": [m.fingerprint for m in plan.models],
                 "image_dir": str(plan.image_dir.absolute()),
                 "out": str(plan.out.absolute()), "parts": str(plan.parts.folder.absolute()),

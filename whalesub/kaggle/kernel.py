@@ -19,7 +19,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from whalesub import __version__
 from whalesub.core.errors import WhalesubError
 from whalesub.data.contract import read_test_listing
 from whalesub.embedding.embed import EmbedOptions, run_embed
@@ -35,27 +34,46 @@ SUBMISSION = "submission.csv"
 
 
 def installed_version() -> str:
-    """whalesub's installed version (the wheel's), else the package's own ``__version__`` (a checkout
-    used through PYTHONPATH without being installed; the wheel built from it has that version)."""
-    from importlib.metadata import PackageNotFoundError, version
+    """The version of the whalesub running here: the installed wheel's (the kernel), or the
+    checkout's from git (a workstation; see :func:`whalesub._find_version`)."""
+    import whalesub
 
+    return whalesub.__version__
+
+
+def same_version(a: str | None, b: str | None) -> bool:
+    """Whether two version strings name the same release under PEP 440 (``1.0`` == ``1.0.0``; the
+    local part ``+g<commit>`` counts, so two commits differ). Unparsable strings: exact equality."""
+    if not a or not b:
+        return False
     try:
-        return version("whalesub")
-    except PackageNotFoundError:
-        return __version__
+        from packaging.version import InvalidVersion, Version
+    except ImportError:  # packaging is on Kaggle's image; without it, the strings themselves
+        return a == b
+    try:
+        return Version(a) == Version(b)
+    except InvalidVersion:
+        return a == b
 
 
-def check_models(folder: Path) -> dict:
-    """The models manifest after checking every file's sha256 and the whalesub version."""
+def check_models(folder: Path, have: str | None = None) -> dict:
+    """The models manifest after checking every file's sha256 and the whalesub version.
+
+    ``have``: the whalesub version to compare with (default: the running one, installed from the
+    wheels dataset). The models manifest records the version of the wheel built beside them, so a
+    models dataset and a wheels dataset of two different builds (two commits) are refused.
+    """
     manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     problems = verify_files(folder, manifest.get("files", {}))
     if manifest.get("kind") != KIND_MODELS:
         problems.append(f"{folder / MANIFEST} has kind {manifest.get('kind')!r}, not {KIND_MODELS!r}")
-    have = installed_version()
-    if manifest.get("whalesub_version") != have:
+    have = installed_version() if have is None else have
+    packaged = manifest.get("whalesub_version")
+    if not same_version(packaged, have):
         problems.append(
-            f"the models were packaged by whalesub {manifest.get('whalesub_version')} but whalesub "
-            f"{have} is installed: upload the models and wheels of the same build"
+            f"the models were packaged for whalesub {packaged} (the wheel of their build) but whalesub "
+            f"{have} is installed: attach the models and wheels datasets of the same `whalesub kaggle "
+            "build` (upload both again)"
         )
     if problems:
         raise WhalesubError(f"the models dataset {folder} failed its checks:", problems)

@@ -9,7 +9,8 @@ Build folder (default ``kernels/build``)::
     kernel/   kernel-metadata.json, whalesub_kernel.py
 
 Every dataset's ``manifest.json`` holds its ``kind`` (the marker the kernel searches for), the
-whalesub version and the sha256 of every file; the models manifest also holds what the kernel
+version of the whalesub wheel in this build (from git: one per commit, so the kernel tells two builds
+apart) and the sha256 of every file; the models manifest also holds what the kernel
 needs to run exactly like ``whalesub embed`` + ``submit`` (threshold, k, TTA, boxes, batch size).
 
 ``--predict OUT`` (:func:`build_decision`) packages a ``whalesub predict`` decision instead:
@@ -47,7 +48,7 @@ from whalesub.kaggle import (
     KIND_WHEELS,
     MANIFEST,
 )
-from whalesub.kaggle.kernel import installed_version
+from whalesub.kaggle.kernel import installed_version, same_version
 from whalesub.kaggle.kernel_script import sha256_file
 from whalesub.kaggle.metadata import check_build, dataset_metadata, kernel_metadata, read_json
 from whalesub.kaggle.wheels import DEFAULT_PACKAGES, DEFAULT_PLATFORMS, DEFAULT_PYTHON, collect_wheels
@@ -167,8 +168,8 @@ def models_fingerprint(folders: list[Path]) -> str:
     )
 
 
-def write_manifest(folder: Path, kind: str, **extra) -> dict:
-    """``manifest.json``: kind, whalesub version, sha256 of every other file (relative paths)."""
+def write_manifest(folder: Path, kind: str, version: str, **extra) -> dict:
+    """``manifest.json``: kind, whalesub ``version`` (the build's wheel), sha256 of every other file."""
     files = {
         p.relative_to(folder).as_posix(): sha256_file(p)
         for p in sorted(folder.rglob("*"))
@@ -176,7 +177,7 @@ def write_manifest(folder: Path, kind: str, **extra) -> dict:
     }
     manifest = {
         "kind": kind,
-        "whalesub_version": installed_version(),
+        "whalesub_version": version,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         **extra,
         "files": files,
@@ -185,12 +186,24 @@ def write_manifest(folder: Path, kind: str, **extra) -> dict:
     return manifest
 
 
+def wheel_version(install: list[str]) -> str:
+    """The whalesub version of a build: its wheel's (``whalesub==V`` in the install list), which the
+    kernel will run; a warning when it is not the whalesub running the build (``--whalesub-wheel`` or
+    ``--source`` from another commit: the models were exported here, the kernel runs that wheel)."""
+    (version,) = [spec.split("==", 1)[1] for spec in install if spec.startswith("whalesub==")]
+    running = installed_version()
+    if not same_version(version, running):
+        log.warning("the whalesub wheel of this build is %s but whalesub %s runs the build", version, running)
+    return version
+
+
 def _write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def build_models(tmp: Path, sources: list[Path], opts: BuildOptions) -> dict:
-    """The models dataset in ``tmp/models``; returns its manifest."""
+    """The models dataset's files in ``tmp/models``; returns its manifest's fields (the manifest itself
+    is written once the whalesub wheel, hence the build's version, is known)."""
     folder = tmp / "models"
     folder.mkdir()
     if opts.predict is not None:
@@ -220,9 +233,7 @@ def build_models(tmp: Path, sources: list[Path], opts: BuildOptions) -> dict:
             raise ConfigError(str(exc)) from None
         gallery_file = "gallery.npz"
         shutil.copy2(opts.gallery, folder / gallery_file)
-    return write_manifest(
-        folder,
-        KIND_MODELS,
+    return dict(
         models=names,
         fingerprint=fingerprint,
         threshold=threshold,
@@ -242,7 +253,8 @@ def build_models(tmp: Path, sources: list[Path], opts: BuildOptions) -> dict:
 
 def build_decision(folder: Path, sources: list[Path], opts: BuildOptions) -> dict:
     """The models dataset of a ``whalesub predict`` decision: its exports, gallery (+ key), gallery
-    labels and class centres, and the decision rewritten with paths inside ``folder``."""
+    labels and class centres, and the decision rewritten with paths inside ``folder``; returns the
+    manifest's fields (written by :func:`build_package` with the wheel's version)."""
     if sources or opts.threshold is not None or opts.threshold_json is not None or opts.gallery is not None:
         raise ConfigError(
             "--predict packages the decision of a predict run as it is: give no models, --threshold, "
@@ -301,9 +313,7 @@ def build_decision(folder: Path, sources: list[Path], opts: BuildOptions) -> dic
         packed["scoring"]["centres"] = centres
     write_decision(folder / DECISION_FILE, packed)
     log.info("packaging the decision of %s: %s", path, describe_rule(decision))
-    return write_manifest(
-        folder,
-        KIND_MODELS,
+    return dict(
         models=names,
         fingerprint=decision["fingerprint"],
         decision=DECISION_FILE,
@@ -330,7 +340,7 @@ def build_package(sources: list[Path], out: Path, opts: BuildOptions, overwrite:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        build_models(tmp, sources, opts)
+        models = build_models(tmp, sources, opts)
         wheels = collect_wheels(
             opts.packages,
             tmp / "wheels",
@@ -340,9 +350,12 @@ def build_package(sources: list[Path], out: Path, opts: BuildOptions, overwrite:
             python_version=opts.python_version,
             platforms=opts.platforms,
         )
+        version = wheel_version(wheels["install"])
+        write_manifest(tmp / "models", KIND_MODELS, version, **models)
         write_manifest(
             tmp / "wheels",
             KIND_WHEELS,
+            version,
             install=wheels["install"],
             python_version=opts.python_version,
             platforms=list(opts.platforms),
@@ -350,7 +363,7 @@ def build_package(sources: list[Path], out: Path, opts: BuildOptions, overwrite:
         if opts.boxes is not None:
             (tmp / "boxes").mkdir()
             shutil.copy2(opts.boxes, tmp / "boxes" / opts.boxes.name)
-            write_manifest(tmp / "boxes", KIND_BOXES)
+            write_manifest(tmp / "boxes", KIND_BOXES, version)
         refs = []
         for sub in DATASETS:
             if (tmp / sub).is_dir():

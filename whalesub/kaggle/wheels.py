@@ -145,7 +145,8 @@ def collect_wheels(
     """Fill ``out`` (flat) with whalesub's wheel and one wheel per package; return the install list.
 
     ``wheels_from``: take the wheels from this folder instead of downloading them (offline builds).
-    Returns ``{"install": ["whalesub==0.1.0", "faiss-gpu-cu12==1.14.1", ...], "wheels": {name: file}}``.
+    Returns ``{"install": ["whalesub==0.1.dev12+g1a2b3c4", "faiss-gpu-cu12==1.14.1", ...], "wheels":
+    {name: file}}`` (whalesub's version from git: one per commit).
     """
     names = [requirement_name(p) for p in packages]
     bad = sorted(set(names) & set(FORBIDDEN))

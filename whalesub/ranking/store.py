@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from whalesub import __version__
+import whalesub
 from whalesub.core.atomic import atomic_open
 from whalesub.core.errors import DataError, first_few
 from whalesub.ranking.vectors import average_groups, unit_rows, zero_rows
@@ -120,7 +120,7 @@ def default_meta(**extra) -> dict:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "whalesub_version": __version__,
+        "whalesub_version": whalesub.__version__,
     }
     meta.update(extra)
     return meta

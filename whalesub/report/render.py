@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from whalesub import __version__
+import whalesub
 from whalesub.core.errors import DataError
 from whalesub.data.contract import NEW_INDIVIDUAL
 from whalesub.data.image import load_image
@@ -217,7 +217,7 @@ def render_report(res: dict, query_dir, gallery_dir, thumb_px: int, progress: bo
                      f"<td>{i['bytes']}</td><td>{i['modified']}</td></tr>" for i in res["inputs"])
     parts += ["<h2>Command and inputs</h2>", f"<pre id=\"command\">{html.escape(res['command'])}</pre>",
               f"<table><tr><th>input</th><th>path</th><th>bytes</th><th>modified (UTC)</th></tr>{inputs}"
-              f"</table><p>k={res['k']}; whalesub {__version__}; written "
+              f"</table><p>k={res['k']}; whalesub {whalesub.__version__}; written "
               f"{datetime.now(UTC).isoformat(timespec='seconds')}</p>"]
     css = CSS.replace("WIDTH", str(thumb_px))
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>whalesub report</title>'
