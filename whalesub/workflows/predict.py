@@ -49,6 +49,7 @@ from whalesub.models.sources import load_source, resolve_checkpoint
 from whalesub.ranking.store import combined_fingerprint, load_embeddings
 from whalesub.ranking.submission import check_submission_file, score_submission
 from whalesub.workflows.oof import has_oof, tune_folds
+from whalesub.workflows.scorefiles import dumps_json
 from whalesub.workflows.submit import submit_files
 
 log = logging.getLogger(__name__)
@@ -202,8 +203,9 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
     if per_species is not None:
         summary["threshold_source"] = f"--thresholds {per_species}"
     elif threshold is None and new_share is None:
-        tuned = tune_folds(folds, train_csv, grid, k=k)
-        atomic_write_text(out / "tune.json", json.dumps(tuned, indent=1) + "\n")
+        tuned = tune_folds(folds, train_csv, grid, k=k, knn_ratio=submit_extra.get("knn_ratio", 1.0),
+                           centre_k=submit_extra.get("centre_k"))
+        atomic_write_text(out / "tune.json", dumps_json(tuned, indent=1) + "\n")
         new_share = tuned["best"]["new_share"]
         best = tuned["best"]
         summary["threshold_source"] = (f"pooled out-of-fold share over {len(folds)} folds (OOF threshold "
