@@ -10,7 +10,8 @@ For a training run with out-of-fold files in every fold (``python -m train ... -
    ``new_individual`` first to the test scores (as ``whalesub predict`` does);
 3. scores the test set: MAP@5 at that share and at the test set's own best threshold (an oracle
    upper bound), with centre-less individuals filled with their gallery mean (today) and, for
-   comparison, scored by kNN alone (before: two scales).
+   comparison, scored by kNN alone (before: two scales) and with gallery means as the centres of
+   every individual (no head centres at all).
 
 Also printed per r: the share of test top-1 picks that go to individuals lacking a head centre
 in some fold, with and without the fill (with 2 folds every individual held out of a fold's
@@ -53,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from whalesub.embedding.embed import EmbedOptions
     from whalesub.models.export import CENTRES
-    from whalesub.ranking.centres import rank_with_centres
+    from whalesub.ranking.centres import fill_centres, rank_with_centres
     from whalesub.ranking.rank import rank_queries
+    from whalesub.ranking.store import load_embeddings
     from whalesub.ranking.threshold import grid_search, parse_grid, threshold_for_new_share, truth_codes
     from whalesub.workflows.oof import find_oof_folds, tune_folds
     from whalesub.workflows.predict import ensure_embedding, ensure_export, find_model_sources
@@ -84,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     filled, _ = load_centres(paths, data["classes"], data["queries_file"], data["gallery"],
                              data["gallery_labels"])
     head, has = load_centres(paths, data["classes"], data["queries_file"])
+    n_ind = data["classes"].size
+    means, _ = fill_centres([np.zeros((n_ind, load_embeddings(p).dim), np.float32) for p in paths],
+                            [np.zeros(n_ind, bool)] * len(paths), data["gallery"], data["gallery_labels"])
     lacking = ~has
     print(f"{len(folds)} folds; test: {truth.size} queries ({int((truth == -2).sum())} new); "
           f"{data['classes'].size} individuals, {int(lacking.sum())} lack a head centre in some fold")
@@ -93,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         oof = tune_folds(folds, data_dir / "train.csv", args.grid, k=args.k, knn_ratio=r)
         share = oof["best"]["new_share"]
         row = {"knn_ratio": r, "oof_map5": oof["best"]["map5"], "oof_new_share": share}
-        for name, centres, have in (("fill", filled, np.ones_like(has)), ("kNN-alone", head, has)):
+        everyone = np.ones_like(has)
+        for name, centres, have in (("fill", filled, everyone), ("kNN-alone", head, has),
+                                    ("means", means, everyone)):
             if r == 1.0:
                 labels, scores = rank_queries(data["gallery"], data["gallery_labels"], data["queries"],
                                               args.k)
@@ -111,17 +118,21 @@ def main(argv: list[str] | None = None) -> int:
               f"{f['test_map5_at_oof_share']:.4f} best {f['test_map5_best']:.4f} top1-lacking "
               f"{f['top1_share_lacking']:.3f} | kNN-alone: test "
               f"{o['test_map5_at_oof_share']:.4f} best {o['test_map5_best']:.4f} "
-              f"top1-lacking {o['top1_share_lacking']:.3f}", flush=True)
+              f"top1-lacking {o['top1_share_lacking']:.3f} | means: test "
+              f"{row['means']['test_map5_at_oof_share']:.4f} "
+              f"top1-lacking {row['means']['top1_share_lacking']:.3f}", flush=True)
 
     print("\n| r | OOF MAP@5 | OOF new@1 | test MAP@5 (OOF share) | test MAP@5 (best thr.) | top-1 to "
-          "centre-less | before: test MAP@5 (OOF share) | before: top-1 to centre-less |")
-    print("|---|---|---|---|---|---|---|---|")
+          "centre-less | before: test MAP@5 (OOF share) | before: top-1 to centre-less | means only: test "
+          "MAP@5 (OOF share) | means only: top-1 to centre-less |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         f, o = row["fill"], row["kNN-alone"]
         print(f"| {row['knn_ratio']:g} | {row['oof_map5']:.4f} | {row['oof_new_share']:.3f} | "
               f"{f['test_map5_at_oof_share']:.4f} | {f['test_map5_best']:.4f} | "
               f"{f['top1_share_lacking']:.3f} | {o['test_map5_at_oof_share']:.4f} | "
-              f"{o['top1_share_lacking']:.3f} |")
+              f"{o['top1_share_lacking']:.3f} | {row['means']['test_map5_at_oof_share']:.4f} | "
+              f"{row['means']['top1_share_lacking']:.3f} |")
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0
