@@ -98,7 +98,11 @@ def fold_centres(fold_dir: Path, data: dict) -> tuple[np.ndarray, dict]:
     block = np.zeros((classes.size, data["gallery"].shape[1]), dtype=np.float32)
     present = np.zeros(classes.size, dtype=bool)
     head = fold_head_centres(fold_dir, data["queries_file"].fingerprint)
-    if head is not None and head[1].shape[1] == block.shape[1]:
+    if head is not None and head[1].shape[1] != block.shape[1]:
+        log.warning("%s: head centres have D=%d but the out-of-fold vectors D=%d: not used", fold_dir,
+                    head[1].shape[1], block.shape[1])
+        head = None
+    if head is not None:
         pos = np.searchsorted(classes, head[0]).clip(0, classes.size - 1)
         known = classes[pos] == head[0]
         block[pos[known]], present[pos[known]] = head[1][known], True
