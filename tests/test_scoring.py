@@ -333,3 +333,18 @@ def test_tune_json_writes_null_not_nan(two_models):
     doc = _no_nan(res.stdout)
     assert all(row["map5_new"] is None and row["map5_known"] is not None for row in doc["table"])
     assert _no_nan(dumps_json({"a": [float("nan"), np.float32(np.inf), 1.5]})) == {"a": [None, None, 1.5]}
+
+
+def test_predict_refuses_another_scoring_before_any_work(tmp_path):
+    from whalesub.workflows.predict import predict
+
+    write_thresholds(tmp_path / "th.json", {"global": 0.4, "species": {}}, scoring=scoring_stamp(0.5))
+    args = ([tmp_path / "no_such_run"], tmp_path / "train.csv", tmp_path / "tr", tmp_path / "te",
+            tmp_path / "out")
+    with pytest.raises(ConfigError, match="th.json.*knn_ratio 0.5"):
+        predict(*args, thresholds=tmp_path / "th.json")
+    with pytest.raises(ConfigError, match="--threshold-knn-ratio 0.5"):
+        predict(*args, threshold=0.4, knn_ratio=0.5)
+    with pytest.raises(ConfigError, match="only with --threshold"):
+        predict(*args, new_share=0.2, threshold_knn_ratio=0.5)
+    assert not (tmp_path / "out").exists()

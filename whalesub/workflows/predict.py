@@ -50,7 +50,7 @@ from whalesub.ranking.store import combined_fingerprint, load_embeddings
 from whalesub.ranking.submission import check_submission_file, score_submission
 from whalesub.workflows.oof import has_oof, tune_folds
 from whalesub.workflows.scorefiles import dumps_json
-from whalesub.workflows.submit import submit_files
+from whalesub.workflows.submit import check_threshold_inputs, submit_files
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,8 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
     per_species = submit_extra.get("thresholds")
     if sum(x is not None for x in (threshold, new_share, per_species)) > 1:
         raise ConfigError("give at most one of --threshold, --new-share and --thresholds")
+    check_threshold_inputs(threshold, per_species, submit_extra.get("knn_ratio", 1.0),
+                           submit_extra.get("centre_k"), k, submit_extra.get("threshold_knn_ratio"))
     options = options or EmbedOptions()
     if options.box_type is not None and boxes is None:
         raise ConfigError("--box-type needs --boxes CSV")

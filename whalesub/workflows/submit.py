@@ -147,14 +147,8 @@ def submit_files(gallery_path, queries_path, train_csv, threshold: float | None,
                           "class_centres.npz (one per model, from `whalesub export`)")
     if candidates_n < 1:
         raise ConfigError(f"--candidates-n {candidates_n} must be at least 1")
-    wanted = scoring_stamp(knn_ratio, centre_k, k)
-    if threshold is not None:
-        check_threshold_scoring(None if threshold_knn_ratio is None else check_ratio(threshold_knn_ratio),
-                                wanted)
-    elif threshold_knn_ratio is not None:
-        raise ConfigError("--threshold-knn-ratio states the scoring a --threshold number was tuned on; "
-                          "give it only with --threshold")
-    by_species = read_thresholds(thresholds, scoring=wanted) if thresholds is not None else None
+    wanted, by_species = check_threshold_inputs(threshold, thresholds, knn_ratio, centre_k, k,
+                                                threshold_knn_ratio)
     data = load_ranking_inputs(gallery_path, queries_path, train_csv)
     query_ids = data["query_ids"]
     images = check_against_sample(query_ids, sample, queries_path) if sample is not None else None
@@ -189,6 +183,21 @@ def submit_files(gallery_path, queries_path, train_csv, threshold: float | None,
     log.info("wrote %(out)s: %(rows)d rows, new_individual first in %(new_first)d, present in %(new_any)d",
              summary)
     return summary
+
+
+def check_threshold_inputs(threshold, thresholds, knn_ratio: float, centre_k: int | None, k: int,
+                           threshold_knn_ratio: float | None):
+    """The scoring stamp requested and the threshold file read (or None), refusing a threshold tuned
+    on another scoring (:func:`whalesub.workflows.scorefiles.check_scoring`,
+    :func:`~whalesub.workflows.scorefiles.check_threshold_scoring`). Cheap: run it before long work."""
+    wanted = scoring_stamp(check_ratio(knn_ratio), centre_k, k)
+    if threshold is not None:
+        check_threshold_scoring(None if threshold_knn_ratio is None else check_ratio(threshold_knn_ratio),
+                                wanted)
+    elif threshold_knn_ratio is not None:
+        raise ConfigError("--threshold-knn-ratio states the scoring a --threshold number was tuned on; "
+                          "give it only with --threshold")
+    return wanted, (read_thresholds(thresholds, scoring=wanted) if thresholds is not None else None)
 
 
 def _rank(data: dict, k: int, n_max: int, centres, knn_ratio: float, centre_k: int | None, *,
