@@ -142,7 +142,8 @@ def test_knn_ratio_one_reproduces_todays_submission_bit_for_bit(files):
 
 
 def test_knn_ratio_zero_ranks_by_the_mean_per_model_centre_cosine(files):
-    res = _run(files, "--threshold", "-1", *_centres_args(files), "--knn-ratio", "0")
+    res = _run(files, "--threshold", "-1", "--threshold-knn-ratio", "0", *_centres_args(files),
+               "--knn-ratio", "0")
     assert res.exit_code == 0, res.output
     q = load_embeddings(files / "queries.npz").vectors.astype(np.float64)
     cos = np.mean([q[:, 8 * b:8 * b + 8] / np.linalg.norm(q[:, 8 * b:8 * b + 8], axis=1, keepdims=True)
@@ -162,7 +163,7 @@ def test_knn_ratio_zero_ranks_by_the_mean_per_model_centre_cosine(files):
     (["--knn-ratio", "2", "--centres", "{d}/centres_fa.npz"], "--knn-ratio"),
 ])
 def test_bad_centres_are_one_clear_error(files, extra, needle):
-    res = _run(files, "--threshold", "0.3", *[a.format(d=files) for a in extra])
+    res = _run(files, "--new-share", "0.2", *[a.format(d=files) for a in extra])
     assert res.exit_code == 2, res.output
     assert res.output.startswith("error:") and needle in res.output
     assert not (files / "sub.csv").exists()

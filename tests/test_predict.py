@@ -278,3 +278,32 @@ def test_centre_blend_report_and_per_species_flow_through_predict(trained, predi
                  manual, sample=data / "sample_submission.csv", thresholds=species)
     assert (out / "submission.csv").read_bytes() == manual.read_bytes()
     assert json.loads((out / "predict.json").read_text())["threshold_source"].startswith("--thresholds")
+
+
+def test_oof_blend_tunes_on_each_folds_own_head_centres(trained, predicted, tmp_path):
+    """tune --run --knn-ratio: a fold is blended with its checkpoint head's centres, the same as tuning
+    its OOF files with the exported class_centres.npz; out-of-fold files of other weights (fingerprint)
+    fall back to gallery means for every individual."""
+    from whalesub.ranking.store import load_embeddings, save_embeddings
+    from whalesub.workflows.oof import tune_folds
+    from whalesub.workflows.submit import tune_files
+
+    data, fold0 = trained["data"], trained["run"] / "fold0"
+    got = tune_folds([fold0], data / "train.csv", GRID, knn_ratio=0.5)
+    n_ind = pd.read_csv(data / "train.csv").set_index("image").loc[
+        np.unique(load_embeddings(fold0 / "oof_gallery.npz").ids), "individual_id"].nunique()
+    assert got["folds"][0]["centres"] == {"head": n_ind, "filled": 0}
+    assert got["scoring"] == {"kind": "blend", "knn_ratio": 0.5, "centre_k": 100, "k": 100}
+    want = tune_files(fold0 / "oof_gallery.npz", fold0 / "oof_embeddings.npz", data / "train.csv",
+                      fold0 / "oof_labels.csv", GRID, progress=False, knn_ratio=0.5,
+                      centres=[predicted / "models" / "run_fold0" / "class_centres.npz"])
+    assert [r["map5"] for r in got["table"]] == pytest.approx([r["map5"] for r in want["table"]], abs=1e-12)
+    stale = tmp_path / "fold0"
+    stale.mkdir()
+    shutil.copy(fold0 / "oof_labels.csv", stale)
+    shutil.copy(fold0 / "best.pt", stale)
+    for name in ("oof_gallery.npz", "oof_embeddings.npz"):
+        e = load_embeddings(fold0 / name)
+        save_embeddings(stale / name, e.ids, e.vectors, {**e.meta, "fingerprint": "other-weights"})
+    assert tune_folds([stale], data / "train.csv", GRID, knn_ratio=0.5)["folds"][0]["centres"] == {
+        "head": 0, "filled": n_ind}

@@ -127,20 +127,26 @@ def submit_command(
     candidates_out: Path | None = typer.Option(None, "--candidates-out", help="Also write each query's "
                                                "top candidates: image,rank,individual_id,score (CSV)."),
     candidates_n: int = typer.Option(5, "--candidates-n", help="Candidates per query in --candidates-out."),
+    threshold_knn_ratio: float | None = typer.Option(
+        None, "--threshold-knn-ratio", help="The --knn-ratio the --threshold was tuned at (default 1, kNN); "
+        "required, equal, with --threshold and --knn-ratio < 1."),
 ) -> None:
     """Rank every query against the gallery and write a validated submission.
 
     Exact cosine top-k (FAISS, GPU when present) -> best cosine per individual -> new_individual
     inserted with score THRESHOLD (an individual scoring exactly THRESHOLD stays ahead of it) -> five
     distinct labels per row. Gallery and queries must share dimension and model fingerprint.
-    Give --threshold, or --new-share to set it from the queries' own scores.
+    Give --threshold, or --new-share to set it from the queries' own scores. A threshold must come
+    from the same scoring: a --thresholds file tuned at another --knn-ratio is refused, and a bare
+    --threshold with --knn-ratio < 1 needs --threshold-knn-ratio (tune with the same --knn-ratio).
     """
     from whalesub.workflows.submit import submit_files
 
     _log_info_to_stderr()
     s = submit_files(gallery, queries, train_csv, threshold, out, k=k, sample=sample, new_share=new_share,
                      thresholds=thresholds, centres=centres, knn_ratio=knn_ratio, centre_k=centre_k,
-                     candidates_out=candidates_out, candidates_n=candidates_n)
+                     candidates_out=candidates_out, candidates_n=candidates_n,
+                     threshold_knn_ratio=threshold_knn_ratio)
     typer.echo(f"wrote {s['out']}: {s['rows']} rows; new_individual first in {s['new_first']} "
                f"({100 * s['new_first'] / max(s['rows'], 1):.1f}%), present in {s['new_any']}; "
                f"gallery {s['gallery_vectors']} vectors of {s['individuals']} individuals, k={s['k']}, "
@@ -169,23 +175,33 @@ def tune_command(
                                             "(of the top candidate); write this JSON for submit."),
     k0: float = typer.Option(20.0, "--k0", help="Shrinkage: a species with n queries gets n/(n+k0) x its own "
                              "best + k0/(n+k0) x the global threshold."),
+    centres: list[Path] | None = typer.Option(None, "--centres", help="class_centres.npz of export; repeat "
+                                              "in the order of embed's --model (not with --run: each fold "
+                                              "uses its own head)."),
+    knn_ratio: float = typer.Option(1.0, "--knn-ratio", help="r: tune on r x kNN + (1 - r) x centre cosine, "
+                                    "as submit --knn-ratio scores (1: kNN only)."),
+    centre_k: int | None = typer.Option(None, "--centre-k", help="Centres searched per query (default --k)."),
 ) -> None:
     """Choose the new_individual threshold: MAP@5 at every threshold of a grid, and the best.
 
     One ranking serves the whole grid (only new_individual's rank depends on the threshold).
     "new@1" is the share of rows with new_individual first: `whalesub predict` applies the best
-    row's share (not its raw cosine) to an ensemble's test scores.
+    row's share (not its raw cosine) to an ensemble's test scores. Tune with the scoring options
+    submit will use (--knn-ratio, --centres, --centre-k, --k): the result and the --per-species
+    file record it under "scoring", and submit refuses a file tuned on another scoring.
+    --json prints null where a value is undefined (e.g. MAP@5new without new queries).
     """
-    import json
-
     from whalesub.workflows.oof import tune_runs_or_files
+    from whalesub.workflows.scorefiles import describe_scoring, dumps_json
 
     _log_info_to_stderr()
     r = tune_runs_or_files(run, gallery, queries, truth, train_csv, grid=grid,
-                           target_new_share=target_new_share, k=k, per_species_out=per_species, k0=k0)
+                           target_new_share=target_new_share, k=k, per_species_out=per_species, k0=k0,
+                           centres=centres, knn_ratio=knn_ratio, centre_k=centre_k)
     if as_json:
-        typer.echo(json.dumps(r))
+        typer.echo(dumps_json(r))
         return
+    typer.echo(f"scoring: {describe_scoring(r['scoring'])}")
     fmt = "{:>9} {:>7} {:>10} {:>8} {:>9}"
     typer.echo(fmt.format("threshold", "MAP@5", "MAP@5known", "MAP@5new", "new@1"))
     for row in r["table"]:
@@ -554,7 +570,10 @@ def predict_command(
     thresholds: Path | None = typer.Option(None, "--thresholds", help="Per-species threshold file (`whalesub "
                                            "tune --per-species`) instead of the pooled share."),
     knn_ratio: float = typer.Option(1.0, "--knn-ratio", help="r x kNN + (1 - r) x class-centre cosine; "
-                                    "< 1 uses the exports' class_centres.npz."),
+                                    "< 1 uses the exports' class_centres.npz (and tunes on the same)."),
+    threshold_knn_ratio: float | None = typer.Option(
+        None, "--threshold-knn-ratio", help="The --knn-ratio the --threshold was tuned at (default 1, kNN); "
+        "required, equal, with --threshold and --knn-ratio < 1."),
     candidates_out: Path | None = typer.Option(None, "--candidates-out", help="Also write the candidate "
                                                "table (for `whalesub blend`)."),
     report: bool = typer.Option(False, "--report", help="Also write OUT/report.html (candidates and "
@@ -575,7 +594,8 @@ def predict_command(
     with _ray_runner(ray) as runner:
         r = predict(model, train_csv, train_images, test_images, out, sample=sample, truth=truth,
                     boxes=boxes, threshold=threshold, new_share=new_share, grid=grid, k=k, options=options,
-                    runner=runner, thresholds=thresholds, knn_ratio=knn_ratio, candidates_out=candidates_out)
+                    runner=runner, thresholds=thresholds, knn_ratio=knn_ratio, candidates_out=candidates_out,
+                    threshold_knn_ratio=threshold_knn_ratio)
     if report:
         from whalesub.core.atomic import atomic_write_text
         from whalesub.report.build import write_report

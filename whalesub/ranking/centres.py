@@ -2,8 +2,11 @@
 
 ``kNN score`` is :mod:`whalesub.ranking.rank`'s: the best cosine over the individual's gallery vectors;
 ``centre cosine`` is the cosine of the query to the individual's class centre (the ArcFace head's
-normalised mean sub-centre, ``class_centres.npz`` of an export). An individual without a centre
-scores its kNN score alone. ``r = 1`` is not computed here: callers use
+normalised mean sub-centre, ``class_centres.npz`` of an export). An individual without a head
+centre gets one from the same models (:func:`fill_centres`: the normalised mean of its gallery
+vectors, per model slice), so every individual is scored on one scale; :func:`rank_with_centres`
+still accepts ``has_centre`` False (scored by its kNN score alone, which sits above the blend and
+wins top-1 picks: the reason for the fill). ``r = 1`` is not computed here: callers use
 :func:`whalesub.ranking.rank.rank_queries`, so today's rankings stay bit-identical.
 
 Candidates (memory O(Q x (k + kc)), never Q x individuals), per query:
@@ -30,6 +33,7 @@ import numpy as np
 from whalesub.core.errors import ConfigError
 from whalesub.ranking.index import FlatIndex
 from whalesub.ranking.rank import PAD, TOP, batch_starts, individual_candidates
+from whalesub.ranking.vectors import average_groups, unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,35 @@ def check_ratio(ratio: float) -> float:
     if not np.isfinite(ratio) or not 0.0 <= ratio <= 1.0:
         raise ConfigError(f"--knn-ratio {ratio} must be within [0, 1] (1: kNN only, 0: class centres only)")
     return float(ratio)
+
+
+def fill_centres(blocks: list[np.ndarray], present: list[np.ndarray], gallery: np.ndarray,
+                 gallery_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-model centre blocks with gaps -> (centres [n_ind, D] f32, filled [n_ind, M] bool).
+
+    ``blocks[m]`` [n_ind, D_m] unit rows of model m's head centres (rows where ``present[m]``
+    [n_ind] bool is False are ignored); ``gallery`` [N, D] with D = sum D_m holds the models'
+    vectors side by side in the same order (as ``whalesub embed`` concatenates them), and
+    ``gallery_labels`` [N] codes in [0, n_ind). Where model m has no centre for an individual, the
+    normalised mean of that individual's gallery vectors in model m's slice (each row's slice
+    normalised first) takes its place. The blocks are then concatenated and divided by sqrt(M),
+    the scale of the combined queries. An individual whose vectors cancel out gets a zero block.
+    """
+    n_ind = blocks[0].shape[0] if blocks else 0
+    dims = [b.shape[1] for b in blocks]
+    if sum(dims) != gallery.shape[1]:
+        raise ConfigError(f"centre blocks have D={sum(dims)} in all but the gallery has D={gallery.shape[1]}")
+    out, filled, lo = [], np.zeros((n_ind, len(blocks)), dtype=bool), 0
+    for m, (block, has) in enumerate(zip(blocks, present, strict=True)):
+        block = np.array(block, dtype=np.float32)
+        if (~has).any():
+            means = average_groups(unit_rows(gallery[:, lo:lo + dims[m]], np.float64), gallery_labels, n_ind)
+            block[~has] = means[~has]
+            filled[:, m] = ~has
+        out.append(block)
+        lo += dims[m]
+    centres = np.concatenate(out, axis=1) / np.float32(np.sqrt(len(blocks)))
+    return centres.astype(np.float32), filled
 
 
 def _exact_knn(gallery_sorted, starts, sizes, queries, rows, codes, budget: int = 64 << 20) -> np.ndarray:

@@ -171,6 +171,18 @@ def tune_arrays(gallery: np.ndarray, gallery_label_strs, queries: np.ndarray, tr
         log.warning("%d queries are labelled with individuals absent from the gallery: they score 0 "
                     "(label them new_individual, as CV folds do, to tune for unseen animals)", unreachable)
     labels, scores = rank_queries(gallery, codes, queries, k, use_gpu=use_gpu, progress=progress)
+    return tune_candidates(labels, scores, truth, thresholds, target_new_share, k,
+                           class_species=class_species, k0=k0)
+
+
+def tune_candidates(labels: np.ndarray, scores: np.ndarray, truth: np.ndarray, thresholds: np.ndarray,
+                    target_new_share: float | None = None, k: int = 100, *, class_species=None,
+                    k0: float = 20.0) -> dict:
+    """:func:`tune_arrays` on ranked candidates (any scoring: kNN or blended) and truth codes.
+
+    ``labels``/``scores`` [Q, m] as in :func:`average_precision_grid`, ``truth`` [Q] from
+    :func:`truth_codes`; ``k`` is only reported. Returns the dict of :func:`tune_arrays`.
+    """
     found = grid_search(labels, scores, truth, thresholds)
     best = int(np.argmax(found.map5))
     result = {"n": int(truth.size), "n_new": int((truth == NEW).sum()), "k": int(k), "table": found.table(),

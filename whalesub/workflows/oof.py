@@ -12,6 +12,13 @@ Besides the best threshold, the result gives the share of pooled rows that put
 set: an ensemble of five models with the full training set as gallery has a different cosine
 scale than one model against an 80% gallery, while the share of test images showing new animals
 is a property of the data (see ``whalesub predict``).
+
+Blended scoring (``knn_ratio`` < 1, :mod:`whalesub.ranking.centres`): a fold's centres are its
+own ArcFace head's (read from the fold's checkpoint, used only when its model fingerprint equals
+the out-of-fold files'); individuals the head lacks, or every individual when the checkpoint
+is gone, stale or has no head, get the normalised mean of their gallery vectors
+(:func:`whalesub.ranking.centres.fill_centres`). So the threshold is tuned on the scores
+``submit --knn-ratio`` produces.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from whalesub.core.errors import ConfigError, DataError
+from whalesub.core.errors import ConfigError, DataError, WhalesubError
+from whalesub.ranking.centres import check_ratio, fill_centres, rank_with_centres
 from whalesub.ranking.rank import NEW, rank_queries
 from whalesub.ranking.store import load_embeddings
 from whalesub.ranking.threshold import grid_search, parse_grid, threshold_for_new_share, truth_codes
+from whalesub.workflows.scorefiles import scoring_stamp
 from whalesub.workflows.submit import load_ranking_inputs, read_truth_for, tune_files
 
 log = logging.getLogger(__name__)
@@ -74,16 +83,72 @@ def fold_fingerprint(fold_dir: Path) -> str:
     return str(load_embeddings(Path(fold_dir) / "oof_embeddings.npz").meta.get("fingerprint"))
 
 
+def fold_head_centres(fold_dir: Path, fingerprint: str | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ids [C] str, centres [C, D] f32) of a fold's checkpoint head, or None (logged why).
+
+    None when the checkpoint is missing or unreadable, has no ArcFace head, or its model
+    fingerprint differs from ``fingerprint`` (the out-of-fold files'): its centres would not be
+    on the scale of those vectors.
+    """
+    try:
+        from whalesub.models.export import model_fingerprint
+        from whalesub.models.sources import class_centres, load_source
+
+        src = load_source(fold_dir)
+        if fingerprint is not None and model_fingerprint(src.net, src.spec) != fingerprint:
+            log.warning("%s: checkpoint %s is not the model of the out-of-fold files (fingerprints differ): "
+                        "its head centres are not used", fold_dir, src.path)
+            return None
+        found = class_centres(src)
+    except (WhalesubError, ImportError, OSError) as exc:
+        log.warning("%s: no head centres (%s)", fold_dir, exc)
+        return None
+    return None if found is None else (found[0], found[1])
+
+
+def fold_centres(fold_dir: Path, data: dict) -> tuple[np.ndarray, dict]:
+    """Centres [n_ind, D] of a fold's individuals (head centres, gallery-mean fill) and a summary."""
+    classes = data["classes"]
+    block = np.zeros((classes.size, data["gallery"].shape[1]), dtype=np.float32)
+    present = np.zeros(classes.size, dtype=bool)
+    head = fold_head_centres(fold_dir, data["queries_file"].fingerprint)
+    if head is not None and head[1].shape[1] != block.shape[1]:
+        log.warning("%s: head centres have D=%d but the out-of-fold vectors D=%d: not used", fold_dir,
+                    head[1].shape[1], block.shape[1])
+        head = None
+    if head is not None:
+        pos = np.searchsorted(classes, head[0]).clip(0, classes.size - 1)
+        known = classes[pos] == head[0]
+        block[pos[known]], present[pos[known]] = head[1][known], True
+    centres, filled = fill_centres([block], [present], data["gallery"], data["gallery_labels"])
+    info = {"head": int(present.sum()), "filled": int(filled.sum())}
+    log.info("%s: class centres from the fold's head for %d individuals, gallery means for %d", fold_dir,
+             info["head"], info["filled"])
+    return centres, info
+
+
 def fold_candidates(fold_dir: Path, train_csv, k: int = 100, *, use_gpu: bool | None = None,
-                    progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    progress: bool = False, knn_ratio: float = 1.0, centre_k: int | None = None,
+                    info: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One fold ranked against its own gallery: candidate labels [Q, 5] int64, scores [Q, 5] f32 and
-    truth codes [Q] (indices into that fold's own individual table, NEW or UNREACHABLE)."""
+    truth codes [Q] (indices into that fold's own individual table, NEW or UNREACHABLE).
+
+    ``knn_ratio`` < 1: blended with the fold's centres (:func:`fold_centres`; their counts go
+    into ``info`` when given)."""
     fold_dir = Path(fold_dir)
     queries_path = fold_dir / "oof_embeddings.npz"
     data = load_ranking_inputs(fold_dir / "oof_gallery.npz", queries_path, train_csv)
     truth = read_truth_for(fold_dir / "oof_labels.csv", data["query_ids"].tolist(), queries_path)
-    labels, scores = rank_queries(data["gallery"], data["gallery_labels"], data["queries"], k,
-                                  use_gpu=use_gpu, progress=progress)
+    if check_ratio(knn_ratio) < 1:
+        centres, counts = fold_centres(fold_dir, data)
+        if info is not None:
+            info.update(counts)
+        labels, scores = rank_with_centres(data["gallery"], data["gallery_labels"], data["queries"], centres,
+                                           np.ones(centres.shape[0], bool), knn_ratio, k, centre_k=centre_k,
+                                           use_gpu=use_gpu, progress=progress)
+    else:
+        labels, scores = rank_queries(data["gallery"], data["gallery_labels"], data["queries"], k,
+                                      use_gpu=use_gpu, progress=progress)
     return labels, scores, truth_codes(truth, data["classes"])
 
 
@@ -96,32 +161,43 @@ def _best(labels, scores, truth, thresholds) -> dict:
 
 def tune_folds(fold_dirs: list[Path], train_csv, grid: str = "0.0:1.0:0.02",
                target_new_share: float | None = None, k: int = 100, *, use_gpu: bool | None = None,
-               progress: bool = False) -> dict:
+               progress: bool = False, knn_ratio: float = 1.0, centre_k: int | None = None) -> dict:
     """Pooled OOF threshold search over ``fold_dirs``.
 
     Returns the keys of :func:`whalesub.ranking.threshold.tune_arrays` (``n``, ``n_new``, ``k``, ``table``,
     ``best`` with threshold, map5 and new_share; ``target`` with ``target_new_share``) for the
     pooled rows, plus ``folds``: per fold its folder, model fingerprint, rows, truly new rows and
-    its own best (threshold, map5, new_share).
+    its own best (threshold, map5, new_share), and ``scoring``
+    (:func:`whalesub.workflows.scorefiles.scoring_stamp`). ``knn_ratio`` < 1 ranks each fold blended
+    with its own centres (the module docstring); each fold then also reports ``centres``: how
+    many individuals took the head's centre and how many the gallery mean.
     """
     thresholds = parse_grid(grid)
     if target_new_share is not None and not 0.0 <= target_new_share <= 1.0:
         raise ConfigError(f"--target-new-share {target_new_share} must be within [0, 1] (e.g. 0.165)")
     if not fold_dirs:
         raise ConfigError("no fold with out-of-fold files to tune on")
+    if k < 1:
+        raise ConfigError(f"--k {k} must be at least 1 (number of neighbours searched per query)")
+    if centre_k is not None and centre_k < 1:
+        raise ConfigError(f"--centre-k {centre_k} must be at least 1")
+    stamp = scoring_stamp(check_ratio(knn_ratio), centre_k, k)
     parts, folds = [], []
     for fold_dir in unique_folds(fold_dirs):
-        labels, scores, truth = fold_candidates(fold_dir, train_csv, k, use_gpu=use_gpu, progress=progress)
+        counts = {}
+        labels, scores, truth = fold_candidates(fold_dir, train_csv, k, use_gpu=use_gpu, progress=progress,
+                                                knn_ratio=knn_ratio, centre_k=centre_k, info=counts)
         own, _ = _best(labels, scores, truth, thresholds)
         folds.append({"fold": str(fold_dir), "fingerprint": fold_fingerprint(fold_dir), "n": int(truth.size),
-                      "n_new": int((truth == NEW).sum()), "best": own})
+                      "n_new": int((truth == NEW).sum()), "best": own,
+                      **({"centres": counts} if counts else {})})
         parts.append((labels, scores, truth))
         log.info("%s: %d queries, best threshold %.4f (MAP@5 %.4f, new first in %.1f%%)", fold_dir,
                  truth.size, own["threshold"], own["map5"], 100 * own["new_share"])
     labels, scores, truth = (np.concatenate(a) for a in zip(*parts, strict=True))
     best, found = _best(labels, scores, truth, thresholds)
     result = {"n": int(truth.size), "n_new": int((truth == NEW).sum()), "k": int(k), "table": found.table(),
-              "best": best, "folds": folds}
+              "best": best, "folds": folds, "scoring": stamp}
     if target_new_share is not None:
         t = threshold_for_new_share(scores, target_new_share)
         one = grid_search(labels, scores, truth, np.array([t]))
@@ -133,8 +209,13 @@ def tune_folds(fold_dirs: list[Path], train_csv, grid: str = "0.0:1.0:0.02",
 
 def tune_runs_or_files(runs: list[Path] | None, gallery, queries, truth, train_csv, *, grid: str,
                        target_new_share: float | None, k: int, per_species_out=None,
-                       k0: float = 20.0) -> dict:
-    """``whalesub tune``: pooled over the folds of ``runs``, or one gallery/queries/truth triple."""
+                       k0: float = 20.0, centres=None, knn_ratio: float = 1.0,
+                       centre_k: int | None = None) -> dict:
+    """``whalesub tune``: pooled over the folds of ``runs``, or one gallery/queries/truth triple.
+
+    ``knn_ratio``, ``centre_k``, ``k`` (and ``centres`` for the triple) choose the scoring, as for
+    ``whalesub submit``; with ``runs`` each fold uses its own centres (:func:`fold_centres`).
+    """
     single = {"--gallery": gallery, "--queries": queries, "--truth": truth}
     if runs:
         if given := [name for name, v in single.items() if v is not None]:
@@ -142,10 +223,15 @@ def tune_runs_or_files(runs: list[Path] | None, gallery, queries, truth, train_c
         if per_species_out is not None:
             raise ConfigError("--per-species tunes on one gallery/queries/truth triple (e.g. a fold's "
                               "oof_gallery.npz, oof_embeddings.npz, oof_labels.csv), not on --run")
+        if centres:
+            raise ConfigError("--run blends each fold with its own head's centres (gallery means where it "
+                              "has none); drop --centres, which is for --gallery/--queries/--truth")
         folds = unique_folds(f for run in runs for f in find_oof_folds(run))
-        return tune_folds(folds, train_csv, grid, target_new_share, k, progress=True)
+        return tune_folds(folds, train_csv, grid, target_new_share, k, progress=True,
+                          knn_ratio=knn_ratio, centre_k=centre_k)
     if missing := [name for name, v in single.items() if v is None]:
         raise ConfigError(f"give --run runs/NAME (pooled out-of-fold tuning), or all of --gallery, --queries "
                           f"and --truth; missing: {', '.join(missing)}")
     return tune_files(gallery, queries, train_csv, truth, grid=grid, target_new_share=target_new_share, k=k,
-                      per_species_out=per_species_out, k0=k0)
+                      per_species_out=per_species_out, k0=k0, centres=centres, knn_ratio=knn_ratio,
+                      centre_k=centre_k)

@@ -69,8 +69,8 @@ from whalesub.workflows.decision import (
     scoring_of,
 )
 from whalesub.workflows.oof import fold_fingerprint, has_oof, tune_folds, unique_folds
-from whalesub.workflows.scorefiles import read_thresholds
-from whalesub.workflows.submit import submit_files
+from whalesub.workflows.scorefiles import dumps_json, read_thresholds
+from whalesub.workflows.submit import check_threshold_inputs, submit_files
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,8 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
     per_species = submit_extra.pop("thresholds", None)
     if sum(x is not None for x in (threshold, new_share, per_species)) > 1:
         raise ConfigError("give at most one of --threshold, --new-share and --thresholds")
+    check_threshold_inputs(threshold, per_species, submit_extra.get("knn_ratio", 1.0),
+                           submit_extra.get("centre_k"), k, submit_extra.get("threshold_knn_ratio"))
     options = options or EmbedOptions()
     if options.box_type is not None and boxes is None:
         raise ConfigError("--box-type needs --boxes CSV")
@@ -271,8 +273,8 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
         summary["threshold_source"] = f"--thresholds {per_species}"
         rule = per_species_rule(per_species)
     elif threshold is None and new_share is None:
-        tuned = tune_folds(folds, train_csv, grid, k=k)
-        atomic_write_text(out / "tune.json", json.dumps(tuned, indent=1) + "\n")
+        tuned = tune_folds(folds, train_csv, grid, k=k, knn_ratio=knn_ratio, centre_k=centre_k)
+        atomic_write_text(out / "tune.json", dumps_json(tuned, indent=1) + "\n")
         new_share = tuned["best"]["new_share"]
         best = tuned["best"]
         summary["threshold_source"] = (f"pooled out-of-fold share over {len(folds)} folds (OOF threshold "
@@ -523,7 +525,8 @@ def rank_by_decision(data: dict, decision: dict, decision_path, *, n_max: int = 
         return rank_queries(data["gallery"], data["gallery_labels"], data["queries"], k, n_max,
                             use_gpu=use_gpu, progress=progress)
     centres = [resolve(decision_path, c) for c in scoring["centres"]]
-    mat, has = load_centres(centres, data["classes"], data["queries_file"])
+    mat, has = load_centres(centres, data["classes"], data["queries_file"], data["gallery"],
+                            data["gallery_labels"])
     return rank_with_centres(data["gallery"], data["gallery_labels"], data["queries"], mat, has,
                              float(scoring["knn_ratio"]), k, n_max, centre_k=scoring.get("centre_k"),
                              use_gpu=use_gpu, progress=progress)

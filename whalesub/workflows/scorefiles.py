@@ -3,10 +3,18 @@
 Threshold file (JSON, written by ``whalesub tune --per-species FILE``, read by ``submit --thresholds``)::
 
     {"format": "whalesub.thresholds", "format_version": 1, "global": 0.52, "k0": 20.0,
+     "scoring": {"kind": "knn", "knn_ratio": 1.0, "centre_k": null, "k": 100},
      "species": {"beluga": {"threshold": 0.61, "raw_threshold": 0.64, "n": 310, ...}, ...}}
 
 A hand-written file may give a species as a bare number (``"beluga": 0.61``); ``global`` is
 required: it is used for species absent from the file and for rows without candidates.
+
+Scoring stamp: a threshold only means something on the scores it was tuned on. ``tune`` records
+:func:`scoring_stamp` (``kind`` "knn" at ``knn_ratio`` 1, else "blend"; ``centre_k`` and ``k``)
+under ``"scoring"`` in tune.json and threshold files; :func:`check_scoring` refuses a file tuned
+on another scoring than the one requested. Only ``kind`` and ``knn_ratio`` must agree: both
+rankings are exact, so ``k`` and ``centre_k`` are recorded but do not change the scores. A file
+without a stamp (older files, hand-written ones) counts as plain kNN.
 
 Candidate table (CSV, ``submit --candidates-out``): one row per (query image, candidate):
 ``image, rank (1 = best), individual_id, score`` (float32 score written so that it reads back
@@ -19,6 +27,7 @@ import csv
 import io
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +36,7 @@ import pandas as pd
 from whalesub.core.atomic import atomic_write_text
 from whalesub.core.errors import ConfigError, DataError, first_few
 from whalesub.data.contract import describe_lines, read_table
+from whalesub.ranking.centres import fill_centres
 from whalesub.ranking.rank import PAD
 from whalesub.ranking.store import Embeddings, combined_fingerprint, load_embeddings, unit_float32
 
@@ -36,10 +46,92 @@ THRESHOLDS_FORMAT = "whalesub.thresholds"
 CANDIDATE_COLUMNS = ("image", "rank", "individual_id", "score")
 
 
-def write_thresholds(path, per_species: dict) -> Path:
-    """Write :func:`whalesub.ranking.threshold.tune_per_species`'s result as a threshold file, atomically."""
-    doc = {"format": THRESHOLDS_FORMAT, "format_version": 1, **per_species}
-    atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+RATIO_TOL = 1e-9  # knn_ratio values closer than this are the same scoring
+
+
+def scoring_stamp(knn_ratio: float = 1.0, centre_k: int | None = None, k: int = 100) -> dict:
+    """The scoring a threshold was tuned on / is applied to: ``{"kind", "knn_ratio", "centre_k", "k"}``.
+
+    ``kind`` is "knn" at ``knn_ratio`` 1 (``centre_k`` then None), else "blend" (``centre_k``
+    defaults to ``k``, as in :func:`whalesub.ranking.centres.rank_with_centres`).
+    """
+    r = float(knn_ratio)
+    blend = r < 1.0
+    return {"kind": "blend" if blend else "knn", "knn_ratio": r,
+            "centre_k": (int(k if centre_k is None else centre_k)) if blend else None, "k": int(k)}
+
+
+def _check_stamp(stamp, source: str) -> dict:
+    """A stamp read from ``source``; None (no stamp) is plain kNN; a malformed one is a DataError."""
+    if stamp is None:
+        return scoring_stamp(1.0)
+    ratio = stamp.get("knn_ratio") if isinstance(stamp, dict) else None
+    if (not isinstance(stamp, dict) or stamp.get("kind") not in ("knn", "blend") or isinstance(ratio, bool)
+            or not isinstance(ratio, int | float) or not 0.0 <= ratio <= 1.0
+            or (stamp["kind"] == "knn") != (ratio == 1.0)):
+        raise DataError(f"{source}: 'scoring' must be {{\"kind\": \"knn\" | \"blend\", \"knn_ratio\": r in "
+                        f"[0, 1] (1 exactly for knn), ...}}, got {stamp!r}; re-tune with `whalesub tune`")
+    return stamp
+
+
+def describe_scoring(stamp: dict) -> str:
+    """``"kNN scores (knn_ratio 1)"`` / ``"blended scores (knn_ratio 0.5)"``."""
+    kind = "kNN" if stamp["kind"] == "knn" else "blended"
+    return f"{kind} scores (knn_ratio {float(stamp['knn_ratio']):g})"
+
+
+def check_scoring(stamp: dict | None, wanted: dict, source) -> None:
+    """ConfigError unless ``stamp`` (read from ``source``; None = plain kNN) is the scoring ``wanted``.
+
+    Compares ``kind`` and ``knn_ratio`` (see the module docstring); one line naming the file and both.
+    """
+    have = _check_stamp(stamp, str(source))
+    gap = abs(float(have["knn_ratio"]) - float(wanted["knn_ratio"]))
+    if have["kind"] != wanted["kind"] or gap > RATIO_TOL:
+        raise ConfigError(f"{source} was tuned on {describe_scoring(have)} but "
+                          f"{describe_scoring(wanted)} were requested: re-tune with `whalesub tune ... "
+                          f"--knn-ratio {float(wanted['knn_ratio']):g}` or request --knn-ratio "
+                          f"{float(have['knn_ratio']):g}")
+
+
+def check_threshold_scoring(threshold_knn_ratio: float | None, wanted: dict) -> None:
+    """A bare ``--threshold`` number carries no stamp: it counts as tuned on plain kNN unless the user
+    states the ``--knn-ratio`` it was tuned at (``threshold_knn_ratio``); ConfigError unless that is
+    the scoring ``wanted``. So ``--threshold`` with ``--knn-ratio`` < 1 needs
+    ``--threshold-knn-ratio`` equal to it (the explicit acknowledgement)."""
+    have = scoring_stamp(1.0 if threshold_knn_ratio is None else threshold_knn_ratio)
+    if have["kind"] != wanted["kind"] or abs(have["knn_ratio"] - float(wanted["knn_ratio"])) > RATIO_TOL:
+        said = "taken as tuned" if threshold_knn_ratio is None else "stated (--threshold-knn-ratio) as tuned"
+        raise ConfigError(f"--threshold is {said} on {describe_scoring(have)} but {describe_scoring(wanted)} "
+                          f"were requested: tune it with `whalesub tune ... --knn-ratio "
+                          f"{float(wanted['knn_ratio']):g}` and pass --threshold-knn-ratio "
+                          f"{float(wanted['knn_ratio']):g}, or use --new-share")
+
+
+def json_ready(obj):
+    """``obj`` with every NaN/inf float replaced by None (JSON null), so ``json.dumps`` writes valid JSON."""
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj, **kwargs) -> str:
+    """``json.dumps`` of :func:`json_ready` ``(obj)``, refusing NaN (never invalid JSON)."""
+    return json.dumps(json_ready(obj), allow_nan=False, **kwargs)
+
+
+def write_thresholds(path, per_species: dict, scoring: dict | None = None) -> Path:
+    """Write :func:`whalesub.ranking.threshold.tune_per_species`'s result as a threshold file, atomically.
+
+    ``scoring``: the :func:`scoring_stamp` the thresholds were tuned on (default: plain kNN).
+    """
+    doc = {"format": THRESHOLDS_FORMAT, "format_version": 1, **per_species,
+           "scoring": scoring if scoring is not None else scoring_stamp(1.0)}
+    atomic_write_text(path, dumps_json(doc, indent=2, sort_keys=True) + "\n")
     return Path(path)
 
 
@@ -52,8 +144,12 @@ def _threshold_value(value, key: str, path) -> float:
     return float(value)
 
 
-def read_thresholds(path) -> tuple[float, dict[str, float]]:
-    """(global threshold, {species: threshold}) from a threshold file; DataError naming the key."""
+def read_thresholds(path, scoring: dict | None = None) -> tuple[float, dict[str, float]]:
+    """(global threshold, {species: threshold}) from a threshold file; DataError naming the key.
+
+    ``scoring``: the :func:`scoring_stamp` requested; a file tuned on another is a ConfigError
+    (:func:`check_scoring`; a file without a stamp counts as plain kNN).
+    """
     path = Path(path)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -68,17 +164,24 @@ def read_thresholds(path) -> tuple[float, dict[str, float]]:
     species = doc.get("species", {})
     if not isinstance(species, dict):
         raise DataError(f"threshold file {str(path)!r}: 'species' must be an object species -> threshold")
+    if scoring is not None:
+        check_scoring(doc.get("scoring"), scoring, f"threshold file {str(path)!r}")
     return (_threshold_value(doc["global"], "'global'", path),
             {str(k): _threshold_value(v, f"species {k!r}", path) for k, v in species.items()})
 
 
-def load_centres(paths, classes: np.ndarray, queries: Embeddings) -> tuple[np.ndarray, np.ndarray]:
+def load_centres(paths, classes: np.ndarray, queries: Embeddings, gallery: np.ndarray | None = None,
+                 gallery_labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Class-centre files -> (centres [n_ind, D] f32, has_centre [n_ind] bool), rows = ``classes``.
 
     Several files (one per model, in the order of ``embed --model``) are concatenated and
-    renormalised like the embeddings (each block unit, then / sqrt(files)). An individual needs
-    a centre in every file; the others have none (they score by kNN alone). The dimensions and
-    the combined fingerprint must match the queries'.
+    renormalised like the embeddings (each block unit, then / sqrt(files)). With ``gallery``
+    [N, D] and ``gallery_labels`` [N] codes, a centre a file lacks is filled with the normalised
+    mean of the individual's gallery vectors in that model's slice
+    (:func:`whalesub.ranking.centres.fill_centres`), so every individual has one (``has_centre``
+    all True) and is scored on the same scale. Without them an individual needs a centre in every
+    file; the others have none (they score by kNN alone). The dimensions and the combined
+    fingerprint must match the queries'.
     """
     files = [load_embeddings(p) for p in paths]
     where = ", ".join(repr(str(p)) for p in paths)
@@ -95,7 +198,7 @@ def load_centres(paths, classes: np.ndarray, queries: Embeddings) -> tuple[np.nd
     else:
         log.warning("no fingerprint on the centres or queries: cannot check that they share the models")
     has = np.ones(classes.size, dtype=bool)
-    blocks = []
+    blocks, presents = [], []
     for f in files:
         if np.unique(f.ids).size != len(f):
             raise DataError(f"class centres {str(f.path)!r} repeat individual ids; one centre per individual")
@@ -114,6 +217,14 @@ def load_centres(paths, classes: np.ndarray, queries: Embeddings) -> tuple[np.nd
         present[pos[known]] = True
         has &= present
         blocks.append(block)
+        presents.append(present)
+    if gallery is not None:
+        centres, filled = fill_centres(blocks, presents, gallery, gallery_labels)
+        if filled.any():
+            log.info("%d of %d individuals lack a head centre in some of the %d centre files: those are "
+                     "filled with the mean of their gallery vectors (per model)",
+                     int(filled.any(axis=1).sum()), classes.size, len(files))
+        return centres, np.ones(classes.size, dtype=bool)
     centres = (np.concatenate(blocks, axis=1) / np.float32(np.sqrt(len(files)))).astype(np.float32)
     if (~has).any():
         log.info("%d of %d individuals have no class centre in every file: they score by kNN alone",

@@ -33,12 +33,16 @@ from whalesub.ranking.threshold import (
     parse_grid,
     row_thresholds,
     threshold_for_new_share,
+    truth_codes,
     tune_arrays,
+    tune_candidates,
 )
 from whalesub.workflows.scorefiles import (
     check_output_path,
+    check_threshold_scoring,
     load_centres,
     read_thresholds,
+    scoring_stamp,
     write_candidates,
     write_thresholds,
 )
@@ -98,7 +102,8 @@ def check_against_sample(query_ids: np.ndarray, sample, queries_path) -> list[st
 def submit_files(gallery_path, queries_path, train_csv, threshold: float | None, out, k: int = 100,
                  sample=None, *, new_share: float | None = None, use_gpu: bool | None = None,
                  progress: bool = True, thresholds=None, centres=None, knn_ratio: float = 1.0,
-                 centre_k: int | None = None, candidates_out=None, candidates_n: int = TOP) -> dict:
+                 centre_k: int | None = None, candidates_out=None, candidates_n: int = TOP,
+                 threshold_knn_ratio: float | None = None) -> dict:
     """Rank the queries against the gallery and write a validated submission CSV to ``out``.
 
     Give exactly one of ``threshold`` (a cosine in [-1, 1]) or ``new_share``: the threshold is
@@ -113,6 +118,11 @@ def submit_files(gallery_path, queries_path, train_csv, threshold: float | None,
     (:mod:`whalesub.ranking.centres`, ``centre_k`` centres searched per query, default ``k``); r = 1 is
     today's kNN ranking, unchanged. ``candidates_out``: also write every query's best
     ``candidates_n`` candidates with their scores (a table for ``whalesub blend``).
+
+    A threshold only fits the scores it was tuned on: a ``thresholds`` file tuned on another
+    scoring (its ``"scoring"`` stamp; none = plain kNN) is refused, and so is a bare ``threshold``
+    with ``knn_ratio`` < 1 unless ``threshold_knn_ratio`` (the ratio it was tuned at) equals it
+    (:mod:`whalesub.workflows.scorefiles`). ``new_share`` needs no such check.
     """
     if sum(x is not None for x in (threshold, new_share, thresholds)) != 1:
         raise ConfigError("give exactly one of --threshold (a cosine in [-1, 1]), --new-share "
@@ -132,7 +142,8 @@ def submit_files(gallery_path, queries_path, train_csv, threshold: float | None,
                           "class_centres.npz (one per model, from `whalesub export`)")
     if candidates_n < 1:
         raise ConfigError(f"--candidates-n {candidates_n} must be at least 1")
-    by_species = read_thresholds(thresholds) if thresholds is not None else None
+    wanted, by_species = check_threshold_inputs(threshold, thresholds, knn_ratio, centre_k, k,
+                                                threshold_knn_ratio)
     data = load_ranking_inputs(gallery_path, queries_path, train_csv)
     query_ids = data["query_ids"]
     images = check_against_sample(query_ids, sample, queries_path) if sample is not None else None
@@ -163,17 +174,33 @@ def submit_files(gallery_path, queries_path, train_csv, threshold: float | None,
     summary = {"out": str(out), "rows": len(images), "new_first": int((codes[:, 0] == NEW).sum()),
                "new_any": int((codes == NEW).any(axis=1).sum()), "individuals": int(data["classes"].size),
                "gallery_vectors": int(data["gallery"].shape[0]), "threshold": threshold, "k": int(k),
-               "knn_ratio": float(knn_ratio)}
+               "knn_ratio": float(knn_ratio), "scoring": wanted}
     log.info("wrote %(out)s: %(rows)d rows, new_individual first in %(new_first)d, present in %(new_any)d",
              summary)
     return summary
+
+
+def check_threshold_inputs(threshold, thresholds, knn_ratio: float, centre_k: int | None, k: int,
+                           threshold_knn_ratio: float | None):
+    """The scoring stamp requested and the threshold file read (or None), refusing a threshold tuned
+    on another scoring (:func:`whalesub.workflows.scorefiles.check_scoring`,
+    :func:`~whalesub.workflows.scorefiles.check_threshold_scoring`). Cheap: run it before long work."""
+    wanted = scoring_stamp(check_ratio(knn_ratio), centre_k, k)
+    if threshold is not None:
+        check_threshold_scoring(None if threshold_knn_ratio is None else check_ratio(threshold_knn_ratio),
+                                wanted)
+    elif threshold_knn_ratio is not None:
+        raise ConfigError("--threshold-knn-ratio states the scoring a --threshold number was tuned on; "
+                          "give it only with --threshold")
+    return wanted, (read_thresholds(thresholds, scoring=wanted) if thresholds is not None else None)
 
 
 def _rank(data: dict, k: int, n_max: int, centres, knn_ratio: float, centre_k: int | None, *,
           use_gpu: bool | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """Candidates [Q, n_max]: kNN (:func:`rank_queries`) at r = 1, else blended with the class centres."""
     if centres:
-        mat, has = load_centres(centres, data["classes"], data["queries_file"])
+        mat, has = load_centres(centres, data["classes"], data["queries_file"], data["gallery"],
+                                data["gallery_labels"])
     if knn_ratio == 1.0:
         if centres:
             log.info("--knn-ratio 1: the class centres are checked but not used (kNN only)")
@@ -187,24 +214,41 @@ def _rank(data: dict, k: int, n_max: int, centres, knn_ratio: float, centre_k: i
 
 def tune_files(gallery_path, queries_path, train_csv, truth_csv, grid: str = "0.0:1.0:0.02",
                target_new_share: float | None = None, k: int = 100, *, use_gpu: bool | None = None,
-               progress: bool = True, per_species_out=None, k0: float = 20.0) -> dict:
+               progress: bool = True, per_species_out=None, k0: float = 20.0, centres=None,
+               knn_ratio: float = 1.0, centre_k: int | None = None) -> dict:
     """:func:`tune_arrays` on embedding files, ``train.csv`` and a truth CSV.
 
     ``truth_csv``: ``image,individual_id`` for every query image (``new_individual`` for animals
     not in the gallery); images missing on either side are an error naming them.
     ``per_species_out``: also tune per-species thresholds (shrinkage ``k0``) and write that file.
+    ``centres``, ``knn_ratio``, ``centre_k``, ``k``: the scoring, as for :func:`submit_files`, so
+    that blended scores are tuned on blended scores; the result (and the per-species file) carries
+    its :func:`whalesub.workflows.scorefiles.scoring_stamp` under ``"scoring"``.
     """
     thresholds = parse_grid(grid)
     check_output_path(per_species_out, "--per-species")
     if target_new_share is not None:
         check_new_share(target_new_share, "--target-new-share")
+    if k < 1:
+        raise ConfigError(f"--k {k} must be at least 1 (number of neighbours searched per query)")
+    if check_ratio(knn_ratio) < 1 and not centres:
+        raise ConfigError(f"--knn-ratio {knn_ratio} below 1 needs class centres: pass --centres "
+                          "class_centres.npz (one per model, from `whalesub export`)")
+    stamp = scoring_stamp(knn_ratio, centre_k, k)
     data = load_ranking_inputs(gallery_path, queries_path, train_csv)
     truth = read_truth_for(truth_csv, data["query_ids"].tolist(), queries_path)
-    result = tune_arrays(data["gallery"], data["classes"][data["gallery_labels"]], data["queries"],
-                         truth, thresholds, target_new_share, k, use_gpu=use_gpu, progress=progress, k0=k0,
-                         class_species=data["class_species"] if per_species_out is not None else None)
+    species = data["class_species"] if per_species_out is not None else None
+    if knn_ratio == 1.0 and not centres:
+        result = tune_arrays(data["gallery"], data["classes"][data["gallery_labels"]], data["queries"],
+                             truth, thresholds, target_new_share, k, use_gpu=use_gpu, progress=progress,
+                             k0=k0, class_species=species)
+    else:
+        labels, scores = _rank(data, k, TOP, centres, knn_ratio, centre_k, use_gpu=use_gpu, progress=progress)
+        result = tune_candidates(labels, scores, truth_codes(truth, data["classes"]), thresholds,
+                                 target_new_share, k, class_species=species, k0=k0)
+    result["scoring"] = stamp
     if per_species_out is not None:
-        write_thresholds(per_species_out, result["per_species"])
+        write_thresholds(per_species_out, result["per_species"], scoring=stamp)
     return result
 
 
