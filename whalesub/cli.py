@@ -519,6 +519,12 @@ def predict_command(
     typer.echo(f"wrote {s['out']}: {s['rows']} rows, {len(r['models'])} models, threshold "
                f"{s['threshold']:.4f} ({r['threshold_source']}); new_individual first in "
                f"{100 * s['new_first'] / max(s['rows'], 1):.1f}%")
+    oof = ("no out-of-fold files" if r.get("oof_new_share") is None else
+           f"{100 * r['oof_new_share']:.1f}% of {r['oof_queries']} out-of-fold queries")
+    typer.echo(f"new animals: {oof}; new_individual first applied to "
+               f"{100 * s['new_first'] / max(s['rows'], 1):.1f}% of test rows")
+    for line in r.get("warnings", []):
+        typer.echo(f"warning: {line}")
     if "score" in r:
         typer.echo(f"MAP@5 {r['score']['map5']:.4f} (known {r['score']['map5_known']}, "
                    f"new {r['score']['map5_new']})")

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from whalesub.core.errors import ConfigError, DataError
+from whalesub.data.contract import NEW_INDIVIDUAL, read_truth
 from whalesub.ranking.rank import NEW, rank_queries
 from whalesub.ranking.store import load_embeddings
 from whalesub.ranking.threshold import grid_search, parse_grid, threshold_for_new_share, truth_codes
@@ -53,6 +54,28 @@ def find_oof_folds(run_dir: str | Path) -> list[Path]:
         log.warning("%s: folds without out-of-fold files are left out: %s", run_dir,
                     ", ".join(p.name for p in folds if p not in with_oof))
     return with_oof
+
+
+def oof_new_counts(fold_dirs: list[Path]) -> dict:
+    """How many out-of-fold queries show an animal absent from their fold's training part.
+
+    Reads only each fold's ``oof_labels.csv`` (cheap: no ranking). Returns ``n`` (queries), ``n_new``
+    and ``share`` (n_new / n; 0.0 without queries). With ``n_new == 0`` every pooled threshold search
+    learns "never predict new_individual first", whatever the test set holds.
+    """
+    n = n_new = 0
+    for fold_dir in fold_dirs:
+        truth = read_truth(Path(fold_dir) / "oof_labels.csv")
+        n += len(truth)
+        n_new += int((truth["individual_id"] == NEW_INDIVIDUAL).sum())
+    return {"n": n, "n_new": n_new, "share": n_new / n if n else 0.0}
+
+
+def no_new_message(counts: dict, n_folds: int) -> str:
+    """The warning for out-of-fold queries without a new animal (see :func:`oof_new_counts`)."""
+    return (f"the out-of-fold queries of {n_folds} fold(s) hold no new animal ({counts['n']} queries): a "
+            "share of new_individual tuned on them says nothing about the test set; retrain with "
+            "target_new_share (e.g. 0.165, python -m train --target_new_share=0.165) or pass --new-share")
 
 
 def fold_fingerprint(fold_dir: Path) -> str:

@@ -22,7 +22,11 @@ Threshold (in this order): ``threshold`` (a cosine), ``new_share`` (a share of t
 share of rows that put ``new_individual`` first at the best threshold of the pooled out-of-fold
 search over the models' folds, applied to the test set's own ensemble scores. A raw cosine tuned
 on one model against an 80% gallery does not transfer to a several-model ensemble with the full
-gallery; a share of new animals does.
+gallery; a share of new animals does. ``predict.json`` records, beside the share applied, the share of
+out-of-fold queries that truly show new animals (``oof_new_share``): when it is 0 (folds without
+singletons or held-out animals) the pooled share carries no information, so the default is refused
+(pass ``new_share`` or ``threshold``, or retrain with ``target_new_share``); with an explicit
+choice it is a warning in ``warnings``.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from whalesub.models.export import (
 from whalesub.models.sources import load_source, resolve_checkpoint
 from whalesub.ranking.store import combined_fingerprint, load_embeddings
 from whalesub.ranking.submission import check_submission_file, score_submission
-from whalesub.workflows.oof import has_oof, tune_folds
+from whalesub.workflows.oof import has_oof, no_new_message, oof_new_counts, tune_folds
 from whalesub.workflows.submit import submit_files
 
 log = logging.getLogger(__name__)
@@ -183,6 +187,13 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
     if threshold is None and new_share is None and per_species is None and not folds:  # before the long work
         raise ConfigError("none of the models has out-of-fold files (fold*/oof_*.npz) to choose the "
                           "threshold on: pass --threshold or --new-share (e.g. 0.165)")
+    oof = oof_new_counts(folds) if folds else None
+    warnings = []
+    if oof is not None and oof["n_new"] == 0:
+        if threshold is None and new_share is None and per_species is None:
+            raise ConfigError(f"cannot choose the new_individual share: {no_new_message(oof, len(folds))}")
+        warnings.append(no_new_message(oof, len(folds)))
+        log.warning(warnings[-1])
     parity = pick_parity_images(train_images)
     exports = [ensure_export(s, out / "models", fp16=options.fp16, parity_images=parity) for s in sources]
     emb = out / "embeddings"
@@ -193,7 +204,9 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
     summary = {"models": [{"name": s.name, "source": str(s.path), "export": str(e),
                            "fingerprint": export_fingerprint(e)}
                           for s, e in zip(sources, exports, strict=True)],
-               "gallery": str(gallery), "queries": str(queries)}
+               "gallery": str(gallery), "queries": str(queries),
+               "oof_queries": None if oof is None else oof["n"],
+               "oof_new_share": None if oof is None else oof["share"], "warnings": warnings}
     if submit_extra.get("knn_ratio", 1.0) < 1.0 and submit_extra.get("centres") is None:
         submit_extra["centres"] = [e / CENTRES for e in exports]
         if missing := [str(c) for c in submit_extra["centres"] if not c.is_file()]:
