@@ -375,16 +375,23 @@ def pseudo_label_command(
     min_margin: float = typer.Option(0.05, "--min-margin", help="...and beat the second best by this."),
     truth: Path | None = typer.Option(None, "--truth", help="Truth CSV (synthetic data): report precision."),
     k: int = typer.Option(100, "--k", help="Neighbours searched per query."),
+    folds: Path | None = typer.Option(None, "--folds", help="The run's folds.csv: rank once per fold "
+                                      "without its validation images; OUT gets a fold column."),
 ) -> None:
     """Confident test predictions as extra training rows (python -m train --pseudo_csv=OUT)."""
     from whalesub.workflows.pseudo import pseudo_label_files
 
     _log_info_to_stderr()
     s = pseudo_label_files(gallery, queries, train_csv, out, min_score=min_score, min_margin=min_margin,
-                           truth=truth, k=k)
+                           truth=truth, k=k, folds=folds)
     typer.echo(f"wrote {s['out']}: {s['selected']} of {s['queries']} test images "
                f"({100 * s['share']:.1f}%)" + (f"; precision {s['precision']:.3f}"
                                                if s.get("precision") is not None else ""))
+    for part in s.get("per_fold", []):
+        if part["fold"] >= 0:
+            precision = part.get("precision")
+            typer.echo(f"fold {part['fold']}: {part['selected']} rows (gallery without its validation images)"
+                       + (f"; precision {precision:.3f}" if precision is not None else ""))
 
 
 # --- report (whalesub.report.build) ----------------------------------------------------------------------
