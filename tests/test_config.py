@@ -117,3 +117,14 @@ def test_os_errors_in_a_run_are_one_message_and_exit_2(tmp_path, monkeypatch, ca
     assert train.fit.main(["--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Not a directory" in err and "afile" in err
+
+
+def test_target_new_share_is_checked_and_excludes_holdout_individuals():
+    assert load_config(["--target_new_share=0.165"]).target_new_share == pytest.approx(0.165)
+    assert TrainConfig().target_new_share is None  # off by default: old recipes split as before
+    with pytest.raises(ConfigError) as err:
+        make_config({"target_new_share": 0.2, "holdout_individuals": 0.1})
+    assert "not both" in str(err.value.problems)
+    with pytest.raises(ConfigError) as err:
+        make_config({"target_new_share": 1.5})
+    assert "target_new_share" in str(err.value.problems) and "[0, 1)" in str(err.value.problems)

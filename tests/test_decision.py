@@ -131,7 +131,9 @@ def test_predict_writes_what_it_submitted(trained, blend, tmp_path):  # noqa: F8
     rule = d["new_individual"]
     tuned = json.loads((blend / "tune.json").read_text())
     assert rule["rule"] == "share" and rule["new_share"] == tuned["best"]["new_share"]
-    assert rule["oof_share"]["folds"] == 2 and rule["tuned_on"]["kind"] == "knn"  # tune.json: no stamp
+    # the pooled share was tuned on the submitted scoring (tune.json's stamp: the same blend)
+    assert rule["oof_share"]["folds"] == 2 and rule["tuned_on"]["kind"] == "blend"
+    assert rule["tuned_on"]["knn_ratio"] == 0.5 and tuned["scoring"]["knn_ratio"] == 0.5
     assert (d["gallery"]["tta"], d["gallery"]["flip_views"], d["queries"]["tta"]) == ("none", True, "flip")
     train = pd.read_csv(trained["data"] / "train.csv")
     assert d["gallery"]["n"] == len(train)

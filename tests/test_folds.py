@@ -194,3 +194,71 @@ def test_real_nyala_folds(nyala):
     assert (plain["new_share"] == 0).all()  # nyala has no singletons: nothing new without holdout
     held = fold_summary(_folds_quietly(df, n_folds=5, seed=42, holdout_individuals=0.2))
     assert held["new_share"].between(0.05, 0.45).all(), held  # its test set is 19.9% new
+
+
+# --- target_new_share: the OOF share of new animals as a setting ----------------------------------------
+
+
+def _pooled_new_share_brute_force(out: pd.DataFrame) -> tuple[float, list[float]]:
+    """Share of validation images whose animal is absent from that fold's training part, by plain Python
+    (pooled over folds, and per fold), without split_fold."""
+    n_new, n, per_fold = 0, 0, []
+    for k in sorted(set(out["fold"])):
+        train_ids = {r.individual_id for r in out.itertuples() if r.fold != k}
+        valid = [r.individual_id for r in out.itertuples() if r.fold == k]
+        new = sum(i not in train_ids for i in valid)
+        n_new, n = n_new + new, n + len(valid)
+        per_fold.append(new / len(valid))
+    return n_new / n, per_fold
+
+
+@pytest.mark.parametrize("n_folds", [2, 5])
+def test_target_new_share_is_met_for_several_targets(n_folds):
+    df = _long_tailed(n_individuals=1200, seed=4)
+    counts = df["individual_id"].value_counts()
+    floor = counts[counts == 1].sum() / len(df)  # singletons are new wherever they are validated
+    for target in (0.25, 0.3, 0.4, 0.6):
+        assert target > floor
+        out = _folds_quietly(df, n_folds=n_folds, seed=11, target_new_share=target)
+        pooled, per_fold = _pooled_new_share_brute_force(out)
+        # tolerance: the greedy hold-out stops within a couple of images of target * N
+        assert abs(pooled - target) <= 3 / len(df) + 1e-12, (target, pooled)
+        assert all(abs(s - target) <= 0.03 for s in per_fold), (target, per_fold)
+        # disjoint folds covering every image: each image validated exactly once
+        valid_images = [img for k in range(n_folds) for img in split_fold(out, k)[1]["image"]]
+        assert sorted(valid_images) == sorted(df["image"])
+        sizes = out["fold"].value_counts()
+        assert sizes.max() - sizes.min() <= max(3, int(0.02 * len(df)))
+        # the held-out animals are whole: one fold each, and that fold's validation has them as new
+        per_class = out.groupby("individual_id")["fold"].nunique()
+        assert (per_class[counts[counts == 1].index] == 1).all()
+        assert fold_summary(out)["n_valid_new"].sum() == round(pooled * len(df))
+
+
+def test_target_new_share_is_seed_deterministic_and_row_order_free(tail):
+    a = _folds_quietly(tail, n_folds=4, seed=5, target_new_share=0.35)
+    b = _folds_quietly(tail.sample(frac=1.0, random_state=9), n_folds=4, seed=5, target_new_share=0.35)
+    assert a.set_index("image")["fold"].sort_index().equals(b.set_index("image")["fold"].sort_index())
+    c = _folds_quietly(tail, n_folds=4, seed=6, target_new_share=0.35)
+    assert (c["fold"] != a["fold"]).mean() > 0.3
+    assert abs(_pooled_new_share_brute_force(c)[0] - 0.35) <= 3 / len(tail)
+
+
+def test_target_below_the_singleton_share_warns_and_gives_that_floor(tail, caplog):
+    counts = tail["individual_id"].value_counts()
+    floor = counts[counts == 1].sum() / len(tail)
+    with caplog.at_level(logging.WARNING, logger="train.folds"):
+        out = _folds_quietly(tail, n_folds=5, seed=2, target_new_share=floor / 2)
+    assert "below the share of images whose animal has a single photo" in caplog.text
+    assert _pooled_new_share_brute_force(out)[0] == pytest.approx(floor, abs=1e-12)
+    plain = _folds_quietly(tail, n_folds=5, seed=2)
+    assert _pooled_new_share_brute_force(plain)[0] == pytest.approx(floor, abs=1e-12)
+
+
+def test_target_new_share_refuses_bad_values_and_holdout_together(tail):
+    with pytest.raises(ConfigError, match="not both"):
+        make_folds(tail, target_new_share=0.2, holdout_individuals=0.1)
+    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+        make_folds(tail, target_new_share=1.0)
+    with pytest.raises(ConfigError, match="stratified"):
+        make_folds(tail.assign(g=tail["individual_id"]), method="group", group_col="g", target_new_share=0.2)

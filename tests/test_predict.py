@@ -307,3 +307,56 @@ def test_oof_blend_tunes_on_each_folds_own_head_centres(trained, predicted, tmp_
         save_embeddings(stale / name, e.ids, e.vectors, {**e.meta, "fingerprint": "other-weights"})
     assert tune_folds([stale], data / "train.csv", GRID, knn_ratio=0.5)["folds"][0]["centres"] == {
         "head": 0, "filled": n_ind}
+
+
+# --- the out-of-fold share of new animals beside the share applied ----------------------------------------
+def _oof_new_share_by_hand(run: Path) -> tuple[int, float]:
+    """Queries and share of truly new animals over every fold's oof_labels.csv, counted from
+    true_individual_id against that fold's own gallery images (not from the stored relabelling)."""
+    folds = pd.read_csv(run / "folds.csv", dtype=str)
+    label_of = dict(zip(folds["image"], folds["individual_id"], strict=True))
+    n = n_new = 0
+    for fold in sorted(p for p in run.glob("fold*") if p.is_dir()):
+        labels = pd.read_csv(fold / "oof_labels.csv", dtype=str)
+        gallery_ids = {label_of[i] for i in np.load(fold / "oof_gallery.npz")["ids"].tolist()}
+        n += len(labels)
+        n_new += int((~labels["true_individual_id"].isin(gallery_ids)).sum())
+    return n, n_new / n
+
+
+def test_predict_reports_the_oof_share_of_new_animals(trained, predicted, tmp_path):
+    out = tmp_path / "pred"
+    shutil.copytree(predicted, out)  # reuses exports and embeddings
+    res = runner.invoke(app, _predict_args(trained["data"], out, trained["run"]))
+    assert res.exit_code == 0, res.output
+    n, share = _oof_new_share_by_hand(trained["run"])
+    assert 0 < share < 1  # singletons make some validation animals new
+    summary = json.loads((out / "predict.json").read_text())
+    assert summary["oof_queries"] == n and summary["oof_new_share"] == pytest.approx(share, abs=1e-12)
+    assert summary["warnings"] == []
+    applied = 100 * summary["submit"]["new_first"] / summary["submit"]["rows"]
+    assert f"new animals: {100 * share:.1f}% of {n} out-of-fold queries; new_individual first applied to " \
+           f"{applied:.1f}% of test rows" in res.stdout
+
+
+def test_oof_without_new_animals_refuses_the_pooled_share_and_warns_with_new_share(trained, predicted,
+                                                                                     tmp_path):
+    """Folds whose validation parts hold no new animal teach "never new_individual": the default (the
+    pooled share) is refused before any work; with --new-share it runs and says so."""
+    run, out = tmp_path / "run", tmp_path / "pred"
+    shutil.copytree(trained["run"], run)
+    for labels_path in run.glob("fold*/oof_labels.csv"):  # every new validation animal made "known"
+        labels = pd.read_csv(labels_path, dtype=str)
+        labels["individual_id"] = labels["true_individual_id"]
+        labels.to_csv(labels_path, index=False)
+    res = runner.invoke(app, _predict_args(trained["data"], out, run))
+    assert res.exit_code == 2 and "hold no new animal" in res.output and "--new-share" in res.output
+    assert "Traceback" not in res.output and not (out / "models").exists()  # refused before any export
+    shutil.copytree(predicted, out, dirs_exist_ok=True)  # reuses exports and embeddings
+    res = runner.invoke(app, [*_predict_args(trained["data"], out, run), "--new-share", "0.25"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "predict.json").read_text())
+    assert summary["oof_new_share"] == 0.0 and len(summary["warnings"]) == 1
+    assert "warning: the out-of-fold queries of 2 fold(s) hold no new animal" in res.stdout
+    assert "new animals: 0.0% of" in res.stdout
+    assert summary["submit"]["new_first"] == round(0.25 * summary["submit"]["rows"])

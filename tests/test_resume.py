@@ -150,3 +150,17 @@ def test_patience_counts_validations_not_epochs(synth, tmp_path, monkeypatch):
 def test_val_every_must_be_positive():
     with pytest.raises(ConfigError, match="val_every"):
         make_config({"val_every": 0})
+
+
+def test_target_new_share_is_a_fold_key(tmp_path):
+    """A rerun that changes target_new_share would re-split the run: refused like n_folds."""
+    from train.config import config_to_yaml
+    from train.resume import FOLD_KEYS, check_fold_keys
+
+    assert "target_new_share" in FOLD_KEYS
+    (tmp_path / "config.yaml").write_text(config_to_yaml(make_config({"target_new_share": 0.2})))
+    check_fold_keys(make_config({"target_new_share": 0.2}), tmp_path)  # same split: fine
+    with pytest.raises(ConfigError, match=r"target_new_share \(0.2 -> None\)"):
+        check_fold_keys(make_config({}), tmp_path)
+    with pytest.raises(ConfigError, match=r"target_new_share \(0.2 -> 0.3\)"):
+        check_fold_keys(make_config({"target_new_share": 0.3}), tmp_path)

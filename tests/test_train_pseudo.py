@@ -122,3 +122,82 @@ def test_pseudo_table_problems_stop_training_up_front(synth, tmp_path):
         read_pseudo(cfg, train)
     rc = main(args(synth, tmp_path, pseudo_csv=tmp_path / "clash.csv", test_image_dir=synth / "train_images"))
     assert rc == 2 and not (tmp_path / "r" / "fold0" / "last.pt").exists()
+
+
+# --- per-fold pseudo tables (whalesub pseudo-label --folds) ---------------------------------------------
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def test_per_fold_table_keeps_a_validation_duplicate_out_of_its_fold(synth, tmp_path, caplog):
+    """A test image that nearly duplicates a fold-0 validation photo: the old table (ranked against every
+    train image) gives fold 0 that photo's label; the per-fold table does not, while folds 1, 2 and
+    full-data training (where the photo is a training image) still get it."""
+    from train.config import TrainConfig
+    from train.folds import make_folds, save_folds, split_fold
+    from train.pseudo import add_pseudo_rows, read_pseudo
+    from whalesub.ranking.store import save_embeddings
+    from whalesub.workflows.pseudo import pseudo_label_files
+
+    train = pd.read_csv(synth / "train.csv", dtype=str)
+    folds = make_folds(train, n_folds=3, seed=1)
+    save_folds(folds, tmp_path / "folds.csv")
+    part0, valid0 = split_fold(folds, 0)
+    photo = valid0[valid0["individual_id"] != "new_individual"].iloc[0]  # its animal is known in fold 0
+    animal = photo["true_individual_id"]
+    rng = np.random.default_rng(0)
+    ids = sorted(train["individual_id"].unique())
+    centre = dict(zip(ids, _unit(rng.standard_normal((len(ids), 64))), strict=True))
+    vecs = np.stack([centre[i] + 0.1 * rng.standard_normal(64) / 8 for i in train["individual_id"]])
+    odd = _unit(rng.standard_normal(64))
+    vecs[train.index[train["image"] == photo["image"]][0]] = odd  # a photo unlike the animal's others
+    dup = pd.read_csv(synth / "test_truth.csv", dtype=str)["image"].iloc[0]  # an existing test file
+    save_embeddings(tmp_path / "g.npz", train["image"].tolist(), _unit(vecs), {"fingerprint": "m"})
+    save_embeddings(tmp_path / "q.npz", [dup], _unit(odd + 0.01 * rng.standard_normal(64) / 8)[None],
+                    {"fingerprint": "m"})
+    inputs = (tmp_path / "g.npz", tmp_path / "q.npz", synth / "train.csv")
+    pseudo_label_files(*inputs, tmp_path / "old.csv", min_score=0.8, min_margin=0.05)
+    pseudo_label_files(*inputs, tmp_path / "new.csv", min_score=0.8, min_margin=0.05,
+                       folds=tmp_path / "folds.csv")
+
+    def leaked(csv, k, fold_dir):
+        cfg = TrainConfig(train_csv=str(synth / "train.csv"), pseudo_csv=str(csv), n_folds=3,
+                          test_image_dir=str(synth / "test_images"))
+        part = split_fold(folds, k)[0] if k >= 0 else folds
+        got = add_pseudo_rows(part, read_pseudo(cfg, train, k), fold_dir, cfg, main=True)
+        rows = got[got["pseudo"]]
+        return bool(((rows["image"].map(lambda p: p.rsplit("/", 1)[-1]) == dup)
+                     & (rows["individual_id"] == animal)).any())
+
+    with caplog.at_level(logging.WARNING, logger="train"):
+        assert leaked(tmp_path / "old.csv", 0, tmp_path)  # the old table leaks into fold 0
+    assert "no 'fold' column" in caplog.text and "fold 0's metrics may be optimistic" in caplog.text
+    assert not json.loads((tmp_path / "pseudo.json").read_text())["per_fold"]
+    assert not leaked(tmp_path / "new.csv", 0, tmp_path)
+    assert json.loads((tmp_path / "pseudo.json").read_text())["per_fold"]
+    for k in (1, 2, -1):  # where the photo is a training image the label is fair
+        assert leaked(tmp_path / "new.csv", k, tmp_path), k
+
+
+def test_per_fold_table_problems_are_named(synth, tmp_path):
+    from train.config import TrainConfig
+    from train.pseudo import read_pseudo
+
+    train = pd.read_csv(synth / "train.csv", dtype=str)
+    truth = pd.read_csv(synth / "test_truth.csv", dtype=str)
+    known = truth[truth["individual_id"] != "new_individual"].head(2)
+    rows = pd.DataFrame({"image": [known["image"].iloc[0]] * 3 + [known["image"].iloc[1]],
+                         "species": "x", "individual_id": known["individual_id"].iloc[0],
+                         "fold": [0, 1, -1, 0]})
+    rows.to_csv(tmp_path / "ok.csv", index=False)
+    images = str(synth / "test_images")
+    cfg = TrainConfig(pseudo_csv=str(tmp_path / "ok.csv"), n_folds=3, test_image_dir=images)
+    assert len(read_pseudo(cfg, train)) == 4  # one image, once per fold: fine
+    assert read_pseudo(cfg, train, 0)["image"].map(lambda p: p.rsplit("/", 1)[-1]).tolist() == \
+        [known["image"].iloc[0], known["image"].iloc[1]]
+    assert len(read_pseudo(cfg, train, 2)) == 0
+    rows.assign(fold=[0, 0, 7, 0]).to_csv(tmp_path / "bad.csv", index=False)
+    cfg = TrainConfig(pseudo_csv=str(tmp_path / "bad.csv"), n_folds=3, test_image_dir=images)
+    with pytest.raises(WhalesubError) as err:
+        read_pseudo(cfg, train)
+    assert "outside -1..2" in str(err.value) and "duplicate image per fold" in str(err.value)

@@ -86,6 +86,9 @@ class TrainConfig:
     fold_method: Literal["stratified", "group"] = "stratified"
     group_column: str | None = None
     holdout_individuals: float = 0.0  # share of multi-image animals kept whole in one fold (new in valid)
+    # share of OOF validation images whose animal is absent from the training part (Happywhale test:
+    # ~16-20% new; the 1st place used 0.165); None = singletons (+ holdout_individuals) only
+    target_new_share: float | None = None
     # --- validation -----------------------------------------------------------------------------
     val_before_train: bool = True  # epoch-0 validation of the untrained network
     val_every: int = 1  # validate every N epochs and always after the last; patience counts validations
@@ -261,6 +264,15 @@ def _check_values(cfg: TrainConfig, source: str) -> list[str]:
     for key in ("aug_rrc_scale", "aug_rrc_ratio"):
         if len(getattr(cfg, key)) != 2:
             problems.append(f"key {key!r} in {source}: expected [low, high], got {getattr(cfg, key)}")
+    if cfg.target_new_share is not None:
+        if not 0.0 <= cfg.target_new_share < 1.0:
+            problems.append(f"key 'target_new_share' in {source}: must be in [0, 1) (e.g. 0.165), got "
+                            f"{cfg.target_new_share}")
+        if cfg.holdout_individuals > 0:
+            problems.append(f"key 'target_new_share' in {source}: give it or 'holdout_individuals', not both "
+                            "(set holdout_individuals: 0)")
+        if cfg.fold_method != "stratified":
+            problems.append(f"key 'target_new_share' in {source}: applies to fold_method 'stratified' only")
     if cfg.fold_method == "group" and not cfg.group_column:
         problems.append(f"key 'group_column' in {source}: required when fold_method is 'group'")
     if not cfg.threshold_grid:

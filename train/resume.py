@@ -42,7 +42,7 @@ RUNTIME_KEYS = frozenset({
     "pseudo_image_dir", "pseudo_truth_csv",
 })
 # keys that decide the split: fixed by the run's folds.csv
-FOLD_KEYS = ("n_folds", "fold_method", "group_column", "holdout_individuals", "seed")
+FOLD_KEYS = ("n_folds", "fold_method", "group_column", "holdout_individuals", "target_new_share", "seed")
 
 
 def fold_dir_name(k: int) -> str:
@@ -68,7 +68,8 @@ def run_folds(cfg: TrainConfig, df: pd.DataFrame, run_dir: Path) -> tuple[pd.Dat
                             f"({', '.join(orphans)}); new folds would put trained-on images into validation: "
                             f"restore {FOLDS_FILE}, or " + new_run_hint(cfg))
         method = "full" if cfg.fold == FULL_DATA_FOLD else cfg.fold_method
-        extra = {"holdout_individuals": cfg.holdout_individuals} if method == "stratified" else {}
+        extra = ({"holdout_individuals": cfg.holdout_individuals, "target_new_share": cfg.target_new_share}
+                 if method == "stratified" else {})
         return make_folds(df, cfg.n_folds, cfg.seed, method, cfg.group_column, **extra), True
     check_fold_keys(cfg, run_dir)
     try:

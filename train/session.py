@@ -72,7 +72,7 @@ class FoldSession:
         self.cfg, self.k, self.fold_dir, self.command, self.dist = cfg, k, fold_dir, command, dist
         self.device = dist.device
         self.train_df, self.valid_df = split_fold(df, k)
-        self.train_df = add_pseudo_rows(self.train_df, read_pseudo(cfg, df), fold_dir, cfg, dist.main)
+        self.train_df = add_pseudo_rows(self.train_df, read_pseudo(cfg, df, k), fold_dir, cfg, dist.main)
         self.has_val = len(self.valid_df) > 0
         self.boxes = BoxTable(boxes, cfg.box_mix, cfg.box_conf)
         self.boxes.eval_type(cfg.eval_box_type)  # a box rule validation cannot follow fails now, not later

@@ -453,16 +453,23 @@ def pseudo_label_command(
     min_margin: float = typer.Option(0.05, "--min-margin", help="...and beat the second best by this."),
     truth: Path | None = typer.Option(None, "--truth", help="Truth CSV (synthetic data): report precision."),
     k: int = typer.Option(100, "--k", help="Neighbours searched per query."),
+    folds: Path | None = typer.Option(None, "--folds", help="The run's folds.csv: rank once per fold "
+                                      "without its validation images; OUT gets a fold column."),
 ) -> None:
     """Confident test predictions as extra training rows (python -m train --pseudo_csv=OUT)."""
     from whalesub.workflows.pseudo import pseudo_label_files
 
     _log_info_to_stderr()
     s = pseudo_label_files(gallery, queries, train_csv, out, min_score=min_score, min_margin=min_margin,
-                           truth=truth, k=k)
+                           truth=truth, k=k, folds=folds)
     typer.echo(f"wrote {s['out']}: {s['selected']} of {s['queries']} test images "
                f"({100 * s['share']:.1f}%)" + (f"; precision {s['precision']:.3f}"
                                                if s.get("precision") is not None else ""))
+    for part in s.get("per_fold", []):
+        if part["fold"] >= 0:
+            precision = part.get("precision")
+            typer.echo(f"fold {part['fold']}: {part['selected']} rows (gallery without its validation images)"
+                       + (f"; precision {precision:.3f}" if precision is not None else ""))
 
 
 # --- report (whalesub.report.build) ----------------------------------------------------------------------
@@ -609,6 +616,12 @@ def predict_command(
     typer.echo(f"wrote {s['out']}: {s['rows']} rows, {len(r['models'])} models, threshold "
                f"{s['threshold']:.4f} ({r['threshold_source']}); new_individual first in "
                f"{100 * s['new_first'] / max(s['rows'], 1):.1f}%")
+    oof = ("no out-of-fold files" if r.get("oof_new_share") is None else
+           f"{100 * r['oof_new_share']:.1f}% of {r['oof_queries']} out-of-fold queries")
+    typer.echo(f"new animals: {oof}; new_individual first applied to "
+               f"{100 * s['new_first'] / max(s['rows'], 1):.1f}% of test rows")
+    for line in r.get("warnings", []):
+        typer.echo(f"warning: {line}")
     typer.echo(f"decision: {r['decision']} (`whalesub kaggle build --predict {out}` packages it)")
     if "score" in r:
         typer.echo(f"MAP@5 {r['score']['map5']:.4f} (known {r['score']['map5_known']}, "

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from whalesub.core.errors import ConfigError, DataError, WhalesubError
+from whalesub.data.contract import NEW_INDIVIDUAL, read_truth
 from whalesub.ranking.centres import check_ratio, fill_centres, rank_with_centres
 from whalesub.ranking.rank import NEW, rank_queries
 from whalesub.ranking.store import load_embeddings
@@ -76,6 +77,28 @@ def unique_folds(folds) -> list[Path]:
         seen.add(key)
         out.append(fold)
     return out
+
+
+def oof_new_counts(fold_dirs: list[Path]) -> dict:
+    """How many out-of-fold queries show an animal absent from their fold's training part.
+
+    Reads only each fold's ``oof_labels.csv`` (cheap: no ranking). Returns ``n`` (queries), ``n_new``
+    and ``share`` (n_new / n; 0.0 without queries). With ``n_new == 0`` every pooled threshold search
+    learns "never predict new_individual first", whatever the test set holds.
+    """
+    n = n_new = 0
+    for fold_dir in fold_dirs:
+        truth = read_truth(Path(fold_dir) / "oof_labels.csv")
+        n += len(truth)
+        n_new += int((truth["individual_id"] == NEW_INDIVIDUAL).sum())
+    return {"n": n, "n_new": n_new, "share": n_new / n if n else 0.0}
+
+
+def no_new_message(counts: dict, n_folds: int) -> str:
+    """The warning for out-of-fold queries without a new animal (see :func:`oof_new_counts`)."""
+    return (f"the out-of-fold queries of {n_folds} fold(s) hold no new animal ({counts['n']} queries): a "
+            "share of new_individual tuned on them says nothing about the test set; retrain with "
+            "target_new_share (e.g. 0.165, python -m train --target_new_share=0.165) or pass --new-share")
 
 
 def fold_fingerprint(fold_dir: Path) -> str:

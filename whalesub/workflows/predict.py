@@ -29,7 +29,11 @@ Threshold (in this order): ``threshold`` (a cosine), ``new_share`` (a share of t
 share of rows that put ``new_individual`` first at the best threshold of the pooled out-of-fold
 search over the models' folds, applied to the test set's own ensemble scores. A raw cosine tuned
 on one model against an 80% gallery does not transfer to a several-model ensemble with the full
-gallery; a share of new animals does.
+gallery; a share of new animals does. ``predict.json`` records, beside the share applied, the share of
+out-of-fold queries that truly show new animals (``oof_new_share``): when it is 0 (folds without
+singletons or held-out animals) the pooled share carries no information, so the default is refused
+(pass ``new_share`` or ``threshold``, or retrain with ``target_new_share``); with an explicit
+choice it is a warning in ``warnings``.
 """
 
 from __future__ import annotations
@@ -68,7 +72,14 @@ from whalesub.workflows.decision import (
     same_scoring,
     scoring_of,
 )
-from whalesub.workflows.oof import fold_fingerprint, has_oof, tune_folds, unique_folds
+from whalesub.workflows.oof import (
+    fold_fingerprint,
+    has_oof,
+    no_new_message,
+    oof_new_counts,
+    tune_folds,
+    unique_folds,
+)
 from whalesub.workflows.scorefiles import dumps_json, read_thresholds
 from whalesub.workflows.submit import check_threshold_inputs, submit_files
 
@@ -248,6 +259,13 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
     if threshold is None and new_share is None and per_species is None and not folds:  # before the long work
         raise ConfigError("none of the models has out-of-fold files (fold*/oof_*.npz) to choose the "
                           "threshold on: pass --threshold or --new-share (e.g. 0.165)")
+    oof = oof_new_counts(folds) if folds else None
+    warnings = []
+    if oof is not None and oof["n_new"] == 0:
+        if threshold is None and new_share is None and per_species is None:
+            raise ConfigError(f"cannot choose the new_individual share: {no_new_message(oof, len(folds))}")
+        warnings.append(no_new_message(oof, len(folds)))
+        log.warning(warnings[-1])
     parity = pick_parity_images(train_images)
     exports = [ensure_export(s, out / "models", fp16=options.fp16, parity_images=parity) for s in sources]
     if threshold is None and new_share is None and per_species is None:
@@ -259,7 +277,9 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
     summary = {"models": [{"name": s.name, "source": str(s.path), "export": str(e),
                            "fingerprint": export_fingerprint(e)}
                           for s, e in zip(sources, exports, strict=True)],
-               "gallery": str(gallery)}
+               "gallery": str(gallery),
+               "oof_queries": None if oof is None else oof["n"],
+               "oof_new_share": None if oof is None else oof["share"], "warnings": warnings}
     clear_stale_results(out)  # from here on this run writes the results that apply to it
     knn_ratio, centre_k = submit_extra.pop("knn_ratio", 1.0), submit_extra.pop("centre_k", None)
     centres = submit_extra.pop("centres", None)
