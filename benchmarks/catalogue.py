@@ -14,7 +14,8 @@ best of ``--repeats``:
    individuals).
 
 Goals (issue 16): identify <= 1.5 x bare; add <= 2% of build. The calibration is fitted once after
-the build (its time is printed too) and cached in the catalogue, as after any change of labels.
+the build (its time is printed too) and cached in the catalogue, as it is in use. identify and bare
+run interleaved, so that a busy spell of a shared machine slows both alike.
 
 Usage: ``python benchmarks/catalogue.py [--n 100000] [--dim 512] [--queries 1000] [--add 100]
 [--top 12] [--repeats 3] [--folder DIR]``
@@ -44,9 +45,14 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def photos(vectors: np.ndarray, start: int, labels: np.ndarray | None) -> list[NewPhoto]:
-    return [NewPhoto(f"p{start + i:07d}.jpg", hashlib.sha256(v.tobytes()).hexdigest(),
-                     individual_id=None if labels is None else f"ind{labels[i]:06d}")
-            for i, v in enumerate(vectors)]
+    return [
+        NewPhoto(
+            f"p{start + i:07d}.jpg",
+            hashlib.sha256(v.tobytes()).hexdigest(),
+            individual_id=None if labels is None else f"ind{labels[i]:06d}",
+        )
+        for i, v in enumerate(vectors)
+    ]
 
 
 def best_of(repeats: int, fn) -> float:
@@ -59,8 +65,9 @@ def best_of(repeats: int, fn) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--n", type=int, default=100_000, help="photos in the catalogue")
     ap.add_argument("--dim", type=int, default=512, help="vector dimension")
     ap.add_argument("--queries", type=int, default=1000, help="photos identified at once")
@@ -77,11 +84,14 @@ def main(argv: list[str] | None = None) -> None:
     centres = unit(rng.standard_normal((n_ind, args.dim)))
     labels = rng.integers(0, n_ind, args.n)
     vectors = unit(centres[labels] + 0.9 * unit(rng.standard_normal((args.n, args.dim))))
-    queries = unit(centres[rng.integers(0, n_ind, args.queries)]
-                   + 0.9 * unit(rng.standard_normal((args.queries, args.dim))))
+    queries = unit(
+        centres[rng.integers(0, n_ind, args.queries)]
+        + 0.9 * unit(rng.standard_normal((args.queries, args.dim)))
+    )
     items = photos(vectors, 0, labels)
     root = Path(tempfile.mkdtemp(prefix="catbench-", dir=args.folder))
     try:
+
         def build() -> None:
             folder = root / "build"
             shutil.rmtree(folder, ignore_errors=True)
@@ -94,8 +104,10 @@ def main(argv: list[str] | None = None) -> None:
             t = time.perf_counter()
             calib, why = calibration_of(cat, load_gallery(cat))
             t_calib = time.perf_counter() - t
-        print(f"built {args.n} photos x {args.dim} in {t_build:.2f} s; calibration fitted in {t_calib:.2f} s "
-              f"({'ok' if calib else why})")
+        print(
+            f"built {args.n} photos x {args.dim} in {t_build:.2f} s; calibration fitted in {t_calib:.2f} s "
+            f"({'ok' if calib else why})"
+        )
         added = [args.n]
 
         def add_small() -> None:
@@ -113,10 +125,8 @@ def main(argv: list[str] | None = None) -> None:
                 calib, _ = calibration_of(cat, gallery)
                 identify_vectors(gallery, queries, rows, args.top, calib)
 
-        identify()  # warm the page cache and load the calibration cache once
-        t_identify = best_of(args.repeats, identify)
         with Catalogue.open(folder, write=False) as cat:
-            same = np.array(cat.vectors())  # the vectors identify searched (with the added rows)
+            same = np.array(cat.vectors())  # the vectors identify searches (with the added rows)
         k = min(len(same), max(100, 10 * args.top) + 1)
 
         def bare() -> None:
@@ -124,14 +134,23 @@ def main(argv: list[str] | None = None) -> None:
             index.add(same)
             index.search(queries, k)
 
-        t_bare = best_of(args.repeats, bare)
+        identify()  # warm the page cache and the database caches once
+        # interleaved, so that a busy spell of a shared machine hits both sides alike
+        t_bare = t_identify = float("inf")
+        for _ in range(args.repeats):
+            t_bare = min(t_bare, best_of(1, bare))
+            t_identify = min(t_identify, best_of(1, identify))
         print(f"{'measure':<44} {'seconds':>9} {'ratio':>8} {'goal':>8}")
         print(f"{'bare FAISS: IndexFlatIP add + search k=' + str(k):<44} {t_bare:>9.3f} {1:>8.2f}")
-        print(f"{'catalogue identify (' + str(args.queries) + ' photos, top ' + str(args.top) + ')':<44} "
-              f"{t_identify:>9.3f} {t_identify / t_bare:>8.2f} {'<= 1.5':>8}")
+        print(
+            f"{'catalogue identify (' + str(args.queries) + ' photos, top ' + str(args.top) + ')':<44} "
+            f"{t_identify:>9.3f} {t_identify / t_bare:>8.2f} {'<= 1.5':>8}"
+        )
         print(f"{'build whole (' + str(args.n) + ' photos)':<44} {t_build:>9.3f} {1:>8.3f}")
-        print(f"{'add ' + str(args.add) + ' photos to it':<44} {t_add:>9.3f} {t_add / t_build:>8.3%} "
-              f"{'<= 2%':>8}")
+        print(
+            f"{'add ' + str(args.add) + ' photos to it':<44} {t_add:>9.3f} {t_add / t_build:>8.3%} "
+            f"{'<= 2%':>8}"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

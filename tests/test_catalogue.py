@@ -196,6 +196,12 @@ def test_bad_photos_and_ids_are_clear_errors(tmp_path):
     assert [h["kind"] for h in dec.history(cat)] == ["add", "labels"]  # nothing recorded
     with pytest.raises(CatalogueError, match="is not a catalogue"):
         Catalogue.open(tmp_path / "elsewhere")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "catalogue.sqlite").write_bytes(b"this is no database" * 100)
+    with pytest.raises(CatalogueError, match="not a readable catalogue database"):
+        Catalogue.open(tmp_path / "junk")
+    with pytest.raises(CatalogueError, match="already holds a catalogue"):
+        Catalogue.create(tmp_path / "c", "fp", D, {})
 
 
 # ---- calibration and grouping ----------------------------------------------------------------------
@@ -333,7 +339,10 @@ def run_add(folder: Path, kill: str | None, seed: int, n: int = 6, prefix: str =
 def state(folder: Path) -> dict:
     with Catalogue.open(folder) as cat:
         integrity = cat.db.execute("PRAGMA integrity_check").fetchone()[0]
-        rows = cat.db.execute("SELECT row, name, individual_id, vector FROM photos ORDER BY row").fetchall()
+        rows = cat.db.execute(
+            "SELECT p.row, name, individual_id, vector FROM photos p JOIN vectors v ON p.row = v.row "
+            "ORDER BY p.row"
+        ).fetchall()
         db_vectors = np.array([np.frombuffer(r[3], np.float32) for r in rows]).reshape(len(rows), D)
         assert integrity == "ok"
         assert np.array_equal(np.array(cat.vectors()), db_vectors), "index file != database"
@@ -514,3 +523,28 @@ def test_an_undecodable_photo_is_named_and_nothing_is_added(tiny_models, tmp_pat
     r = CliRunner().invoke(app, ["catalogue", "add", str(photos), "-c", str(folder)])
     assert r.exit_code == 2 and "broken.jpg" in r.output and "Traceback" not in r.output
     assert json.loads(cli("stats", "-c", folder, "--json"))["photos"] == 0
+
+
+def test_calibration_is_cached_until_the_labelled_photos_change_by_more_than_5_percent(tmp_path, monkeypatch):
+    import whalesub.catalogue.identify as ident
+
+    rng = np.random.default_rng(9)
+    centres = animals(rng, 60)
+    cat = labelled_catalogue(tmp_path / "c", rng, centres, 40, 3, 0.8)
+    fits = []
+    real = ident.fit_calibration
+    monkeypatch.setattr(ident, "fit_calibration", lambda *a, **k: fits.append(1) or real(*a, **k))
+    first, _ = calibration_of(cat, load_gallery(cat))
+    dec.new(cat, "a0_0.jpg", None, "t")  # one decision: the cached fit stays
+    again, _ = calibration_of(cat, load_gallery(cat))
+    assert len(fits) == 1 and again.to_json() == first.to_json()
+    calibration_of(cat, load_gallery(cat), new_share=0.3)  # another prior: refit
+    v = np.concatenate([photos_of(rng, centres, a, 3, 0.8) for a in range(40, 60)])
+    add_vectors(
+        cat,
+        new_photos(v, [f"n{i}.jpg" for i in range(len(v))], [f"new{i // 3}" for i in range(len(v))]),
+        v,
+        "t",
+    )  # 60 more labelled photos (+50%): refit
+    calibration_of(cat, load_gallery(cat), new_share=0.3)
+    assert len(fits) == 3

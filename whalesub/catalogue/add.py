@@ -66,17 +66,16 @@ def add_vectors(
             check_id(p.individual_id, f"label of {p.name}")
     with cat.transaction():
         held = cat.photo_rows([p.sha256 for p in photos])
-        labels = cat.labels()
         fresh, seen, changes, conflicts, same = [], set(), [], [], []
         for i, p in enumerate(photos):
             if p.sha256 in held:
-                row, held_name = held[p.sha256]
+                row, held_name, held_id = held[p.sha256]
                 same.append(f"{p.name}={held_name}" if p.name != held_name else p.name)
-                if p.individual_id is not None and labels[row] != p.individual_id:
-                    if labels[row] is None:
+                if p.individual_id is not None and held_id != p.individual_id:
+                    if held_id is None:
                         changes.append((row, None, p.individual_id))
                     else:
-                        conflicts.append(f"{p.name}: label {p.individual_id!r}, catalogue {labels[row]!r}")
+                        conflicts.append(f"{p.name}: label {p.individual_id!r}, catalogue {held_id!r}")
             elif p.sha256 not in seen:
                 seen.add(p.sha256)
                 fresh.append(i)
@@ -114,8 +113,8 @@ def add_vectors(
             cat, "add", {"photos": len(rows), "skipped": len(same), "first": start, **(note or {})}, [], who
         )
         cat.db.executemany(
-            "INSERT INTO photos(row, sha256, name, source, box, added, individual_id, species, vector) "
-            "VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+            "INSERT INTO photos(row, sha256, name, source, box, added, individual_id, species) "
+            "VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
             [
                 (
                     r,
@@ -125,10 +124,12 @@ def add_vectors(
                     None if p.box is None else json.dumps([float(x) for x in p.box]),
                     seq,
                     p.species,
-                    v.tobytes(),
                 )
                 for r, n, p, v in rows
             ],
+        )
+        cat.db.executemany(
+            "INSERT INTO vectors(row, vector) VALUES (?, ?)", [(r, v.tobytes()) for r, _, _, v in rows]
         )
         changes += [(r, None, p.individual_id) for r, _, p, _ in rows if p.individual_id is not None]
         if changes:

@@ -15,7 +15,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from whalesub.catalogue.store import Catalogue, CatalogueError, now
+from whalesub.catalogue.store import Catalogue, CatalogueError, file_sha256, now
 from whalesub.core.atomic import atomic_write_text
 from whalesub.data.contract import NEW_INDIVIDUAL
 
@@ -62,8 +62,6 @@ def find_photo(cat: Catalogue, ref: str) -> tuple[int, str, str | None]:
     or a prefix of at least 8 hex digits of its sha256."""
     row = cat.db.execute("SELECT row, name, individual_id FROM photos WHERE name = ?", (ref,)).fetchone()
     if row is None and Path(ref).is_file():
-        from whalesub.catalogue.photos import file_sha256
-
         row = cat.db.execute(
             "SELECT row, name, individual_id FROM photos WHERE sha256 = ?", (file_sha256(Path(ref)),)
         ).fetchone()

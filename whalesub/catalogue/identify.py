@@ -28,6 +28,8 @@ from whalesub.core.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
+REFIT_CHANGE = 0.05  # refit the calibration once the labelled photos changed by more than 5%
+
 
 @dataclass
 class Gallery:
@@ -54,40 +56,73 @@ class Gallery:
 
 
 def load_gallery(cat: Catalogue) -> Gallery:
-    from whalesub.ranking.rank import encode_labels
-
-    got = cat.db.execute(
-        "SELECT row, individual_id FROM photos WHERE individual_id IS NOT NULL ORDER BY row"
-    ).fetchall()
-    if not got:
+    """The labelled photos; their rows and id codes are cached in the database per labels version."""
+    version = cat.meta("labels_version")
+    cached = cat.db.execute("SELECT value FROM cache WHERE key = 'gallery'").fetchone()
+    rows = None
+    if cached is not None:
+        with np.load(io.BytesIO(cached[0]), allow_pickle=False) as z:
+            if str(z["version"]) == version:
+                rows, codes, classes = z["rows"], z["codes"], z["classes"]
+    if rows is None:
+        rows, codes, classes = _read_labels(cat)
+        buf = io.BytesIO()
+        np.savez(buf, version=np.array(version), rows=rows, codes=codes, classes=classes)
+        with cat.transaction():
+            cat.db.execute("INSERT OR REPLACE INTO cache VALUES ('gallery', ?)", (buf.getvalue(),))
+    if not len(rows):
         raise CatalogueError(
             f"catalogue {cat.folder} has no labelled photo to match against: add photos with "
             "--labels, or record decisions (`catalogue new PHOTO`)"
         )
-    rows = np.fromiter((r[0] for r in got), np.int64, len(got))
-    codes, classes = encode_labels([r[1] for r in got])
     allv = cat.vectors()
     vectors = allv if len(rows) == len(allv) else allv[rows]
     return Gallery(rows, codes, classes, vectors, cat)
 
 
+def _read_labels(cat: Catalogue) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from whalesub.ranking.rank import encode_labels
+
+    got = cat.db.execute("SELECT row, individual_id FROM photos WHERE individual_id IS NOT NULL ORDER BY row")
+    got = got.fetchall()
+    if not got:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, str)
+    codes, classes = encode_labels([r[1] for r in got])
+    return np.fromiter((r[0] for r in got), np.int64, len(got)), codes, classes
+
+
 def calibration_of(
     cat: Catalogue, gallery: Gallery, refit: bool = False, new_share: float = NEW_SHARE
 ) -> tuple[Calibration | None, str]:
-    """The catalogue's calibration, refitted when its labels changed since the cached one."""
+    """The catalogue's calibration (cached in its database).
+
+    Refitted when the model or ``new_share`` changed, when the number of labelled photos moved by more
+    than :data:`REFIT_CHANGE` since the fit (single decisions barely move a fit made on thousands of
+    pairs, and a fit at 100,000 photos takes a minute), when the last try could not calibrate and labels
+    changed since, or when ``refit``.
+    """
     if not 0 < new_share < 1:
         raise CatalogueError(f"--new-share must be between 0 and 1 (exclusive), got {new_share}")
-    key = f"{cat.meta('labels_version')}:{cat.fingerprint}:{len(gallery.rows)}:{new_share}"
+    key, n, version = f"{cat.fingerprint}:{new_share}", len(gallery.rows), cat.meta("labels_version")
     row = cat.db.execute("SELECT value FROM cache WHERE key = 'calibration'").fetchone()
     if row is not None and not refit:
         cached = json.loads(row[0])
         if cached.get("key") == key:
-            return (
-                Calibration.from_json(cached["calibration"]) if cached["calibration"] else None,
-                cached.get("why", ""),
-            )
+            if cached["calibration"] and abs(n - cached["labelled"]) <= REFIT_CHANGE * cached["labelled"]:
+                return Calibration.from_json(cached["calibration"]), ""
+            if not cached["calibration"] and cached.get("labels_version") == version:
+                return None, cached.get("why", "")
+    log.info("fitting the calibration on out-of-fold pairs of %d labelled photos", n)
     calib, why = fit_calibration(np.asarray(gallery.vectors), gallery.codes, new_share=new_share)
-    value = json.dumps({"key": key, "calibration": calib.to_json() if calib else None, "why": why})
+    value = json.dumps(
+        {
+            "key": key,
+            "labelled": n,
+            "labels_version": version,
+            "calibration": calib.to_json() if calib else None,
+            "why": why,
+        }
+    )
     with cat.transaction():
         cat.db.execute("INSERT OR REPLACE INTO cache VALUES ('calibration', ?)", (value,))
     return calib, why
@@ -240,7 +275,8 @@ def identify_photos(
     new_share: float = NEW_SHARE,
 ) -> dict:
     """``catalogue identify``: embed the photos the catalogue lacks, rank, write the CSV (and HTML)."""
-    from whalesub.catalogue.photos import Embedder, file_sha256, list_photos
+    from whalesub.catalogue.photos import Embedder, list_photos
+    from whalesub.catalogue.store import file_sha256
 
     paths = list_photos(inputs)
     names = [p.name for p in paths]

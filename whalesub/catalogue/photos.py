@@ -8,7 +8,6 @@ another model and swaps all vectors in one transaction.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -17,23 +16,12 @@ import numpy as np
 
 from whalesub.catalogue.add import NewPhoto, add_vectors
 from whalesub.catalogue.decisions import record
-from whalesub.catalogue.store import PHOTOS, Catalogue, CatalogueError
+from whalesub.catalogue.store import PHOTOS, Catalogue, CatalogueError, file_sha256
 from whalesub.core.errors import DataError, first_few
 from whalesub.data.contract import list_image_folder, read_train_csv
 from whalesub.ranking.vectors import unit_rows
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    except OSError as exc:
-        raise DataError(f"cannot read photo {path}: {exc.strerror or exc}; fix or leave it out") from None
-    return h.hexdigest()
 
 
 def list_photos(inputs: list[Path]) -> list[Path]:
@@ -118,9 +106,13 @@ class Embedder:
         )
         rows = []
         with tqdm(total=len(paths), unit="img", desc=desc, disable=not paths) as bar:
-            for positions, inputs in loader:
-                rows.append(embed_batch([self.model], inputs, [0], self.options)[: len(positions)])
-                bar.update(len(positions))
+            try:
+                for positions, inputs in loader:
+                    rows.append(embed_batch([self.model], inputs, [0], self.options)[: len(positions)])
+                    bar.update(len(positions))
+            except DataError as exc:  # the loader names every photo of the batch it could not decode
+                why = str(exc).replace(" (chunks done so far are kept for resuming)", "")
+                raise DataError(f"{desc}: nothing was changed in the catalogue; {why}") from None
         return unit_rows(np.concatenate(rows)) if rows else out
 
 
@@ -212,7 +204,7 @@ def rebuild(cat: Catalogue, model: Path, embedder_args: dict, who: str) -> dict:
     dim = int(emb.model.spec.embed_dim)
     with cat.transaction():
         cat.db.executemany(
-            "UPDATE photos SET vector = ? WHERE row = ?",
+            "UPDATE vectors SET vector = ? WHERE row = ?",
             [(v.tobytes(), r) for (r, _, _), v in zip(rows, vectors, strict=True)],
         )
         old = cat.fingerprint

@@ -2,7 +2,7 @@
 
 Layout of ``DIR``::
 
-    catalogue.sqlite   photos (content hash, name, vector, current id), history, changes, meta
+    catalogue.sqlite   photos (content hash, name, current id), vectors, history, changes, meta
     index.faiss        IndexFlatIP of every photo's vector, row i = photo row i (appended in place)
     photos/            a copy of every photo under its catalogue name (rebuilds and review pages)
     catalogue.lock     flock: writers exclusive, readers shared; holds the writer's pid
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import numpy as np
 
 from whalesub import __version__
 from whalesub.catalogue import index_file
-from whalesub.core.errors import WhalesubError
+from whalesub.core.errors import DataError, WhalesubError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ FORMAT = "whalesub.catalogue/1"
 SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE photos(row INTEGER PRIMARY KEY, sha256 TEXT NOT NULL UNIQUE, name TEXT NOT NULL UNIQUE,
-    source TEXT, box TEXT, added INTEGER NOT NULL, individual_id TEXT, species TEXT, vector BLOB NOT NULL);
+    source TEXT, box TEXT, added INTEGER NOT NULL, individual_id TEXT, species TEXT);
+CREATE TABLE vectors(row INTEGER PRIMARY KEY, vector BLOB NOT NULL);  -- apart: photos stay quick to scan
 CREATE INDEX photos_individual ON photos(individual_id);
 CREATE TABLE history(seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, args TEXT NOT NULL, who TEXT NOT NULL,
     at TEXT NOT NULL, undoes INTEGER);
@@ -57,6 +59,17 @@ class CatalogueError(WhalesubError):
 
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise DataError(f"cannot read photo {path}: {exc.strerror or exc}; fix or leave it out") from None
+    return h.hexdigest()
 
 
 def who_default() -> str:
@@ -91,7 +104,8 @@ class Catalogue:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / PHOTOS).mkdir(exist_ok=True)
         fh = _lock(folder, exclusive=True, timeout=0)
-        db = _connect(folder / DB)
+        tmp = folder / f".{DB}.{os.getpid()}.tmp"  # a killed init leaves no half-made catalogue
+        db = _connect(tmp)
         db.executescript(SCHEMA)
         meta = {
             "format": FORMAT,
@@ -104,7 +118,10 @@ class Catalogue:
         }
         with _tx(db):
             db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+        db.close()
         index_file.write_index(folder / INDEX, np.zeros((0, dim), np.float32))
+        os.replace(tmp, folder / DB)
+        db = _connect(folder / DB)
         return cls(folder, db, fh, dim, fingerprint)
 
     @classmethod
@@ -117,14 +134,17 @@ class Catalogue:
                 "`whalesub catalogue init DIR --model EXPORT`"
             )
         fh = _lock(folder, exclusive=True, timeout=timeout)
-        db = _connect(folder / DB)
         try:
+            db = _connect(folder / DB)
             meta = dict(db.execute("SELECT key, value FROM meta"))
         except sqlite3.DatabaseError as exc:
+            fh.close()
             raise CatalogueError(
                 f"{folder / DB} is not a readable catalogue database ({exc}); restore the folder from a copy"
             ) from None
         if meta.get("format") != FORMAT:
+            db.close()
+            fh.close()
             raise CatalogueError(f"{folder / DB}: format {meta.get('format')!r}, expected {FORMAT!r}")
         cat = cls(folder, db, fh, int(meta["dim"]), meta["fingerprint"])
         cat.sync_index()
@@ -170,7 +190,7 @@ class Catalogue:
         return int(self.db.execute("SELECT COALESCE(MAX(row) + 1, 0) FROM photos").fetchone()[0])
 
     def vector_of(self, row: int) -> np.ndarray:
-        blob = self.db.execute("SELECT vector FROM photos WHERE row = ?", (row,)).fetchone()[0]
+        blob = self.db.execute("SELECT vector FROM vectors WHERE row = ?", (row,)).fetchone()[0]
         return np.frombuffer(blob, dtype=np.float32)
 
     def labels(self) -> np.ndarray:
@@ -186,13 +206,14 @@ class Catalogue:
         """[N, D] float32 memory map of every photo's vector (row = photo row)."""
         return index_file.read_rows(self.folder / INDEX, self.size, self.dim)
 
-    def photo_rows(self, shas: list[str]) -> dict[str, tuple[int, str]]:
-        """sha256 -> (row, name) for the hashes the catalogue holds."""
+    def photo_rows(self, shas: list[str]) -> dict[str, tuple[int, str, str | None]]:
+        """sha256 -> (row, name, individual id or None) for the hashes the catalogue holds."""
         out = {}
         for a in range(0, len(shas), 500):
             part = shas[a : a + 500]
-            q = f"SELECT sha256, row, name FROM photos WHERE sha256 IN ({','.join('?' * len(part))})"
-            out.update({s: (r, n) for s, r, n in self.db.execute(q, part)})
+            marks = ",".join("?" * len(part))
+            q = f"SELECT sha256, row, name, individual_id FROM photos WHERE sha256 IN ({marks})"
+            out.update({s: (r, n, i) for s, r, n, i in self.db.execute(q, part)})
         return out
 
     def individuals(self) -> set[str]:
@@ -225,7 +246,7 @@ class Catalogue:
             n_db,
         )
         vecs = np.zeros((n_db, self.dim), np.float32)
-        for row, blob in self.db.execute("SELECT row, vector FROM photos"):
+        for row, blob in self.db.execute("SELECT row, vector FROM vectors"):
             vecs[row] = np.frombuffer(blob, dtype=np.float32)
         index_file.write_index(path, vecs)
         return "rebuilt"
@@ -234,7 +255,7 @@ class Catalogue:
         """Append photo rows ``start`` .. ``stop`` - 1 (from the database) to the index file."""
         vecs = np.zeros((stop - start, self.dim), np.float32)
         for row, blob in self.db.execute(
-            "SELECT row, vector FROM photos WHERE row >= ? AND row < ?", (start, stop)
+            "SELECT row, vector FROM vectors WHERE row >= ? AND row < ?", (start, stop)
         ):
             vecs[row - start] = np.frombuffer(blob, dtype=np.float32)
         index_file.append_rows(self.folder / INDEX, vecs, start)
