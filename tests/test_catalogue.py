@@ -417,6 +417,7 @@ def cli(*args) -> str:
     return r.output
 
 
+@pytest.mark.slow
 def test_round_trip_on_the_synthetic_set(tiny_models, synth_set, tmp_path):
     folder = tmp_path / "cat"
     cli("init", folder, "--model", tiny_models[0])

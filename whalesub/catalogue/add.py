@@ -109,9 +109,10 @@ def add_vectors(
             if p.source is not None:
                 _copy(p.source, cat.folder / PHOTOS / name)
             rows.append((start + j, name, p, vectors[i]))
-        seq = record(
-            cat, "add", {"photos": len(rows), "skipped": len(same), "first": start, **(note or {})}, [], who
-        )
+        seq = None  # an add that adds nothing leaves no history row (its labels, if any, do)
+        if rows:
+            args = {"photos": len(rows), "skipped": len(same), "first": start, **(note or {})}
+            seq = record(cat, "add", args, [], who)
         cat.db.executemany(
             "INSERT INTO photos(row, sha256, name, source, box, added, individual_id, species) "
             "VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
