@@ -17,8 +17,9 @@ derives every module's layer from its package and enforces this; a new module ne
 7. ``workflows``: the file-level commands: submit and tune, out-of-fold tuning, blends, pseudo-labels,
    ``predict``.
 8. ``report``: the HTML error report of a submission.
-9. ``kaggle``: datasets, wheels, the offline kernel, upload and submit.
-10. ``cli``: the typer app (``whalesub``), one thin command per workflow.
+9. ``catalogue``: a persistent catalogue of known animals: add photos, identify, record decisions.
+10. ``kaggle``: datasets, wheels, the offline kernel, upload and submit.
+11. ``cli``: the typer app (``whalesub``), one thin command per workflow.
 
 This file itself (the version and this order) is below everything and imports nothing when imported:
 ``__version__`` is computed on first use (:func:`_find_version`), so ``import whalesub`` stays cheap.
@@ -69,4 +70,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'whalesub' has no attribute {name!r}")
 
 
-LAYERS = ("core", "data", "synth", "ranking", "models", "embedding", "workflows", "report", "kaggle", "cli")
+LAYERS = ("core", "data", "synth", "ranking", "models", "embedding", "workflows", "report", "catalogue",
+          "kaggle", "cli")

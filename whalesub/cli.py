@@ -515,6 +515,10 @@ from whalesub.kaggle.commands import kaggle_app  # noqa: E402  (after guarded, w
 
 app.add_typer(kaggle_app(guarded, _log_info_to_stderr), name="kaggle")
 
+from whalesub.catalogue.commands import catalogue_app  # noqa: E402  (after guarded, which it wraps commands with)
+
+app.add_typer(catalogue_app(guarded, _log_info_to_stderr), name="catalogue")
+
 # --- blend (whalesub.workflows.blend) -----------------------------------------------------------------------
 @app.command("blend")
 @guarded

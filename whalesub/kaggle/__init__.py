@@ -9,7 +9,7 @@ installs the wheels), :mod:`~whalesub.kaggle.client` (the ``kaggle`` client run 
 Every dataset of a build holds a ``manifest.json`` whose ``kind`` is one of :data:`KINDS`; the
 kernel finds its inputs by searching ``/kaggle/input`` for these files, whatever the mount layout.
 
-Layer 9: imports every package below (``core`` .. ``report``); never the CLI.
+Layer 10: imports every package below (``core`` .. ``catalogue``); never the CLI.
 """
 
 from __future__ import annotations
