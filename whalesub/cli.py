@@ -123,6 +123,10 @@ def submit_command(
                                               "in the order of embed's --model."),
     knn_ratio: float = typer.Option(1.0, "--knn-ratio", help="r: score = r x kNN + (1 - r) x centre cosine "
                                     "(1: kNN only, needs no --centres)."),
+    centres_from: str = typer.Option("gallery", "--centres-from", help="Blend centres (--knn-ratio < 1): "
+                                     "gallery = every individual's mean gallery vector (default, one scale); "
+                                     "head = the heads' class centres (--centres), "
+                                     "refused if one lacks an individual."),
     centre_k: int | None = typer.Option(None, "--centre-k", help="Centres searched per query (default --k)."),
     candidates_out: Path | None = typer.Option(None, "--candidates-out", help="Also write each query's "
                                                "top candidates: image,rank,individual_id,score (CSV)."),
@@ -146,7 +150,7 @@ def submit_command(
     s = submit_files(gallery, queries, train_csv, threshold, out, k=k, sample=sample, new_share=new_share,
                      thresholds=thresholds, centres=centres, knn_ratio=knn_ratio, centre_k=centre_k,
                      candidates_out=candidates_out, candidates_n=candidates_n,
-                     threshold_knn_ratio=threshold_knn_ratio)
+                     threshold_knn_ratio=threshold_knn_ratio, centres_from=centres_from)
     typer.echo(f"wrote {s['out']}: {s['rows']} rows; new_individual first in {s['new_first']} "
                f"({100 * s['new_first'] / max(s['rows'], 1):.1f}%), present in {s['new_any']}; "
                f"gallery {s['gallery_vectors']} vectors of {s['individuals']} individuals, k={s['k']}, "
@@ -180,6 +184,10 @@ def tune_command(
                                               "uses its own head)."),
     knn_ratio: float = typer.Option(1.0, "--knn-ratio", help="r: tune on r x kNN + (1 - r) x centre cosine, "
                                     "as submit --knn-ratio scores (1: kNN only)."),
+    centres_from: str = typer.Option("gallery", "--centres-from", help="Blend centres (--knn-ratio < 1): "
+                                     "gallery = every individual's mean gallery vector (default, one scale); "
+                                     "head = the heads' class centres (--centres; --run: each fold's), "
+                                     "refused if one lacks an individual."),
     centre_k: int | None = typer.Option(None, "--centre-k", help="Centres searched per query (default --k)."),
 ) -> None:
     """Choose the new_individual threshold: MAP@5 at every threshold of a grid, and the best.
@@ -187,8 +195,8 @@ def tune_command(
     One ranking serves the whole grid (only new_individual's rank depends on the threshold).
     "new@1" is the share of rows with new_individual first: `whalesub predict` applies the best
     row's share (not its raw cosine) to an ensemble's test scores. Tune with the scoring options
-    submit will use (--knn-ratio, --centres, --centre-k, --k): the result and the --per-species
-    file record it under "scoring", and submit refuses a file tuned on another scoring.
+    submit will use (--knn-ratio, --centres-from, --centres, --centre-k, --k): the result and the
+    --per-species file record it under "scoring", and submit refuses a file tuned on another scoring.
     --json prints null where a value is undefined (e.g. MAP@5new without new queries).
     """
     from whalesub.workflows.oof import tune_runs_or_files
@@ -197,7 +205,7 @@ def tune_command(
     _log_info_to_stderr()
     r = tune_runs_or_files(run, gallery, queries, truth, train_csv, grid=grid,
                            target_new_share=target_new_share, k=k, per_species_out=per_species, k0=k0,
-                           centres=centres, knn_ratio=knn_ratio, centre_k=centre_k)
+                           centres=centres, knn_ratio=knn_ratio, centre_k=centre_k, centres_from=centres_from)
     if as_json:
         typer.echo(dumps_json(r))
         return
@@ -581,7 +589,11 @@ def predict_command(
     thresholds: Path | None = typer.Option(None, "--thresholds", help="Per-species threshold file (`whalesub "
                                            "tune --per-species`) instead of the pooled share."),
     knn_ratio: float = typer.Option(1.0, "--knn-ratio", help="r x kNN + (1 - r) x class-centre cosine; "
-                                    "< 1 uses the exports' class_centres.npz (and tunes on the same)."),
+                                    "< 1 blends with --centres-from (and tunes on the same)."),
+    centres_from: str = typer.Option("gallery", "--centres-from", help="Blend centres (--knn-ratio < 1): "
+                                     "gallery = every individual's mean gallery vector (default, one scale); "
+                                     "head = the heads' class centres (the exports' class_centres.npz), "
+                                     "refused if one lacks an individual."),
     threshold_knn_ratio: float | None = typer.Option(
         None, "--threshold-knn-ratio", help="The --knn-ratio the --threshold was tuned at (default 1, kNN); "
         "required, equal, with --threshold and --knn-ratio < 1."),
@@ -606,7 +618,7 @@ def predict_command(
         r = predict(model, train_csv, train_images, test_images, out, sample=sample, truth=truth,
                     boxes=boxes, threshold=threshold, new_share=new_share, grid=grid, k=k, options=options,
                     runner=runner, thresholds=thresholds, knn_ratio=knn_ratio, candidates_out=candidates_out,
-                    threshold_knn_ratio=threshold_knn_ratio)
+                    threshold_knn_ratio=threshold_knn_ratio, centres_from=centres_from)
     if report:
         from whalesub.core.atomic import atomic_write_text
         from whalesub.report.build import write_report

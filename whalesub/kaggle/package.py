@@ -299,7 +299,7 @@ def build_decision(folder: Path, sources: list[Path], opts: BuildOptions) -> dic
         shutil.copy2(key, folder / "gallery.key.json")
     shutil.copy2(resolve(path, decision["gallery"]["labels"]), folder / "gallery_labels.csv")
     packed["gallery"].update(file="gallery.npz", labels="gallery_labels.csv")
-    if decision["scoring"]["kind"] == "blend":
+    if decision["scoring"]["kind"] == "blend" and decision["scoring"].get("centres_from", "head") == "head":
         centres = []
         pairs = zip(decision["scoring"]["centres"], exports, names, strict=True)
         for i, (rel, src, name) in enumerate(pairs):

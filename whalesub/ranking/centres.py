@@ -1,12 +1,17 @@
 """kNN blended with class centres: each individual's score = r x kNN score + (1 - r) x centre cosine.
 
 ``kNN score`` is :mod:`whalesub.ranking.rank`'s: the best cosine over the individual's gallery vectors;
-``centre cosine`` is the cosine of the query to the individual's class centre (the ArcFace head's
-normalised mean sub-centre, ``class_centres.npz`` of an export). An individual without a head
-centre gets one from the same models (:func:`fill_centres`: the normalised mean of its gallery
-vectors, per model slice), so every individual is scored on one scale; :func:`rank_with_centres`
-still accepts ``has_centre`` False (scored by its kNN score alone, which sits above the blend and
-wins top-1 picks: the reason for the fill). ``r = 1`` is not computed here: callers use
+``centre cosine`` is the cosine of the query to the individual's centre. Every individual's centre
+must come from the same source, or the blend mixes scales (a query sits closer to a gallery mean
+than to an ArcFace weight row, so individuals given one kind of centre would win the top-1 picks):
+
+- ``"gallery"`` (:func:`gallery_centres`, the default of the CLI): the normalised mean of the
+  individual's gallery vectors, per model slice (:func:`model_slices`); needs no head;
+- ``"head"``: the ArcFace heads' class centres (``class_centres.npz`` of an export); the
+  workflows refuse the blend unless every individual has one in every model.
+
+:func:`rank_with_centres` still accepts ``has_centre`` False (scored by its kNN score alone) for
+benchmarks; the workflows always pass all True. ``r = 1`` is not computed here: callers use
 :func:`whalesub.ranking.rank.rank_queries`, so today's rankings stay bit-identical.
 
 Candidates (memory O(Q x (k + kc)), never Q x individuals), per query:
@@ -30,7 +35,7 @@ import logging
 
 import numpy as np
 
-from whalesub.core.errors import ConfigError
+from whalesub.core.errors import ConfigError, DataError
 from whalesub.ranking.index import FlatIndex
 from whalesub.ranking.rank import PAD, TOP, batch_starts, individual_candidates
 from whalesub.ranking.vectors import average_groups, unit_rows
@@ -45,33 +50,63 @@ def check_ratio(ratio: float) -> float:
     return float(ratio)
 
 
-def fill_centres(blocks: list[np.ndarray], present: list[np.ndarray], gallery: np.ndarray,
-                 gallery_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-model centre blocks with gaps -> (centres [n_ind, D] f32, filled [n_ind, M] bool).
+CENTRE_SOURCES = ("gallery", "head")
 
-    ``blocks[m]`` [n_ind, D_m] unit rows of model m's head centres (rows where ``present[m]``
-    [n_ind] bool is False are ignored); ``gallery`` [N, D] with D = sum D_m holds the models'
-    vectors side by side in the same order (as ``whalesub embed`` concatenates them), and
-    ``gallery_labels`` [N] codes in [0, n_ind). Where model m has no centre for an individual, the
-    normalised mean of that individual's gallery vectors in model m's slice (each row's slice
-    normalised first) takes its place. The blocks are then concatenated and divided by sqrt(M),
-    the scale of the combined queries. An individual whose vectors cancel out gets a zero block.
+
+def check_centre_source(source: str) -> str:
+    """Raise ConfigError unless ``source`` is one of :data:`CENTRE_SOURCES`."""
+    if source not in CENTRE_SOURCES:
+        raise ConfigError(f"--centres-from {source!r} is not known: use gallery (every individual's centre "
+                          "is the mean of its gallery vectors) or head (the heads' class_centres.npz)")
+    return source
+
+
+def model_slices(gallery: np.ndarray, n_models: int, sample: int = 256, tol: float = 1e-4) -> list[int]:
+    """The widths [D_1, ..., D_M] of the ``n_models`` per-model blocks of combined embeddings.
+
+    ``whalesub embed`` concatenates per-model unit vectors and divides by sqrt(M), so in every row
+    the squared norm of the first m blocks is m / M: each boundary is the first column where the
+    running squared norm of every one of the first ``sample`` rows is within ``tol`` of m / M.
+    Columns zero in all those rows may sit on either side of a boundary; the means do not depend
+    on it. DataError when no such column exists (the rows are not M blocks of equal norm).
     """
-    n_ind = blocks[0].shape[0] if blocks else 0
-    dims = [b.shape[1] for b in blocks]
+    d = gallery.shape[1]
+    if n_models <= 1:
+        return [d]
+    rows = np.asarray(gallery[:sample], dtype=np.float64)
+    run = np.cumsum(rows * rows, axis=1)
+    cuts = [0]
+    for m in range(1, n_models):
+        ok = np.flatnonzero(np.all(np.abs(run - m / n_models) < tol, axis=0))
+        ok = ok[ok + 1 > cuts[-1]]
+        if ok.size == 0:
+            raise DataError(f"the gallery vectors (D={d}) are not {n_models} model blocks of equal norm: no "
+                            f"column where the first {m} blocks hold {m}/{n_models} of every row's squared "
+                            "norm; embed the gallery with `whalesub embed` (or use --centres-from head)")
+        cuts.append(int(ok[0]) + 1)
+    cuts.append(d)
+    return [b - a for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+def gallery_centres(gallery: np.ndarray, gallery_labels: np.ndarray, n_ind: int,
+                    dims: list[int] | None = None) -> np.ndarray:
+    """Every individual's centre from its gallery vectors: [n_ind, D] f32 (``--centres-from gallery``).
+
+    ``gallery`` [N, D] holds M models' vectors side by side (block widths ``dims``, default one
+    block), ``gallery_labels`` [N] codes in [0, n_ind). Per block: the normalised mean of the
+    individual's vectors (each row's block normalised first); blocks concatenated and divided by
+    sqrt(M), the scale of the combined queries, so a centre cosine is the mean of the per-model
+    centre cosines. An individual whose vectors cancel out gets a zero block.
+    """
+    dims = [gallery.shape[1]] if dims is None else list(dims)
     if sum(dims) != gallery.shape[1]:
-        raise ConfigError(f"centre blocks have D={sum(dims)} in all but the gallery has D={gallery.shape[1]}")
-    out, filled, lo = [], np.zeros((n_ind, len(blocks)), dtype=bool), 0
-    for m, (block, has) in enumerate(zip(blocks, present, strict=True)):
-        block = np.array(block, dtype=np.float32)
-        if (~has).any():
-            means = average_groups(unit_rows(gallery[:, lo:lo + dims[m]], np.float64), gallery_labels, n_ind)
-            block[~has] = means[~has]
-            filled[:, m] = ~has
-        out.append(block)
-        lo += dims[m]
-    centres = np.concatenate(out, axis=1) / np.float32(np.sqrt(len(blocks)))
-    return centres.astype(np.float32), filled
+        raise ConfigError(f"model blocks of D={sum(dims)} in all but the gallery has D={gallery.shape[1]}")
+    out, lo = [], 0
+    for d in dims:
+        out.append(average_groups(unit_rows(gallery[:, lo:lo + d], np.float64), gallery_labels, n_ind,
+                                  np.float64))
+        lo += d
+    return (np.concatenate(out, axis=1) / np.sqrt(len(dims))).astype(np.float32)
 
 
 def _exact_knn(gallery_sorted, starts, sizes, queries, rows, codes, budget: int = 64 << 20) -> np.ndarray:

@@ -13,7 +13,9 @@ offline Kaggle kernel all go through it), so a tuned decision cannot change on i
      "queries": {"tta": "flip", "flip_views": false},
      "k": 100,
      "scoring": {"kind": "knn"}
-             or {"kind": "blend", "knn_ratio": 0.5, "centre_k": null,
+             or {"kind": "blend", "knn_ratio": 0.5, "centre_k": null, "centres_from": "gallery",
+                 "centres": []}
+             or {"kind": "blend", "knn_ratio": 0.5, "centre_k": null, "centres_from": "head",
                  "centres": ["models/run_fold0/class_centres.npz", ...]},
      "new_individual": {"rule": "cosine", "threshold": 0.41, "tuned_on": STAMP or null}
                     or {"rule": "share", "new_share": 0.17, "oof_share": {...} or null, "tuned_on": ...}
@@ -22,8 +24,14 @@ offline Kaggle kernel all go through it), so a tuned decision cannot change on i
 
 Paths are relative to the folder of the decision file (``..`` allowed). ``tuned_on`` is the
 scoring the threshold was tuned on, the stamp ``tune`` writes into tune.json and per-species
-threshold files: ``{"kind": "knn" | "blend", "knn_ratio": r, "centre_k": c, "k": k}``; a file
-without a stamp was tuned on plain kNN. ``null``: given by hand (``--threshold`` / ``--new-share``).
+threshold files: ``{"kind": "knn" | "blend", "knn_ratio": r, "centre_k": c, "k": k, "centres_from": s}``;
+a file without a stamp was tuned on plain kNN. ``null``: given by hand (``--threshold`` / ``--new-share``).
+
+``centres_from`` (a blend's centre source, :mod:`whalesub.ranking.centres`): "gallery" (every
+individual's centre is the mean of its gallery vectors; ``centres`` empty) or "head" (the
+``centres`` files, one per model, holding every individual). A blend ``scoring`` or ``tuned_on``
+without the key was written before it existed, when blends used the heads' centres: it reads as
+"head" (and is refused when a head lacks an individual, as the per-individual fill is gone).
 """
 
 from __future__ import annotations
@@ -43,21 +51,31 @@ VERSION = 1
 FILE = "decision.json"
 RULES = ("cosine", "share", "per_species")
 KINDS = ("knn", "blend")
+SOURCES = ("gallery", "head")
 
 
-def scoring_of(knn_ratio: float = 1.0, centre_k: int | None = None, centres: list[str] | None = None) -> dict:
-    """The ``scoring`` entry: plain kNN at r = 1, else the blend with its centre files."""
+def scoring_of(knn_ratio: float = 1.0, centre_k: int | None = None, centres: list[str] | None = None,
+               centres_from: str = "gallery") -> dict:
+    """The ``scoring`` entry: plain kNN at r = 1, else the blend with its centre source (and files)."""
     if float(knn_ratio) >= 1.0:
         return {"kind": "knn"}
     return {"kind": "blend", "knn_ratio": float(knn_ratio), "centre_k": centre_k,
-            "centres": list(centres or [])}
+            "centres_from": centres_from, "centres": list(centres or []) if centres_from == "head" else []}
+
+
+def centres_from_of(scoring: dict) -> str | None:
+    """A ``scoring`` entry's (or stamp's) centre source: None for kNN; a blend without the key: "head"."""
+    return scoring.get("centres_from", "head") if scoring.get("kind") == "blend" else None
 
 
 def stamp_of(scoring: dict, k: int | None) -> dict:
     """The stamp shape of ``tune`` (``{"kind", "knn_ratio", "centre_k", "k"}``) of a ``scoring`` entry."""
     blend = scoring.get("kind") == "blend"
-    return {"kind": "blend" if blend else "knn", "knn_ratio": float(scoring["knn_ratio"]) if blend else 1.0,
-            "centre_k": scoring.get("centre_k") if blend else None, "k": None if k is None else int(k)}
+    stamp = {"kind": "blend" if blend else "knn", "knn_ratio": float(scoring["knn_ratio"]) if blend else 1.0,
+             "centre_k": scoring.get("centre_k") if blend else None, "k": None if k is None else int(k)}
+    if blend:
+        stamp["centres_from"] = centres_from_of(scoring)
+    return stamp
 
 
 def read_stamp(doc: dict | None) -> dict:
@@ -70,7 +88,8 @@ def read_stamp(doc: dict | None) -> dict:
     ratio = 1.0 if ratio is None else float(ratio)
     if kind == "knn" or ratio >= 1.0:
         return {"kind": "knn", "knn_ratio": 1.0, "centre_k": None, "k": stamp.get("k")}
-    return {"kind": "blend", "knn_ratio": ratio, "centre_k": stamp.get("centre_k"), "k": stamp.get("k")}
+    return {"kind": "blend", "knn_ratio": ratio, "centre_k": stamp.get("centre_k"), "k": stamp.get("k"),
+            "centres_from": stamp.get("centres_from", "head")}
 
 
 def same_scoring(stamp: dict | None, scoring: dict, k: int) -> bool:
@@ -79,14 +98,16 @@ def same_scoring(stamp: dict | None, scoring: dict, k: int) -> bool:
         return True
     want = stamp_of(scoring, k)
     return (stamp["kind"] == want["kind"] and math.isclose(stamp["knn_ratio"], want["knn_ratio"])
-            and stamp.get("centre_k") == want["centre_k"] and stamp.get("k") in (None, want["k"]))
+            and stamp.get("centre_k") == want["centre_k"] and stamp.get("k") in (None, want["k"])
+            and centres_from_of(stamp) == centres_from_of(want))
 
 
 def describe_scoring(scoring: dict) -> str:
     if scoring.get("kind") != "blend":
         return "kNN"
     ck = scoring.get("centre_k")
-    return f"blend (knn_ratio {scoring['knn_ratio']:g}" + (f", centre_k {ck})" if ck is not None else ")")
+    return (f"blend (knn_ratio {scoring['knn_ratio']:g}, centres from {centres_from_of(scoring)}"
+            + (f", centre_k {ck})" if ck is not None else ")"))
 
 
 def write_decision(path, decision: dict) -> Path:
@@ -186,8 +207,13 @@ def check_decision(doc, path) -> None:
         ck = _need(scoring, "centre_k", int, path, "scoring", optional=True)
         if ck is not None and ck < 1:
             _fail(path, "'scoring.centre_k'", f"must be at least 1, got {ck}")
+        source = _need(scoring, "centres_from", str, path, "scoring", optional=True) or "head"
+        if source not in SOURCES:
+            _fail(path, "'scoring.centres_from'", f"must be one of {SOURCES}, got {source!r}")
         centres = _need(scoring, "centres", list, path, "scoring")
-        if len(centres) != len(models) or not all(isinstance(c, str) for c in centres):
+        if source == "gallery" and centres:
+            _fail(path, "'scoring.centres'", "must be empty with centres_from 'gallery' (no head centres)")
+        if source == "head" and (len(centres) != len(models) or not all(isinstance(c, str) for c in centres)):
             _fail(path, "'scoring.centres'", f"must name one class_centres.npz per model ({len(models)})")
     rule = _need(doc, "new_individual", dict, path)
     name = _need(rule, "rule", str, path, "new_individual")
@@ -208,6 +234,10 @@ def check_decision(doc, path) -> None:
         if _need(stamp, "kind", str, path, "new_individual.tuned_on") not in KINDS:
             _fail(path, "'new_individual.tuned_on.kind'", f"must be one of {KINDS}, got {stamp['kind']!r}")
         _number(stamp, "knn_ratio", path, "new_individual.tuned_on", 0.0, 1.0)
+        if (_need(stamp, "centres_from", str, path, "new_individual.tuned_on", optional=True)
+                or "head") not in SOURCES:
+            _fail(path, "'new_individual.tuned_on.centres_from'",
+                  f"must be one of {SOURCES}, got {stamp['centres_from']!r}")
 
 
 def resolve(decision_path, rel: str) -> Path:

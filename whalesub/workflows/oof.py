@@ -13,12 +13,12 @@ set: an ensemble of five models with the full training set as gallery has a diff
 scale than one model against an 80% gallery, while the share of test images showing new animals
 is a property of the data (see ``whalesub predict``).
 
-Blended scoring (``knn_ratio`` < 1, :mod:`whalesub.ranking.centres`): a fold's centres are its
-own ArcFace head's (read from the fold's checkpoint, used only when its model fingerprint equals
-the out-of-fold files'); individuals the head lacks, or every individual when the checkpoint
-is gone, stale or has no head, get the normalised mean of their gallery vectors
-(:func:`whalesub.ranking.centres.fill_centres`). So the threshold is tuned on the scores
-``submit --knn-ratio`` produces.
+Blended scoring (``knn_ratio`` < 1, :mod:`whalesub.ranking.centres`), from the same centre source
+as ``submit --centres-from``: "gallery" (default): every individual's centre is the normalised
+mean of its vectors in the fold's own gallery; "head": the fold's own ArcFace head (read from the
+fold's checkpoint, used only when its model fingerprint equals the out-of-fold files'), refused
+when the checkpoint is gone, stale or headless, or lacks an individual of the fold's gallery. So
+the threshold is tuned on the scores ``submit --knn-ratio r --centres-from S`` produces.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from whalesub.core.errors import ConfigError, DataError, WhalesubError
+from whalesub.core.errors import ConfigError, DataError, WhalesubError, first_few
 from whalesub.data.contract import NEW_INDIVIDUAL, read_truth
-from whalesub.ranking.centres import check_ratio, fill_centres, rank_with_centres
+from whalesub.ranking.centres import check_centre_source, check_ratio, gallery_centres, rank_with_centres
 from whalesub.ranking.rank import NEW, rank_queries
 from whalesub.ranking.store import load_embeddings
 from whalesub.ranking.threshold import grid_search, parse_grid, threshold_for_new_share, truth_codes
@@ -129,41 +129,55 @@ def fold_head_centres(fold_dir: Path, fingerprint: str | None) -> tuple[np.ndarr
     return None if found is None else (found[0], found[1])
 
 
-def fold_centres(fold_dir: Path, data: dict) -> tuple[np.ndarray, dict]:
-    """Centres [n_ind, D] of a fold's individuals (head centres, gallery-mean fill) and a summary."""
+def fold_centres(fold_dir: Path, data: dict, centres_from: str = "gallery") -> tuple[np.ndarray, dict]:
+    """Centres [n_ind, D] of a fold's individuals, all from ``centres_from``, and a summary.
+
+    "gallery": the mean of each individual's vectors in the fold's gallery (one model: an
+    out-of-fold file holds one fold's vectors). "head": the fold's head; ConfigError when it is
+    unusable or lacks an individual (no per-individual substitute: that would mix scales).
+    """
     classes = data["classes"]
+    if check_centre_source(centres_from) == "gallery":
+        log.info("%s: class centres: the mean of each individual's gallery vectors (%d individuals)",
+                 fold_dir, classes.size)
+        return (gallery_centres(data["gallery"], data["gallery_labels"], classes.size),
+                {"centres_from": "gallery", "n": int(classes.size)})
+    head = fold_head_centres(fold_dir, data["queries_file"].fingerprint)
+    if head is None:
+        raise ConfigError(f"{fold_dir}: --centres-from head needs the fold's checkpoint with its head "
+                          "(see the warning above); use --centres-from gallery")
+    if head[1].shape[1] != data["gallery"].shape[1]:
+        raise ConfigError(f"{fold_dir}: head centres have D={head[1].shape[1]} but the out-of-fold vectors "
+                          f"D={data['gallery'].shape[1]}; use --centres-from gallery")
     block = np.zeros((classes.size, data["gallery"].shape[1]), dtype=np.float32)
     present = np.zeros(classes.size, dtype=bool)
-    head = fold_head_centres(fold_dir, data["queries_file"].fingerprint)
-    if head is not None and head[1].shape[1] != block.shape[1]:
-        log.warning("%s: head centres have D=%d but the out-of-fold vectors D=%d: not used", fold_dir,
-                    head[1].shape[1], block.shape[1])
-        head = None
-    if head is not None:
-        pos = np.searchsorted(classes, head[0]).clip(0, classes.size - 1)
-        known = classes[pos] == head[0]
-        block[pos[known]], present[pos[known]] = head[1][known], True
-    centres, filled = fill_centres([block], [present], data["gallery"], data["gallery_labels"])
-    info = {"head": int(present.sum()), "filled": int(filled.sum())}
-    log.info("%s: class centres from the fold's head for %d individuals, gallery means for %d", fold_dir,
-             info["head"], info["filled"])
-    return centres, info
+    pos = np.searchsorted(classes, head[0]).clip(0, classes.size - 1)
+    known = classes[pos] == head[0]
+    block[pos[known]], present[pos[known]] = head[1][known], True
+    if (~present).any():
+        lacking = classes[~present].tolist()
+        raise ConfigError(f"{fold_dir}: --centres-from head: {len(lacking)} of {classes.size} individuals "
+                          f"of the fold's gallery have no centre in its head (e.g. {first_few(lacking)}); "
+                          "use --centres-from gallery")
+    log.info("%s: class centres from the fold's head for all %d individuals", fold_dir, classes.size)
+    return block, {"centres_from": "head", "n": int(classes.size)}
 
 
 def fold_candidates(fold_dir: Path, train_csv, k: int = 100, *, use_gpu: bool | None = None,
                     progress: bool = False, knn_ratio: float = 1.0, centre_k: int | None = None,
-                    info: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    info: dict | None = None,
+                    centres_from: str = "gallery") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One fold ranked against its own gallery: candidate labels [Q, 5] int64, scores [Q, 5] f32 and
     truth codes [Q] (indices into that fold's own individual table, NEW or UNREACHABLE).
 
-    ``knn_ratio`` < 1: blended with the fold's centres (:func:`fold_centres`; their counts go
-    into ``info`` when given)."""
+    ``knn_ratio`` < 1: blended with the fold's centres from ``centres_from`` (:func:`fold_centres`;
+    their summary goes into ``info`` when given)."""
     fold_dir = Path(fold_dir)
     queries_path = fold_dir / "oof_embeddings.npz"
     data = load_ranking_inputs(fold_dir / "oof_gallery.npz", queries_path, train_csv)
     truth = read_truth_for(fold_dir / "oof_labels.csv", data["query_ids"].tolist(), queries_path)
     if check_ratio(knn_ratio) < 1:
-        centres, counts = fold_centres(fold_dir, data)
+        centres, counts = fold_centres(fold_dir, data, centres_from)
         if info is not None:
             info.update(counts)
         labels, scores = rank_with_centres(data["gallery"], data["gallery_labels"], data["queries"], centres,
@@ -184,7 +198,8 @@ def _best(labels, scores, truth, thresholds) -> dict:
 
 def tune_folds(fold_dirs: list[Path], train_csv, grid: str = "0.0:1.0:0.02",
                target_new_share: float | None = None, k: int = 100, *, use_gpu: bool | None = None,
-               progress: bool = False, knn_ratio: float = 1.0, centre_k: int | None = None) -> dict:
+               progress: bool = False, knn_ratio: float = 1.0, centre_k: int | None = None,
+               centres_from: str = "gallery") -> dict:
     """Pooled OOF threshold search over ``fold_dirs``.
 
     Returns the keys of :func:`whalesub.ranking.threshold.tune_arrays` (``n``, ``n_new``, ``k``, ``table``,
@@ -192,8 +207,8 @@ def tune_folds(fold_dirs: list[Path], train_csv, grid: str = "0.0:1.0:0.02",
     pooled rows, plus ``folds``: per fold its folder, model fingerprint, rows, truly new rows and
     its own best (threshold, map5, new_share), and ``scoring``
     (:func:`whalesub.workflows.scorefiles.scoring_stamp`). ``knn_ratio`` < 1 ranks each fold blended
-    with its own centres (the module docstring); each fold then also reports ``centres``: how
-    many individuals took the head's centre and how many the gallery mean.
+    with its own centres from ``centres_from`` (the module docstring); each fold then also reports
+    ``centres``: the source and how many individuals.
     """
     thresholds = parse_grid(grid)
     if target_new_share is not None and not 0.0 <= target_new_share <= 1.0:
@@ -204,12 +219,13 @@ def tune_folds(fold_dirs: list[Path], train_csv, grid: str = "0.0:1.0:0.02",
         raise ConfigError(f"--k {k} must be at least 1 (number of neighbours searched per query)")
     if centre_k is not None and centre_k < 1:
         raise ConfigError(f"--centre-k {centre_k} must be at least 1")
-    stamp = scoring_stamp(check_ratio(knn_ratio), centre_k, k)
+    stamp = scoring_stamp(check_ratio(knn_ratio), centre_k, k, centres_from)
     parts, folds = [], []
     for fold_dir in unique_folds(fold_dirs):
         counts = {}
         labels, scores, truth = fold_candidates(fold_dir, train_csv, k, use_gpu=use_gpu, progress=progress,
-                                                knn_ratio=knn_ratio, centre_k=centre_k, info=counts)
+                                                knn_ratio=knn_ratio, centre_k=centre_k, info=counts,
+                                                centres_from=centres_from)
         own, _ = _best(labels, scores, truth, thresholds)
         folds.append({"fold": str(fold_dir), "fingerprint": fold_fingerprint(fold_dir), "n": int(truth.size),
                       "n_new": int((truth == NEW).sum()), "best": own,
@@ -233,11 +249,12 @@ def tune_folds(fold_dirs: list[Path], train_csv, grid: str = "0.0:1.0:0.02",
 def tune_runs_or_files(runs: list[Path] | None, gallery, queries, truth, train_csv, *, grid: str,
                        target_new_share: float | None, k: int, per_species_out=None,
                        k0: float = 20.0, centres=None, knn_ratio: float = 1.0,
-                       centre_k: int | None = None) -> dict:
+                       centre_k: int | None = None,
+                       centres_from: str = "gallery") -> dict:
     """``whalesub tune``: pooled over the folds of ``runs``, or one gallery/queries/truth triple.
 
-    ``knn_ratio``, ``centre_k``, ``k`` (and ``centres`` for the triple) choose the scoring, as for
-    ``whalesub submit``; with ``runs`` each fold uses its own centres (:func:`fold_centres`).
+    ``knn_ratio``, ``centre_k``, ``k``, ``centres_from`` (and ``centres`` for the triple) choose the
+    scoring, as for ``whalesub submit``; with ``runs`` each fold uses its own centres (:func:`fold_centres`).
     """
     single = {"--gallery": gallery, "--queries": queries, "--truth": truth}
     if runs:
@@ -247,14 +264,15 @@ def tune_runs_or_files(runs: list[Path] | None, gallery, queries, truth, train_c
             raise ConfigError("--per-species tunes on one gallery/queries/truth triple (e.g. a fold's "
                               "oof_gallery.npz, oof_embeddings.npz, oof_labels.csv), not on --run")
         if centres:
-            raise ConfigError("--run blends each fold with its own head's centres (gallery means where it "
-                              "has none); drop --centres, which is for --gallery/--queries/--truth")
+            raise ConfigError("--run blends each fold with its own centres (its gallery means, or its head's "
+                              "with --centres-from head); drop --centres, which is for "
+                              "--gallery/--queries/--truth")
         folds = unique_folds(f for run in runs for f in find_oof_folds(run))
         return tune_folds(folds, train_csv, grid, target_new_share, k, progress=True,
-                          knn_ratio=knn_ratio, centre_k=centre_k)
+                          knn_ratio=knn_ratio, centre_k=centre_k, centres_from=centres_from)
     if missing := [name for name, v in single.items() if v is None]:
         raise ConfigError(f"give --run runs/NAME (pooled out-of-fold tuning), or all of --gallery, --queries "
                           f"and --truth; missing: {', '.join(missing)}")
     return tune_files(gallery, queries, train_csv, truth, grid=grid, target_new_share=target_new_share, k=k,
                       per_species_out=per_species_out, k0=k0, centres=centres, knn_ratio=knn_ratio,
-                      centre_k=centre_k)
+                      centre_k=centre_k, centres_from=centres_from)

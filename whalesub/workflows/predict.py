@@ -64,6 +64,7 @@ from whalesub.ranking.store import combined_fingerprint, load_embeddings
 from whalesub.ranking.submission import check_submission_file, score_submission
 from whalesub.workflows.decision import FILE as DECISION_FILE
 from whalesub.workflows.decision import (
+    centres_from_of,
     check_decision,
     describe_rule,
     read_decision,
@@ -81,7 +82,7 @@ from whalesub.workflows.oof import (
     unique_folds,
 )
 from whalesub.workflows.scorefiles import dumps_json, read_thresholds
-from whalesub.workflows.submit import check_threshold_inputs, submit_files
+from whalesub.workflows.submit import check_centre_inputs, check_threshold_inputs, submit_files
 
 log = logging.getLogger(__name__)
 
@@ -238,15 +239,21 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
     embedding chunks run (``whalesub.embedding.distributed.RayRunner`` for ``--ray``; default: this
     process); the result is the same either way. Extra keyword
     arguments go to :func:`whalesub.workflows.submit.submit_files` unchanged (``thresholds``: a per-species
-    file instead of the pooled share; ``knn_ratio`` < 1 without ``centres``: the exports' own
-    ``class_centres.npz``, in model order). The report (``whalesub predict --report``) is written by
-    the CLI from this summary: the report package sits above the workflows.
+    file instead of the pooled share; ``knn_ratio`` < 1 blends with centres from ``centres_from``
+    (default "gallery"; "head" without ``centres``: the exports' own ``class_centres.npz``, in
+    model order), and the out-of-fold tuning uses the same source). The report (``whalesub predict
+    --report``) is written by the CLI from this summary: the report package sits above the workflows.
     """
     per_species = submit_extra.pop("thresholds", None)
     if sum(x is not None for x in (threshold, new_share, per_species)) > 1:
         raise ConfigError("give at most one of --threshold, --new-share and --thresholds")
     check_threshold_inputs(threshold, per_species, submit_extra.get("knn_ratio", 1.0),
-                           submit_extra.get("centre_k"), k, submit_extra.get("threshold_knn_ratio"))
+                           submit_extra.get("centre_k"), k, submit_extra.get("threshold_knn_ratio"),
+                           submit_extra.get("centres_from", "gallery"))
+    source = submit_extra.get("centres_from", "gallery")
+    # "head" without --centres takes the exports' class_centres.npz (checked after the export)
+    check_centre_inputs(submit_extra.get("knn_ratio", 1.0), source,
+                        submit_extra.get("centres") or (["exports"] if source == "head" else None))
     options = options or EmbedOptions()
     if options.box_type is not None and boxes is None:
         raise ConfigError("--box-type needs --boxes CSV")
@@ -283,17 +290,19 @@ def predict(models: list[Path], train_csv: Path, train_images: Path, test_images
     clear_stale_results(out)  # from here on this run writes the results that apply to it
     knn_ratio, centre_k = submit_extra.pop("knn_ratio", 1.0), submit_extra.pop("centre_k", None)
     centres = submit_extra.pop("centres", None)
-    if knn_ratio < 1.0 and centres is None:
+    centres_from = submit_extra.pop("centres_from", "gallery")
+    if knn_ratio < 1.0 and centres_from == "head" and centres is None:
         centres = [e / CENTRES for e in exports]
         if missing := [str(c) for c in centres if not c.is_file()]:
-            raise ConfigError(f"--knn-ratio < 1 needs class centres, but {', '.join(missing)} do not exist "
-                              "(the checkpoint had no ArcFace head); pass --centres or --knn-ratio 1")
-    scoring = scoring_of(knn_ratio, centre_k, [_rel(c, out) for c in centres or []])
+            raise ConfigError(f"--centres-from head needs class centres, but {', '.join(missing)} do not "
+                              "exist (the checkpoint had no ArcFace head); use --centres-from gallery")
+    scoring = scoring_of(knn_ratio, centre_k, [_rel(c, out) for c in centres or []], centres_from)
     if per_species is not None:
         summary["threshold_source"] = f"--thresholds {per_species}"
         rule = per_species_rule(per_species)
     elif threshold is None and new_share is None:
-        tuned = tune_folds(folds, train_csv, grid, k=k, knn_ratio=knn_ratio, centre_k=centre_k)
+        tuned = tune_folds(folds, train_csv, grid, k=k, knn_ratio=knn_ratio, centre_k=centre_k,
+                           centres_from=centres_from)
         atomic_write_text(out / "tune.json", dumps_json(tuned, indent=1) + "\n")
         new_share = tuned["best"]["new_share"]
         best = tuned["best"]
@@ -458,8 +467,10 @@ def submit_extra_of(decision: dict, decision_path: Path, tmp: Path) -> dict:
     scoring, rule = decision["scoring"], decision["new_individual"]
     extra: dict = {"threshold": None}
     if scoring["kind"] == "blend":
+        source = centres_from_of(scoring)
         extra.update(knn_ratio=float(scoring["knn_ratio"]), centre_k=scoring.get("centre_k"),
-                     centres=[resolve(decision_path, c) for c in scoring["centres"]])
+                     centres_from=source, centres=([resolve(decision_path, c) for c in scoring["centres"]]
+                                                   if source == "head" else None))
     if rule["rule"] == "cosine":
         extra["threshold"] = float(rule["threshold"])
     elif rule["rule"] == "share":
@@ -538,16 +549,17 @@ def rank_by_decision(data: dict, decision: dict, decision_path, *, n_max: int = 
     with the decision's scoring (kNN, or the blend with its class centres), as ``submit_files`` does."""
     from whalesub.ranking.centres import rank_with_centres
     from whalesub.ranking.rank import rank_queries
-    from whalesub.workflows.scorefiles import load_centres
+    from whalesub.workflows.scorefiles import blend_centres
 
     scoring, k = decision["scoring"], int(decision["k"])
     if scoring["kind"] != "blend":
         return rank_queries(data["gallery"], data["gallery_labels"], data["queries"], k, n_max,
                             use_gpu=use_gpu, progress=progress)
-    centres = [resolve(decision_path, c) for c in scoring["centres"]]
-    mat, has = load_centres(centres, data["classes"], data["queries_file"], data["gallery"],
-                            data["gallery_labels"])
-    return rank_with_centres(data["gallery"], data["gallery_labels"], data["queries"], mat, has,
+    source = centres_from_of(scoring)
+    centres = [resolve(decision_path, c) for c in scoring["centres"]] if source == "head" else None
+    mat = blend_centres(data, source, centres)
+    return rank_with_centres(data["gallery"], data["gallery_labels"], data["queries"], mat,
+                             np.ones(mat.shape[0], dtype=bool),
                              float(scoring["knn_ratio"]), k, n_max, centre_k=scoring.get("centre_k"),
                              use_gpu=use_gpu, progress=progress)
 

@@ -3,7 +3,7 @@
 Threshold file (JSON, written by ``whalesub tune --per-species FILE``, read by ``submit --thresholds``)::
 
     {"format": "whalesub.thresholds", "format_version": 1, "global": 0.52, "k0": 20.0,
-     "scoring": {"kind": "knn", "knn_ratio": 1.0, "centre_k": null, "k": 100},
+     "scoring": {"kind": "blend", "knn_ratio": 0.5, "centre_k": null, "k": 100, "centres_from": "gallery"},
      "species": {"beluga": {"threshold": 0.61, "raw_threshold": 0.64, "n": 310, ...}, ...}}
 
 A hand-written file may give a species as a bare number (``"beluga": 0.61``); ``global`` is
@@ -11,10 +11,13 @@ required: it is used for species absent from the file and for rows without candi
 
 Scoring stamp: a threshold only means something on the scores it was tuned on. ``tune`` records
 :func:`scoring_stamp` (``kind`` "knn" at ``knn_ratio`` 1, else "blend"; ``centre_k`` and ``k``)
-under ``"scoring"`` in tune.json and threshold files; :func:`check_scoring` refuses a file tuned
-on another scoring than the one requested. Only ``kind`` and ``knn_ratio`` must agree: both
-rankings are exact, so ``k`` and ``centre_k`` are recorded but do not change the scores. A file
-without a stamp (older files, hand-written ones) counts as plain kNN.
+under ``"scoring"`` in tune.json and threshold files; a blend also records ``centres_from``
+("gallery" or "head": where every individual's centre comes from, :mod:`whalesub.ranking.centres`).
+:func:`check_scoring` refuses a file tuned on another scoring than the one requested. ``kind``,
+``knn_ratio`` and, for a blend, ``centres_from`` must agree: both rankings are exact, so ``k`` and
+``centre_k`` are recorded but do not change the scores. A file without a stamp (older files,
+hand-written ones) counts as plain kNN; a blend stamp without ``centres_from`` (written before the
+option existed, when blends used the heads' centres) counts as "head".
 
 Candidate table (CSV, ``submit --candidates-out``): one row per (query image, candidate):
 ``image, rank (1 = best), individual_id, score`` (float32 score written so that it reads back
@@ -36,7 +39,7 @@ import pandas as pd
 from whalesub.core.atomic import atomic_write_text
 from whalesub.core.errors import ConfigError, DataError, first_few
 from whalesub.data.contract import describe_lines, read_table
-from whalesub.ranking.centres import fill_centres
+from whalesub.ranking.centres import CENTRE_SOURCES, check_centre_source, gallery_centres, model_slices
 from whalesub.ranking.rank import PAD
 from whalesub.ranking.store import Embeddings, combined_fingerprint, load_embeddings, unit_float32
 
@@ -49,16 +52,26 @@ CANDIDATE_COLUMNS = ("image", "rank", "individual_id", "score")
 RATIO_TOL = 1e-9  # knn_ratio values closer than this are the same scoring
 
 
-def scoring_stamp(knn_ratio: float = 1.0, centre_k: int | None = None, k: int = 100) -> dict:
-    """The scoring a threshold was tuned on / is applied to: ``{"kind", "knn_ratio", "centre_k", "k"}``.
+def scoring_stamp(knn_ratio: float = 1.0, centre_k: int | None = None, k: int = 100,
+                  centres_from: str = "gallery") -> dict:
+    """The scoring a threshold was tuned on / is applied to: ``{"kind", "knn_ratio", "centre_k", "k"}``
+    and, for a blend, ``"centres_from"``.
 
     ``kind`` is "knn" at ``knn_ratio`` 1 (``centre_k`` then None), else "blend" (``centre_k``
     defaults to ``k``, as in :func:`whalesub.ranking.centres.rank_with_centres`).
     """
     r = float(knn_ratio)
     blend = r < 1.0
-    return {"kind": "blend" if blend else "knn", "knn_ratio": r,
-            "centre_k": (int(k if centre_k is None else centre_k)) if blend else None, "k": int(k)}
+    stamp = {"kind": "blend" if blend else "knn", "knn_ratio": r,
+             "centre_k": (int(k if centre_k is None else centre_k)) if blend else None, "k": int(k)}
+    if blend:
+        stamp["centres_from"] = check_centre_source(centres_from)
+    return stamp
+
+
+def centres_from_of(stamp: dict) -> str | None:
+    """A checked stamp's centre source: None for kNN, "head" for a blend stamp without the key."""
+    return None if stamp["kind"] != "blend" else stamp.get("centres_from", "head")
 
 
 def _check_stamp(stamp, source: str) -> dict:
@@ -68,25 +81,35 @@ def _check_stamp(stamp, source: str) -> dict:
     ratio = stamp.get("knn_ratio") if isinstance(stamp, dict) else None
     if (not isinstance(stamp, dict) or stamp.get("kind") not in ("knn", "blend") or isinstance(ratio, bool)
             or not isinstance(ratio, int | float) or not 0.0 <= ratio <= 1.0
-            or (stamp["kind"] == "knn") != (ratio == 1.0)):
+            or (stamp["kind"] == "knn") != (ratio == 1.0)
+            or stamp.get("centres_from", "head") not in CENTRE_SOURCES):
         raise DataError(f"{source}: 'scoring' must be {{\"kind\": \"knn\" | \"blend\", \"knn_ratio\": r in "
-                        f"[0, 1] (1 exactly for knn), ...}}, got {stamp!r}; re-tune with `whalesub tune`")
+                        f"[0, 1] (1 exactly for knn), \"centres_from\": \"gallery\" | \"head\" (blend), "
+                        f"...}}, got {stamp!r}; re-tune with `whalesub tune`")
     return stamp
 
 
 def describe_scoring(stamp: dict) -> str:
-    """``"kNN scores (knn_ratio 1)"`` / ``"blended scores (knn_ratio 0.5)"``."""
-    kind = "kNN" if stamp["kind"] == "knn" else "blended"
-    return f"{kind} scores (knn_ratio {float(stamp['knn_ratio']):g})"
+    """``"kNN scores (knn_ratio 1)"`` / ``"blended scores (knn_ratio 0.5, centres from gallery)"``."""
+    if stamp["kind"] == "knn":
+        return f"kNN scores (knn_ratio {float(stamp['knn_ratio']):g})"
+    return (f"blended scores (knn_ratio {float(stamp['knn_ratio']):g}, centres from "
+            f"{stamp.get('centres_from', 'head')})")
 
 
 def check_scoring(stamp: dict | None, wanted: dict, source) -> None:
     """ConfigError unless ``stamp`` (read from ``source``; None = plain kNN) is the scoring ``wanted``.
 
-    Compares ``kind`` and ``knn_ratio`` (see the module docstring); one line naming the file and both.
+    Compares ``kind``, ``knn_ratio`` and a blend's ``centres_from`` (see the module docstring); one
+    line naming the file and both.
     """
     have = _check_stamp(stamp, str(source))
     gap = abs(float(have["knn_ratio"]) - float(wanted["knn_ratio"]))
+    same = have["kind"] == wanted["kind"] and gap <= RATIO_TOL
+    if same and centres_from_of(have) != centres_from_of(wanted):
+        raise ConfigError(f"{source} was tuned on {describe_scoring(have)} but {describe_scoring(wanted)} "
+                          f"were requested: re-tune with `whalesub tune ... --centres-from "
+                          f"{centres_from_of(wanted)}` or request --centres-from {centres_from_of(have)}")
     if have["kind"] != wanted["kind"] or gap > RATIO_TOL:
         raise ConfigError(f"{source} was tuned on {describe_scoring(have)} but "
                           f"{describe_scoring(wanted)} were requested: re-tune with `whalesub tune ... "
@@ -170,18 +193,43 @@ def read_thresholds(path, scoring: dict | None = None) -> tuple[float, dict[str,
             {str(k): _threshold_value(v, f"species {k!r}", path) for k, v in species.items()})
 
 
-def load_centres(paths, classes: np.ndarray, queries: Embeddings, gallery: np.ndarray | None = None,
-                 gallery_labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Class-centre files -> (centres [n_ind, D] f32, has_centre [n_ind] bool), rows = ``classes``.
+def n_models_of(emb: Embeddings) -> int:
+    """How many models' vectors an embedding file concatenates (``meta["models"]`` of embed; else 1)."""
+    models = emb.meta.get("models")
+    return len(models) if isinstance(models, list) and models else 1
+
+
+def blend_centres(data: dict, centres_from: str, paths=None) -> np.ndarray:
+    """The centre of every individual of :func:`whalesub.workflows.submit.load_ranking_inputs`'s
+    ``data``, all from one source: [n_ind, D] f32.
+
+    "gallery": :func:`whalesub.ranking.centres.gallery_centres` per model block of the queries'
+    models (:func:`whalesub.ranking.centres.model_slices`); ``paths`` must then be empty. "head":
+    :func:`load_centres` of ``paths`` (refused unless every individual has a centre in each file).
+    """
+    if check_centre_source(centres_from) == "gallery":
+        if paths:
+            raise ConfigError("--centres-from gallery builds every centre from the gallery: drop --centres, "
+                              "or pass --centres-from head to use those class_centres.npz")
+        dims = model_slices(data["gallery"], n_models_of(data["queries_file"]))
+        log.info("class centres: the mean of each individual's gallery vectors (%d model block(s))",
+                 len(dims))
+        return gallery_centres(data["gallery"], data["gallery_labels"], data["classes"].size, dims)
+    if not paths:
+        raise ConfigError("--centres-from head needs the heads' class centres: pass --centres "
+                          "class_centres.npz (one per model, from `whalesub export`), or use --centres-from "
+                          "gallery")
+    return load_centres(paths, data["classes"], data["queries_file"])
+
+
+def load_centres(paths, classes: np.ndarray, queries: Embeddings) -> np.ndarray:
+    """Class-centre files -> centres [n_ind, D] f32, rows = ``classes`` (``--centres-from head``).
 
     Several files (one per model, in the order of ``embed --model``) are concatenated and
-    renormalised like the embeddings (each block unit, then / sqrt(files)). With ``gallery``
-    [N, D] and ``gallery_labels`` [N] codes, a centre a file lacks is filled with the normalised
-    mean of the individual's gallery vectors in that model's slice
-    (:func:`whalesub.ranking.centres.fill_centres`), so every individual has one (``has_centre``
-    all True) and is scored on the same scale. Without them an individual needs a centre in every
-    file; the others have none (they score by kNN alone). The dimensions and the combined
-    fingerprint must match the queries'.
+    renormalised like the embeddings (each block unit, then / sqrt(files)). Every individual must
+    have a centre in every file, else ConfigError counting those without and naming some (a
+    per-individual substitute would put them on another scale: use ``--centres-from gallery``).
+    The dimensions and the combined fingerprint must match the queries'.
     """
     files = [load_embeddings(p) for p in paths]
     where = ", ".join(repr(str(p)) for p in paths)
@@ -197,39 +245,28 @@ def load_centres(paths, classes: np.ndarray, queries: Embeddings, gallery: np.nd
                             "class_centres.npz of each exported model, in the order of embed's --model")
     else:
         log.warning("no fingerprint on the centres or queries: cannot check that they share the models")
-    has = np.ones(classes.size, dtype=bool)
-    blocks, presents = [], []
+    blocks = []
     for f in files:
         if np.unique(f.ids).size != len(f):
             raise DataError(f"class centres {str(f.path)!r} repeat individual ids; one centre per individual")
         vec = unit_float32(f)
         pos = np.searchsorted(classes, f.ids).clip(0, classes.size - 1)
         known = classes[pos] == f.ids
-        if not known.any():
-            raise DataError(f"none of the ids of {str(f.path)!r} are individuals of train.csv "
-                            f"(e.g. {first_few(f.ids.tolist())}); pass a class_centres.npz from export")
         if (~known).any():
             log.info("%s: %d centres of individuals absent from the gallery are not used", f.path,
                      int((~known).sum()))
-        block = np.zeros((classes.size, f.dim), dtype=np.float32)
-        block[pos[known]] = vec[known]
         present = np.zeros(classes.size, dtype=bool)
         present[pos[known]] = True
-        has &= present
+        if (~present).any():
+            lacking = classes[~present].tolist()
+            raise ConfigError(f"--centres-from head: {len(lacking)} of {classes.size} gallery individuals "
+                              f"have no class centre in {str(f.path)!r} (e.g. {first_few(lacking)}), so the "
+                              "blend would score them on another scale; use --centres-from gallery (every "
+                              "centre from the gallery vectors) or a head trained on every individual")
+        block = np.zeros((classes.size, f.dim), dtype=np.float32)
+        block[pos[known]] = vec[known]
         blocks.append(block)
-        presents.append(present)
-    if gallery is not None:
-        centres, filled = fill_centres(blocks, presents, gallery, gallery_labels)
-        if filled.any():
-            log.info("%d of %d individuals lack a head centre in some of the %d centre files: those are "
-                     "filled with the mean of their gallery vectors (per model)",
-                     int(filled.any(axis=1).sum()), classes.size, len(files))
-        return centres, np.ones(classes.size, dtype=bool)
-    centres = (np.concatenate(blocks, axis=1) / np.float32(np.sqrt(len(files)))).astype(np.float32)
-    if (~has).any():
-        log.info("%d of %d individuals have no class centre in every file: they score by kNN alone",
-                 int((~has).sum()), has.size)
-    return centres, has
+    return (np.concatenate(blocks, axis=1) / np.float32(np.sqrt(len(files)))).astype(np.float32)
 
 
 def write_candidates(path, images, labels: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> Path:

@@ -16,7 +16,7 @@ import numpy as np
 
 from whalesub.core.errors import ConfigError, DataError, first_few
 from whalesub.data.contract import individual_species, read_test_listing, read_train_csv, read_truth
-from whalesub.ranking.centres import check_ratio, rank_with_centres
+from whalesub.ranking.centres import check_centre_source, check_ratio, rank_with_centres
 from whalesub.ranking.rank import (
     NEW,
     TOP,
@@ -38,6 +38,7 @@ from whalesub.ranking.threshold import (
     tune_candidates,
 )
 from whalesub.workflows.scorefiles import (
+    blend_centres,
     check_output_path,
     check_threshold_scoring,
     load_centres,
@@ -103,7 +104,7 @@ def submit_files(gallery_path, queries_path, train_csv, threshold: float | None,
                  sample=None, *, new_share: float | None = None, use_gpu: bool | None = None,
                  progress: bool = True, thresholds=None, centres=None, knn_ratio: float = 1.0,
                  centre_k: int | None = None, candidates_out=None, candidates_n: int = TOP,
-                 threshold_knn_ratio: float | None = None) -> dict:
+                 threshold_knn_ratio: float | None = None, centres_from: str = "gallery") -> dict:
     """Rank the queries against the gallery and write a validated submission CSV to ``out``.
 
     Give exactly one of ``threshold`` (a cosine in [-1, 1]) or ``new_share``: the threshold is
@@ -113,11 +114,12 @@ def submit_files(gallery_path, queries_path, train_csv, threshold: float | None,
     queries' order. Returns counts: rows, new_first, new_any, individuals, threshold, ...
 
     ``thresholds``: instead, a per-species threshold file (:mod:`whalesub.workflows.scorefiles`): each row
-    takes the threshold of its top candidate's species. ``centres`` (class_centres.npz paths, one
-    per model) with ``knn_ratio`` r < 1: individuals scored r x kNN + (1 - r) x centre cosine
-    (:mod:`whalesub.ranking.centres`, ``centre_k`` centres searched per query, default ``k``); r = 1 is
-    today's kNN ranking, unchanged. ``candidates_out``: also write every query's best
-    ``candidates_n`` candidates with their scores (a table for ``whalesub blend``).
+    takes the threshold of its top candidate's species. ``knn_ratio`` r < 1: individuals scored
+    r x kNN + (1 - r) x centre cosine (:mod:`whalesub.ranking.centres`, ``centre_k`` centres searched
+    per query, default ``k``), every centre from ``centres_from``: "gallery" (the mean of the
+    individual's gallery vectors) or "head" (``centres``: class_centres.npz paths, one per model,
+    holding every individual); r = 1 is today's kNN ranking, unchanged. ``candidates_out``: also
+    write every query's best ``candidates_n`` candidates with their scores (a table for ``whalesub blend``).
 
     A threshold only fits the scores it was tuned on: a ``thresholds`` file tuned on another
     scoring (its ``"scoring"`` stamp; none = plain kNN) is refused, and so is a bare ``threshold``
@@ -137,18 +139,16 @@ def submit_files(gallery_path, queries_path, train_csv, threshold: float | None,
     if Path(out).is_dir():  # fail before the (long) search, not when writing
         raise ConfigError(f"--out {out} is a folder; give a file name such as {Path(out) / 'submission.csv'}")
     check_output_path(candidates_out, "--candidates-out")
-    if check_ratio(knn_ratio) < 1 and not centres:
-        raise ConfigError(f"--knn-ratio {knn_ratio} below 1 needs class centres: pass --centres "
-                          "class_centres.npz (one per model, from `whalesub export`)")
+    check_centre_inputs(knn_ratio, centres_from, centres)
     if candidates_n < 1:
         raise ConfigError(f"--candidates-n {candidates_n} must be at least 1")
     wanted, by_species = check_threshold_inputs(threshold, thresholds, knn_ratio, centre_k, k,
-                                                threshold_knn_ratio)
+                                                threshold_knn_ratio, centres_from)
     data = load_ranking_inputs(gallery_path, queries_path, train_csv)
     query_ids = data["query_ids"]
     images = check_against_sample(query_ids, sample, queries_path) if sample is not None else None
     labels, scores = _rank(data, k, max(TOP, candidates_n) if candidates_out else TOP, centres, knn_ratio,
-                           centre_k, use_gpu=use_gpu, progress=progress)
+                           centre_k, centres_from, use_gpu=use_gpu, progress=progress)
     if by_species is not None:
         threshold = row_thresholds(labels, data["class_species"], by_species[1], by_species[0])
         log.info("per-species thresholds from %s: %d species, global %.4f", thresholds, len(by_species[1]),
@@ -180,12 +180,25 @@ def submit_files(gallery_path, queries_path, train_csv, threshold: float | None,
     return summary
 
 
+def check_centre_inputs(knn_ratio: float, centres_from: str, centres) -> None:
+    """ConfigError for centre options that do not fit (cheap: before long work): ``--centres`` with
+    ``--centres-from gallery`` (a blend), or ``--centres-from head`` at r < 1 without ``--centres``."""
+    check_centre_source(centres_from)
+    if check_ratio(knn_ratio) < 1 and centres_from == "head" and not centres:
+        raise ConfigError(f"--knn-ratio {knn_ratio} with --centres-from head needs the heads' class centres: "
+                          "pass --centres class_centres.npz (one per model, from `whalesub export`), or use "
+                          "--centres-from gallery (no head needed)")
+    if knn_ratio < 1 and centres_from == "gallery" and centres:
+        raise ConfigError("--centres-from gallery builds every centre from the gallery: drop --centres, or "
+                          "pass --centres-from head to blend with those class_centres.npz")
+
+
 def check_threshold_inputs(threshold, thresholds, knn_ratio: float, centre_k: int | None, k: int,
-                           threshold_knn_ratio: float | None):
+                           threshold_knn_ratio: float | None, centres_from: str = "gallery"):
     """The scoring stamp requested and the threshold file read (or None), refusing a threshold tuned
     on another scoring (:func:`whalesub.workflows.scorefiles.check_scoring`,
     :func:`~whalesub.workflows.scorefiles.check_threshold_scoring`). Cheap: run it before long work."""
-    wanted = scoring_stamp(check_ratio(knn_ratio), centre_k, k)
+    wanted = scoring_stamp(check_ratio(knn_ratio), centre_k, k, centres_from)
     if threshold is not None:
         check_threshold_scoring(None if threshold_knn_ratio is None else check_ratio(threshold_knn_ratio),
                                 wanted)
@@ -195,35 +208,37 @@ def check_threshold_inputs(threshold, thresholds, knn_ratio: float, centre_k: in
     return wanted, (read_thresholds(thresholds, scoring=wanted) if thresholds is not None else None)
 
 
-def _rank(data: dict, k: int, n_max: int, centres, knn_ratio: float, centre_k: int | None, *,
-          use_gpu: bool | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Candidates [Q, n_max]: kNN (:func:`rank_queries`) at r = 1, else blended with the class centres."""
-    if centres:
-        mat, has = load_centres(centres, data["classes"], data["queries_file"], data["gallery"],
-                                data["gallery_labels"])
+def _rank(data: dict, k: int, n_max: int, centres, knn_ratio: float, centre_k: int | None,
+          centres_from: str = "gallery", *, use_gpu: bool | None,
+          progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates [Q, n_max]: kNN (:func:`rank_queries`) at r = 1, else blended with every individual's
+    centre from ``centres_from`` (:func:`whalesub.workflows.scorefiles.blend_centres`)."""
     if knn_ratio == 1.0:
         if centres:
+            load_centres(centres, data["classes"], data["queries_file"])
             log.info("--knn-ratio 1: the class centres are checked but not used (kNN only)")
         return rank_queries(data["gallery"], data["gallery_labels"], data["queries"], k, n_max,
                             use_gpu=use_gpu, progress=progress)
     if centre_k is not None and centre_k < 1:
         raise ConfigError(f"--centre-k {centre_k} must be at least 1")
-    return rank_with_centres(data["gallery"], data["gallery_labels"], data["queries"], mat, has, knn_ratio,
-                             k, n_max, centre_k=centre_k, use_gpu=use_gpu, progress=progress)
+    mat = blend_centres(data, centres_from, centres)
+    return rank_with_centres(data["gallery"], data["gallery_labels"], data["queries"], mat,
+                             np.ones(mat.shape[0], dtype=bool), knn_ratio, k, n_max, centre_k=centre_k,
+                             use_gpu=use_gpu, progress=progress)
 
 
 def tune_files(gallery_path, queries_path, train_csv, truth_csv, grid: str = "0.0:1.0:0.02",
                target_new_share: float | None = None, k: int = 100, *, use_gpu: bool | None = None,
                progress: bool = True, per_species_out=None, k0: float = 20.0, centres=None,
-               knn_ratio: float = 1.0, centre_k: int | None = None) -> dict:
+               knn_ratio: float = 1.0, centre_k: int | None = None, centres_from: str = "gallery") -> dict:
     """:func:`tune_arrays` on embedding files, ``train.csv`` and a truth CSV.
 
     ``truth_csv``: ``image,individual_id`` for every query image (``new_individual`` for animals
     not in the gallery); images missing on either side are an error naming them.
     ``per_species_out``: also tune per-species thresholds (shrinkage ``k0``) and write that file.
-    ``centres``, ``knn_ratio``, ``centre_k``, ``k``: the scoring, as for :func:`submit_files`, so
-    that blended scores are tuned on blended scores; the result (and the per-species file) carries
-    its :func:`whalesub.workflows.scorefiles.scoring_stamp` under ``"scoring"``.
+    ``centres``, ``knn_ratio``, ``centre_k``, ``k``, ``centres_from``: the scoring, as for
+    :func:`submit_files`, so that blended scores are tuned on blended scores; the result (and the
+    per-species file) carries its :func:`whalesub.workflows.scorefiles.scoring_stamp` under ``"scoring"``.
     """
     thresholds = parse_grid(grid)
     check_output_path(per_species_out, "--per-species")
@@ -231,10 +246,8 @@ def tune_files(gallery_path, queries_path, train_csv, truth_csv, grid: str = "0.
         check_new_share(target_new_share, "--target-new-share")
     if k < 1:
         raise ConfigError(f"--k {k} must be at least 1 (number of neighbours searched per query)")
-    if check_ratio(knn_ratio) < 1 and not centres:
-        raise ConfigError(f"--knn-ratio {knn_ratio} below 1 needs class centres: pass --centres "
-                          "class_centres.npz (one per model, from `whalesub export`)")
-    stamp = scoring_stamp(knn_ratio, centre_k, k)
+    check_centre_inputs(knn_ratio, centres_from, centres)
+    stamp = scoring_stamp(knn_ratio, centre_k, k, centres_from)
     data = load_ranking_inputs(gallery_path, queries_path, train_csv)
     truth = read_truth_for(truth_csv, data["query_ids"].tolist(), queries_path)
     species = data["class_species"] if per_species_out is not None else None
@@ -243,7 +256,8 @@ def tune_files(gallery_path, queries_path, train_csv, truth_csv, grid: str = "0.
                              truth, thresholds, target_new_share, k, use_gpu=use_gpu, progress=progress,
                              k0=k0, class_species=species)
     else:
-        labels, scores = _rank(data, k, TOP, centres, knn_ratio, centre_k, use_gpu=use_gpu, progress=progress)
+        labels, scores = _rank(data, k, TOP, centres, knn_ratio, centre_k, centres_from, use_gpu=use_gpu,
+                               progress=progress)
         result = tune_candidates(labels, scores, truth_codes(truth, data["classes"]), thresholds,
                                  target_new_share, k, class_species=species, k0=k0)
     result["scoring"] = stamp
