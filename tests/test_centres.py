@@ -143,7 +143,7 @@ def test_knn_ratio_one_reproduces_todays_submission_bit_for_bit(files):
 
 def test_knn_ratio_zero_ranks_by_the_mean_per_model_centre_cosine(files):
     res = _run(files, "--threshold", "-1", "--threshold-knn-ratio", "0", *_centres_args(files),
-               "--knn-ratio", "0")
+               "--knn-ratio", "0", "--centres-from", "head")
     assert res.exit_code == 0, res.output
     q = load_embeddings(files / "queries.npz").vectors.astype(np.float64)
     cos = np.mean([q[:, 8 * b:8 * b + 8] / np.linalg.norm(q[:, 8 * b:8 * b + 8], axis=1, keepdims=True)
@@ -155,12 +155,15 @@ def test_knn_ratio_zero_ranks_by_the_mean_per_model_centre_cosine(files):
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--knn-ratio", "0.5"], "needs class centres"),
-    (["--knn-ratio", "0.5", "--centres", "{d}/centres_fb.npz", "--centres", "{d}/centres_fa.npz"],
-     "do not come from the models"),
-    (["--knn-ratio", "0.5", "--centres", "{d}/centres_fa.npz"], "D=8"),
-    (["--knn-ratio", "0.5", "--centres", "{d}/gallery.npz"], "gallery.npz"),
-    (["--knn-ratio", "2", "--centres", "{d}/centres_fa.npz"], "--knn-ratio"),
+    (["--knn-ratio", "0.5", "--centres-from", "head"], "needs the heads' class centres"),
+    (["--knn-ratio", "0.5", "--centres-from", "head", "--centres", "{d}/centres_fb.npz", "--centres",
+      "{d}/centres_fa.npz"], "do not come from the models"),
+    (["--knn-ratio", "0.5", "--centres-from", "head", "--centres", "{d}/centres_fa.npz"], "D=8"),
+    (["--knn-ratio", "0.5", "--centres-from", "head", "--centres", "{d}/gallery.npz"], "gallery.npz"),
+    (["--knn-ratio", "2", "--centres-from", "head", "--centres", "{d}/centres_fa.npz"], "--knn-ratio"),
+    (["--knn-ratio", "0.5", "--centres", "{d}/centres_fa.npz", "--centres", "{d}/centres_fb.npz"],
+     "drop --centres"),  # the default source, gallery, uses no head centres
+    (["--knn-ratio", "0.5", "--centres-from", "mean"], "--centres-from 'mean' is not known"),
 ])
 def test_bad_centres_are_one_clear_error(files, extra, needle):
     res = _run(files, "--new-share", "0.2", *[a.format(d=files) for a in extra])

@@ -44,9 +44,11 @@ def _decision() -> dict:
             "gallery": {"file": "embeddings/gallery.npz", "labels": "gallery_labels.csv", "tta": "none",
                         "flip_views": True, "images": "abc", "n": 3},
             "queries": {"tta": "flip", "flip_views": False}, "k": 50,
-            "scoring": scoring_of(0.5, None, ["models/m0/class_centres.npz", "models/m1/class_centres.npz"]),
+            "scoring": scoring_of(0.5, None, ["models/m0/class_centres.npz", "models/m1/class_centres.npz"],
+                                  "head"),
             "new_individual": {"rule": "per_species", "default": 0.4, "species": {"beluga": 0.6},
-                               "tuned_on": {"kind": "blend", "knn_ratio": 0.5, "centre_k": None, "k": 50}}}
+                               "tuned_on": {"kind": "blend", "knn_ratio": 0.5, "centre_k": None, "k": 50,
+                                            "centres_from": "head"}}}
 
 
 def test_decision_round_trip(tmp_path):
@@ -60,6 +62,10 @@ def test_decision_round_trip(tmp_path):
     (lambda d: d.pop("k"), "'k' is missing"),
     (lambda d: d["scoring"]["centres"].pop(), "'scoring.centres' must name one class_centres.npz per model"),
     (lambda d: d["scoring"].update(knn_ratio=1.5), "'scoring.knn_ratio' must be a finite number"),
+    (lambda d: d["scoring"].update(centres_from="mean"), "'scoring.centres_from' must be one of"),
+    (lambda d: d["scoring"].update(centres_from="gallery"), "'scoring.centres' must be empty"),
+    (lambda d: d["new_individual"]["tuned_on"].update(centres_from="x"),
+     "'new_individual.tuned_on.centres_from'"),
     (lambda d: d["new_individual"].update(rule="magic"), "'new_individual.rule' must be one of"),
     (lambda d: d["new_individual"]["species"].update(beluga="high"), "'new_individual.species.beluga'"),
     (lambda d: d["embed"].update(box_type="body"), "'embed.boxes_sha256' is needed"),
@@ -81,11 +87,18 @@ def test_bad_decision_names_the_key_and_the_file(tmp_path, change, needle):
 
 def test_scoring_stamps():
     assert read_stamp({"best": {}}) == {"kind": "knn", "knn_ratio": 1.0, "centre_k": None, "k": None}
-    blend = {"kind": "blend", "knn_ratio": 0.5, "centre_k": 20, "k": 100}
+    blend = {"kind": "blend", "knn_ratio": 0.5, "centre_k": 20, "k": 100, "centres_from": "head"}
     assert read_stamp({"scoring": blend}) == blend
+    old = {k: v for k, v in blend.items() if k != "centres_from"}  # before --centres-from: the heads'
+    assert read_stamp({"scoring": old}) == blend
     assert read_stamp({"scoring": {"kind": "blend", "knn_ratio": 1.0, "k": 7}})["kind"] == "knn"
-    scoring = scoring_of(0.5, 20, ["a.npz"])
+    scoring = scoring_of(0.5, 20, ["a.npz"], "head")
     assert stamp_of(scoring, 100) == blend and same_scoring(blend, scoring, 100)
+    gallery = scoring_of(0.5, 20, ["a.npz"])  # the default source: no centre files kept
+    assert gallery["centres_from"] == "gallery" and gallery["centres"] == []
+    assert not same_scoring(blend, gallery, 100)
+    assert not same_scoring(read_stamp({"scoring": old}), gallery, 100)
+    assert same_scoring(stamp_of(gallery, 100), gallery, 100)
     assert not same_scoring(read_stamp(None), scoring, 100)  # tuned on kNN, ranked by the blend
     assert not same_scoring(blend, scoring_of(1.0), 100) and same_scoring(None, scoring, 100)
     assert not same_scoring({**blend, "k": 50}, scoring, 100)
@@ -126,8 +139,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_predict_writes_what_it_submitted(trained, blend, tmp_path):  # noqa: F811
     d = read_decision(blend / "decision.json")
     assert d["scoring"]["kind"] == "blend" and d["scoring"]["knn_ratio"] == 0.5
-    assert [(blend / c).resolve() for c in d["scoring"]["centres"]] == [
-        (blend / "models" / m["name"] / "class_centres.npz").resolve() for m in d["models"]]
+    assert d["scoring"]["centres_from"] == "gallery" and d["scoring"]["centres"] == []  # the default
     rule = d["new_individual"]
     tuned = json.loads((blend / "tune.json").read_text())
     assert rule["rule"] == "share" and rule["new_share"] == tuned["best"]["new_share"]
@@ -205,8 +217,8 @@ def test_offline_kernel_equals_predict_blend_and_pooled_share(trained, blend, wh
     build = _build(blend, tmp_path / "build", wheel)
     manifest = json.loads((build / "models" / "manifest.json").read_text())
     packed = read_decision(build / "models" / "decision.json")
-    assert manifest["decision"] == "decision.json" and packed["scoring"]["centres"] == [
-        f"{m['name']}/class_centres.npz" for m in packed["models"]]
+    assert manifest["decision"] == "decision.json" and packed["scoring"]["centres_from"] == "gallery"
+    assert packed["scoring"]["centres"] == []
     assert (build / "models" / "gallery.npz").read_bytes() == (blend / "embeddings/gallery.npz").read_bytes()
     got = _kernel_submission(build, trained["data"], tmp_path)
     want = pd.read_csv(blend / "submission.csv", dtype=str, keep_default_na=False)
@@ -229,8 +241,7 @@ def test_per_species_thresholds_report_and_kernel(trained, blend, wheel, tmp_pat
 
     emb, cand = blend / "embeddings", tmp_path / "cand.csv"
     submit_files(emb / "gallery.npz", emb / "test.npz", data / "train.csv", None, tmp_path / "s.csv",
-                 sample=data / "sample_submission.csv", new_share=0.5, knn_ratio=0.5, candidates_out=cand,
-                 centres=sorted((blend / "models").glob("*/class_centres.npz")))
+                 sample=data / "sample_submission.csv", new_share=0.5, knn_ratio=0.5, candidates_out=cand)
     top1 = pd.read_csv(cand).query("rank == 1")["score"].to_numpy()
     names = sorted(doc["species"])
     qs = np.quantile(top1, np.linspace(0.3, 0.7, max(len(names), 2)))

@@ -1,5 +1,6 @@
-"""One score scale for every individual (gallery-mean centre fill), tuning on the scoring that
-submit uses, and the scoring stamp of threshold files (whalesub.workflows.scorefiles)."""
+"""One score scale for every individual (every centre from one source: --centres-from gallery | head),
+tuning on the scoring that submit uses, and the scoring stamp of threshold files
+(whalesub.workflows.scorefiles)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,14 @@ from typer.testing import CliRunner
 from whalesub.cli import app
 from whalesub.core.errors import ConfigError, DataError
 from whalesub.data.contract import NEW_INDIVIDUAL
-from whalesub.ranking.centres import fill_centres, rank_with_centres
-from whalesub.ranking.store import Embeddings, combined_fingerprint, load_embeddings, save_embeddings
+from whalesub.ranking.centres import gallery_centres, model_slices, rank_with_centres
+from whalesub.ranking.store import combined_fingerprint, load_embeddings, save_embeddings
 from whalesub.ranking.submission import score_submission
 from whalesub.workflows.oof import tune_folds
 from whalesub.workflows.scorefiles import (
+    blend_centres,
     check_scoring,
     dumps_json,
-    load_centres,
     read_thresholds,
     scoring_stamp,
     write_thresholds,
@@ -50,8 +51,9 @@ def _no_nan(text):
 
 @pytest.fixture
 def two_models(tmp_path):
-    """Two 'models' of D=8 side by side (D=16, combined like embed); model fa's centre file lacks
-    individuals 0-3, model fb's lacks 2-5 (so 0-5 lack a centre in some model)."""
+    """Two 'models' of D=8 side by side (D=16, combined like embed, meta naming both models); model
+    fa's centre file lacks individuals 0-3, model fb's lacks 2-5 (so 0-5 lack a centre in some
+    model); full_fa / full_fb hold every individual's head centre."""
     rng = np.random.default_rng(11)
     n_ind, gal, que = 14, [], []
     labels = np.concatenate([np.arange(n_ind), rng.integers(0, n_ind, 30)])
@@ -70,9 +72,10 @@ def two_models(tmp_path):
     with open(tmp_path / "train.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([("image", "species", "individual_id"),
                                   *[(im, "sp", ids[c]) for im, c in zip(images, labels, strict=True)]])
-    save_embeddings(tmp_path / "gallery.npz", images, gallery, {"fingerprint": fp})
+    meta = {"fingerprint": fp, "models": [{"fingerprint": "fa"}, {"fingerprint": "fb"}]}
+    save_embeddings(tmp_path / "gallery.npz", images, gallery, meta)
     qids = [f"q{j}.jpg" for j in range(pick.size)]
-    save_embeddings(tmp_path / "queries.npz", qids, queries, {"fingerprint": fp})
+    save_embeddings(tmp_path / "queries.npz", qids, queries, meta)
     # truth: the first 15 queries are their individual, the last 5 are labelled new
     truth = [ids[c] for c in pick[:15]] + [NEW_INDIVIDUAL] * 5
     with open(tmp_path / "truth.csv", "w", newline="") as fh:
@@ -82,18 +85,21 @@ def two_models(tmp_path):
         keep = np.setdiff1d(np.arange(n_ind), missing[name])
         save_embeddings(tmp_path / f"centres_{name}.npz", ids[keep], c[keep].astype(np.float32),
                         {"fingerprint": name, "kind": "class_centres"})
+        save_embeddings(tmp_path / f"full_{name}.npz", ids, c.astype(np.float32),
+                        {"fingerprint": name, "kind": "class_centres"})
     return {"dir": tmp_path, "labels": labels, "gallery": gallery, "queries": queries, "heads": heads,
             "missing": missing, "ids": ids, "qids": qids, "truth": truth}
 
 
-def _oracle_scores(case, r):
-    """Blended score of every query x individual, float64 loops, straight from the definition."""
+def _oracle_scores(case, r, source="gallery"):
+    """Blended score of every query x individual, float64 loops, straight from the definition: the
+    centre of every individual is its per-model normalised gallery mean ("gallery") or the heads'."""
     g, q, labels = (case["gallery"].astype(np.float64), case["queries"].astype(np.float64), case["labels"])
     n_ind = case["ids"].size
     centre = np.zeros((n_ind, 2 * D))
-    for m, name in enumerate(("fa", "fb")):
+    for m in range(2):
         for c in range(n_ind):
-            if c in case["missing"][name]:
+            if source == "gallery":
                 rows = g[labels == c, m * D:(m + 1) * D]
                 mean = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).mean(axis=0)
                 centre[c, m * D:(m + 1) * D] = mean / np.linalg.norm(mean)
@@ -116,80 +122,114 @@ def _submit(d, *extra, out="sub.csv"):
     return runner.invoke(app, ["submit", *_inputs(d), "--out", str(d / out), *extra])
 
 
-def _centres(d):
-    return ["--centres", str(d / "centres_fa.npz"), "--centres", str(d / "centres_fb.npz")]
+def _centres(d, prefix="centres"):
+    return ["--centres", str(d / f"{prefix}_fa.npz"), "--centres", str(d / f"{prefix}_fb.npz")]
 
 
-# --- 1. one scale: the gallery-mean fill ------------------------------------------------------------
+def _head(d):
+    """--centres-from head with the heads that hold every individual."""
+    return ["--centres-from", "head", *_centres(d, "full")]
 
 
-def test_centre_less_individuals_are_scored_by_the_blend_formula(two_models):
-    d = two_models["dir"]
-    res = _submit(d, "--new-share", "0.2", *_centres(d), "--knn-ratio", "0.4",
-                  "--candidates-out", str(d / "cand.csv"), "--candidates-n", "14")
-    assert res.exit_code == 0, res.output
-    want = _oracle_scores(two_models, 0.4)
-    got = np.full_like(want, np.nan)
-    col = {name: c for c, name in enumerate(two_models["ids"])}
-    row = {name: i for i, name in enumerate(two_models["qids"])}
-    for rec in csv.DictReader(open(d / "cand.csv")):
+def _candidate_scores(case, path):
+    col = {name: c for c, name in enumerate(case["ids"])}
+    row = {name: i for i, name in enumerate(case["qids"])}
+    got = np.full((len(case["qids"]), case["ids"].size), np.nan)
+    for rec in csv.DictReader(open(path)):
         got[row[rec["image"]], col[rec["individual_id"]]] = float(rec["score"])
+    return got
+
+
+# --- 1. one scale: every centre from one source --------------------------------------------------------
+
+
+@pytest.mark.parametrize("r", [0.0, 0.4])
+def test_gallery_blend_equals_a_float64_brute_force_loop(two_models, r):
+    d = two_models["dir"]
+    res = _submit(d, "--new-share", "0.2", "--knn-ratio", str(r), "--candidates-n", "14",
+                  "--candidates-out", str(d / "cand.csv"))
+    assert res.exit_code == 0, res.output  # --centres-from gallery is the default: no centre file needed
+    got = _candidate_scores(two_models, d / "cand.csv")
     assert not np.isnan(got).any()  # every individual scored, none dropped
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(got, _oracle_scores(two_models, r), atol=1e-5)
 
 
-def test_fill_centres_keeps_head_rows_and_fills_per_model_slice(two_models):
-    case = two_models
-    classes = case["ids"]
-    queries = Embeddings(np.array(case["qids"]), case["queries"],
-                         {"fingerprint": combined_fingerprint([_Fp("fa"), _Fp("fb")])})
-    paths = [case["dir"] / "centres_fa.npz", case["dir"] / "centres_fb.npz"]
-    centres, has = load_centres(paths, classes, queries, case["gallery"], case["labels"])
-    assert has.all()
-    np.testing.assert_allclose(np.linalg.norm(centres, axis=1), 1.0, atol=1e-6)
-    # individual 7 has both head centres: untouched; individual 0 lacks fa's only: fb's head kept
-    np.testing.assert_allclose(centres[7, :D] * np.sqrt(2), case["heads"][0][7], atol=1e-6)
-    np.testing.assert_allclose(centres[0, D:] * np.sqrt(2), case["heads"][1][0], atol=1e-6)
-    _, old_has = load_centres(paths, classes, queries)  # without the gallery: the old gaps
-    assert np.flatnonzero(~old_has).tolist() == [0, 1, 2, 3, 4, 5]
+def test_head_blend_equals_the_brute_force_loop_when_every_individual_has_a_centre(two_models):
+    d = two_models["dir"]
+    res = _submit(d, "--new-share", "0.2", "--knn-ratio", "0.4", *_head(d), "--candidates-n", "14",
+                  "--candidates-out", str(d / "cand.csv"))
+    assert res.exit_code == 0, res.output
+    got = _candidate_scores(two_models, d / "cand.csv")
+    np.testing.assert_allclose(got, _oracle_scores(two_models, 0.4, "head"), atol=1e-5)
+    assert np.abs(got - _oracle_scores(two_models, 0.4)).max() > 1e-3  # the two sources do differ here
+
+
+def test_head_blend_with_missing_centres_is_refused(two_models):
+    d = two_models["dir"]
+    res = _submit(d, "--new-share", "0.2", "--knn-ratio", "0.5", "--centres-from", "head", *_centres(d))
+    assert res.exit_code == 2 and res.output.startswith("error:")
+    assert len(res.output.strip().splitlines()) == 1 and not (d / "sub.csv").exists()
+    msg = res.output
+    assert "4 of 14" in msg and "centres_fa.npz" in msg and "'ind00'" in msg
+    assert "--centres-from gallery" in msg
+    # the same through tune, and the scorefile helper itself
+    res = runner.invoke(app, ["tune", *_inputs(d), "--truth", str(d / "truth.csv"), "--knn-ratio", "0.5",
+                              "--centres-from", "head", *_centres(d)])
+    assert res.exit_code == 2 and "4 of 14" in res.output
+    with pytest.raises(ConfigError, match="needs the heads' class centres"):
+        blend_centres({}, "head", [])
+
+
+def test_model_slices_finds_blocks_of_unequal_width():
+    rng = np.random.default_rng(0)
+    widths = [5, 8, 3]
+    rows = np.hstack([_unit(rng.standard_normal((40, w))) for w in widths]) / np.sqrt(3)
+    assert model_slices(rows.astype(np.float32), 3) == widths
+    assert model_slices(rows, 1) == [16]
+    with pytest.raises(DataError, match="not 2 model blocks"):
+        model_slices(_unit(rng.standard_normal((40, 16))), 2)
+    # gallery_centres: per block the normalised mean, then / sqrt(M)
+    labels = np.arange(40) % 4
+    got = gallery_centres(rows.astype(np.float32), labels, 4, widths)
+    lo = 0
+    for w in widths:
+        block = rows[:, lo:lo + w]
+        for c in range(4):
+            mean = _unit(block[labels == c]).mean(axis=0)
+            np.testing.assert_allclose(got[c, lo:lo + w], mean / np.linalg.norm(mean) / np.sqrt(3), atol=1e-6)
+        lo += w
 
 
 def _shift_case(seed=3, n_ind=200, d=16):
-    """One model whose head centres are exactly each individual's normalised gallery mean, so a
-    filled centre equals the head centre it replaces."""
+    """One model whose head centres are the true directions while the gallery and queries scatter
+    around them: a query sits closer to a gallery mean than to a head row (the two scales)."""
     rng = np.random.default_rng(seed)
     labels = np.concatenate([np.arange(n_ind), rng.integers(0, n_ind, n_ind)])
     true = _unit(rng.standard_normal((n_ind, d)))
     gallery = _unit(true[labels] + 0.8 * rng.standard_normal((labels.size, d))).astype(np.float32)
     pick = rng.integers(0, n_ind, 400)
     queries = _unit(true[pick] + 0.8 * rng.standard_normal((400, d))).astype(np.float32)
-    head = np.zeros((n_ind, d))
-    np.add.at(head, labels, gallery.astype(np.float64))
-    head = _unit(head).astype(np.float32)
-    dropped = rng.permutation(n_ind)[: n_ind // 2]
+    head = _unit(true + 0.6 * rng.standard_normal((n_ind, d))).astype(np.float32)
     present = np.ones(n_ind, bool)
-    present[dropped] = False
+    present[rng.permutation(n_ind)[: n_ind // 2]] = False  # "without a head centre"
     return gallery, labels, queries, head, present
 
 
-def test_top1_share_of_centre_less_individuals_no_longer_shifts():
+def test_top1_share_of_headless_individuals_does_not_move_with_r_under_gallery():
     gallery, labels, queries, head, present = _shift_case()
     n_ind = head.shape[0]
     everyone = np.ones(n_ind, bool)
-    full_l, full_s = rank_with_centres(gallery, labels, queries, head, everyone, 0.5, k=50)
-    filled, flags = fill_centres([np.where(present[:, None], head, 0)], [present], gallery, labels)
-    assert flags[:, 0].tolist() == (~present).tolist()
-    fill_l, fill_s = rank_with_centres(gallery, labels, queries, filled, everyone, 0.5, k=50)
-    gap_l, _ = rank_with_centres(gallery, labels, queries, head, present, 0.5, k=50)
+    means = gallery_centres(gallery, labels, n_ind)
+    mixed = np.where(present[:, None], head, means)  # the old per-individual fill: two scales
 
-    def share(top):
+    def share(centres, r):
+        top, _ = rank_with_centres(gallery, labels, queries, centres, everyone, r, k=50)
         return float(np.mean(~present[top[:, 0]]))
 
-    knn_l, _ = rank_with_centres(gallery, labels, queries, head, everyone, 1 - 1e-7, k=50)
-    assert (fill_l == full_l).all()  # the fill is the head centre here: the very same ranking
-    np.testing.assert_allclose(fill_s, full_s, atol=1e-6)
-    assert abs(share(fill_l) - share(knn_l)) < 0.1  # about the share kNN alone gives them
-    assert share(gap_l) > share(fill_l) + 0.2  # without the fill, kNN-only scores win top-1 picks
+    knn = share(means, 1 - 1e-7)  # about kNN alone: no centre term, the share the data gives them
+    one_scale = [share(means, r) for r in (0.0, 0.25, 0.5, 0.75)]
+    assert all(abs(x - knn) < 0.1 for x in one_scale), (knn, one_scale)
+    assert share(mixed, 0.5) > knn + 0.2  # the mix (the old fill) hands top-1 picks to the filled ones
 
 
 # --- 2. tune on the scoring submit uses -------------------------------------------------------------
@@ -199,14 +239,15 @@ def test_blended_tune_table_equals_scoring_blended_submissions(two_models):
     d = two_models["dir"]
     grid = "0.2,0.4,0.5,0.6,0.7,0.9"
     res = runner.invoke(app, ["tune", *_inputs(d), "--truth", str(d / "truth.csv"),
-                              "--grid", grid, "--json", *_centres(d), "--knn-ratio", "0.5"])
+                              "--grid", grid, "--json", "--knn-ratio", "0.5"])
     assert res.exit_code == 0, res.output
     tuned = _no_nan(res.stdout)
-    assert tuned["scoring"] == {"kind": "blend", "knn_ratio": 0.5, "centre_k": 100, "k": 100}
+    assert tuned["scoring"] == {"kind": "blend", "knn_ratio": 0.5, "centre_k": 100, "k": 100,
+                                "centres_from": "gallery"}
     for row in tuned["table"]:
         t = row["threshold"]
-        sub = _submit(d, "--threshold", str(t), "--threshold-knn-ratio", "0.5", *_centres(d),
-                      "--knn-ratio", "0.5", out=f"s{t}.csv")
+        sub = _submit(d, "--threshold", str(t), "--threshold-knn-ratio", "0.5", "--knn-ratio", "0.5",
+                      out=f"s{t}.csv")
         assert sub.exit_code == 0, sub.output
         scored = score_submission(d / f"s{t}.csv", d / "truth.csv")
         assert row["map5"] == pytest.approx(scored["map5"], abs=1e-12)
@@ -231,20 +272,21 @@ def _fold(tmp_path, case, name="fold0"):
     return fold
 
 
-def test_oof_blend_without_head_uses_gallery_means(two_models, tmp_path):
+def test_oof_blend_uses_the_same_centre_source(two_models, tmp_path):
     case = two_models
     fold = _fold(tmp_path, case)
     grid = "0.1:0.9:0.1"
     got = tune_folds([fold], case["dir"] / "train.csv", grid, knn_ratio=0.25)
-    assert got["scoring"]["kind"] == "blend" and got["folds"][0]["centres"] == {"head": 0, "filled": 14}
-    # oracle: the same fold tuned on files, with a centres file of independently computed means
+    assert got["scoring"]["centres_from"] == "gallery"
+    assert got["folds"][0]["centres"] == {"centres_from": "gallery", "n": 14}
+    # oracle: the same fold tuned on files, with a head file of independently computed means
     g = load_embeddings(fold / "oof_gallery.npz").vectors.astype(np.float64)
     means = np.stack([_unit(g[case["labels"] == c]).mean(axis=0) for c in range(case["ids"].size)])
     save_embeddings(tmp_path / "means.npz", case["ids"], _unit(means).astype(np.float32),
                     {"fingerprint": "fold-model"})
     want = tune_files(fold / "oof_gallery.npz", fold / "oof_embeddings.npz", case["dir"] / "train.csv",
                       fold / "oof_labels.csv", grid, progress=False, centres=[tmp_path / "means.npz"],
-                      knn_ratio=0.25)
+                      knn_ratio=0.25, centres_from="head")
     for a, b in zip(got["table"], want["table"], strict=True):
         assert a["map5"] == pytest.approx(b["map5"], abs=1e-12)
         assert a["new_share"] == pytest.approx(b["new_share"], abs=1e-12)
@@ -253,6 +295,9 @@ def test_oof_blend_without_head_uses_gallery_means(two_models, tmp_path):
 
         tune_runs_or_files([tmp_path / "run"], None, None, None, case["dir"] / "train.csv", grid=grid,
                            target_new_share=None, k=100, centres=[tmp_path / "means.npz"], knn_ratio=0.5)
+    # "head" needs the fold's checkpoint (none here): refused, never a silent gallery-mean fill
+    with pytest.raises(ConfigError, match="--centres-from gallery"):
+        tune_folds([fold], case["dir"] / "train.csv", grid, knn_ratio=0.25, centres_from="head")
 
 
 # --- 3. the scoring stamp ----------------------------------------------------------------------------
@@ -260,7 +305,11 @@ def test_oof_blend_without_head_uses_gallery_means(two_models, tmp_path):
 
 def test_scoring_stamp_and_check():
     assert scoring_stamp(1.0, 7, 50) == {"kind": "knn", "knn_ratio": 1.0, "centre_k": None, "k": 50}
-    assert scoring_stamp(0.5, None, 50) == {"kind": "blend", "knn_ratio": 0.5, "centre_k": 50, "k": 50}
+    assert scoring_stamp(0.5, None, 50) == {"kind": "blend", "knn_ratio": 0.5, "centre_k": 50, "k": 50,
+                                            "centres_from": "gallery"}
+    assert scoring_stamp(0.5, None, 50, "head")["centres_from"] == "head"
+    with pytest.raises(ConfigError, match="--centres-from"):
+        scoring_stamp(0.5, centres_from="mean")
     check_scoring(None, scoring_stamp(1.0), "f.json")  # no stamp: plain kNN
     check_scoring(scoring_stamp(0.5, 10, 20), scoring_stamp(0.5, 100, 100), "f.json")  # k, centre_k free
     with pytest.raises(ConfigError) as err:
@@ -269,7 +318,17 @@ def test_scoring_stamp_and_check():
     assert "\n" not in msg and "th.json" in msg and "knn_ratio 1" in msg and "knn_ratio 0.5" in msg
     with pytest.raises(ConfigError, match="knn_ratio 0.25"):
         check_scoring(scoring_stamp(0.25), scoring_stamp(0.5), "th.json")
-    bads = ({"kind": "knn", "knn_ratio": 0.5}, {"kind": "mix", "knn_ratio": 0.5}, "knn", {"kind": "blend"})
+    # the centre source: a threshold tuned with one is refused for the other
+    with pytest.raises(ConfigError, match="centres from head.*centres from gallery.*--centres-from gallery"):
+        check_scoring(scoring_stamp(0.5, centres_from="head"), scoring_stamp(0.5), "th.json")
+    with pytest.raises(ConfigError, match="--centres-from head"):
+        check_scoring(scoring_stamp(0.5), scoring_stamp(0.5, centres_from="head"), "th.json")
+    old = {"kind": "blend", "knn_ratio": 0.5, "centre_k": 100, "k": 100}  # written before the option
+    check_scoring(old, scoring_stamp(0.5, centres_from="head"), "old.json")  # reads as "head"
+    with pytest.raises(ConfigError, match="centres from head"):
+        check_scoring(old, scoring_stamp(0.5), "old.json")
+    bads = ({"kind": "knn", "knn_ratio": 0.5}, {"kind": "mix", "knn_ratio": 0.5}, "knn", {"kind": "blend"},
+            {"kind": "blend", "knn_ratio": 0.5, "centres_from": "mean"})
     for bad in bads:
         with pytest.raises(DataError, match="scoring"):
             check_scoring(bad, scoring_stamp(0.5), "th.json")
@@ -278,36 +337,39 @@ def test_scoring_stamp_and_check():
 def test_threshold_file_tuned_on_another_scoring_is_refused(two_models):
     d = two_models["dir"]
     res = runner.invoke(app, ["tune", *_inputs(d), "--truth", str(d / "truth.csv"),
-                              "--per-species", str(d / "th.json"), *_centres(d), "--knn-ratio", "0.5"])
+                              "--per-species", str(d / "th.json"), "--knn-ratio", "0.5"])
     assert res.exit_code == 0, res.output
-    assert json.loads((d / "th.json").read_text())["scoring"]["knn_ratio"] == 0.5
+    stamp = json.loads((d / "th.json").read_text())["scoring"]
+    assert stamp["knn_ratio"] == 0.5 and stamp["centres_from"] == "gallery"
     bad = _submit(d, "--thresholds", str(d / "th.json"))  # requested: kNN
     assert bad.exit_code == 2 and bad.output.startswith("error:") and "th.json" in bad.output
-    assert "blended scores (knn_ratio 0.5)" in bad.output and "kNN scores (knn_ratio 1)" in bad.output
+    assert "blended scores (knn_ratio 0.5" in bad.output and "kNN scores (knn_ratio 1)" in bad.output
     assert len(bad.output.strip().splitlines()) == 1 and not (d / "sub.csv").exists()
-    ok = _submit(d, "--thresholds", str(d / "th.json"), *_centres(d), "--knn-ratio", "0.5")
+    bad = _submit(d, "--thresholds", str(d / "th.json"), "--knn-ratio", "0.5", *_head(d))  # other source
+    assert bad.exit_code == 2 and "centres from gallery" in bad.output and "centres from head" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1 and not (d / "sub.csv").exists()
+    ok = _submit(d, "--thresholds", str(d / "th.json"), "--knn-ratio", "0.5")
     assert ok.exit_code == 0, ok.output
     # an unstamped (older / hand-written) file is plain kNN
     (d / "old.json").write_text(json.dumps({"global": 0.5}))
     assert _submit(d, "--thresholds", str(d / "old.json"), out="o.csv").exit_code == 0
     assert read_thresholds(d / "old.json", scoring=scoring_stamp(1.0)) == (0.5, {})
-    res = _submit(d, "--thresholds", str(d / "old.json"), *_centres(d), "--knn-ratio", "0.5", out="o2.csv")
+    res = _submit(d, "--thresholds", str(d / "old.json"), "--knn-ratio", "0.5", out="o2.csv")
     assert res.exit_code == 2 and "old.json" in res.output and not (d / "o2.csv").exists()
 
 
 def test_bare_threshold_with_blend_needs_the_ratio_it_was_tuned_at(two_models):
     d = two_models["dir"]
-    res = _submit(d, "--threshold", "0.5", *_centres(d), "--knn-ratio", "0.5")
+    res = _submit(d, "--threshold", "0.5", "--knn-ratio", "0.5")
     assert res.exit_code == 2 and "--threshold-knn-ratio 0.5" in res.output and not (d / "sub.csv").exists()
-    res = _submit(d, "--threshold", "0.5", "--threshold-knn-ratio", "0.75", *_centres(d),
-                  "--knn-ratio", "0.5")
+    res = _submit(d, "--threshold", "0.5", "--threshold-knn-ratio", "0.75", "--knn-ratio", "0.5")
     assert res.exit_code == 2 and "knn_ratio 0.75" in res.output
     res = _submit(d, "--threshold", "0.5", "--threshold-knn-ratio", "0.5")  # tuned blended, used on kNN
     assert res.exit_code == 2 and not (d / "sub.csv").exists()
     res = _submit(d, "--new-share", "0.2", "--threshold-knn-ratio", "0.5")
     assert res.exit_code == 2 and "only with --threshold" in res.output
-    assert _submit(d, "--threshold", "0.5", "--threshold-knn-ratio", "0.5", *_centres(d),
-                   "--knn-ratio", "0.5").exit_code == 0
+    ok = _submit(d, "--threshold", "0.5", "--threshold-knn-ratio", "0.5", "--knn-ratio", "0.5")
+    assert ok.exit_code == 0, ok.output
     assert _submit(d, "--threshold", "0.5", out="k.csv").exit_code == 0  # kNN as before
 
 
@@ -347,4 +409,8 @@ def test_predict_refuses_another_scoring_before_any_work(tmp_path):
         predict(*args, threshold=0.4, knn_ratio=0.5)
     with pytest.raises(ConfigError, match="only with --threshold"):
         predict(*args, new_share=0.2, threshold_knn_ratio=0.5)
+    with pytest.raises(ConfigError, match="centres from gallery.*--centres-from head"):
+        predict(*args, thresholds=tmp_path / "th.json", knn_ratio=0.5, centres_from="head")
+    with pytest.raises(ConfigError, match="--centres-from 'mean'"):
+        predict(*args, new_share=0.2, knn_ratio=0.5, centres_from="mean")
     assert not (tmp_path / "out").exists()
