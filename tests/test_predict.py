@@ -248,9 +248,11 @@ def test_predict_errors_name_the_problem(tmp_path):
 
 
 def test_centre_blend_report_and_per_species_flow_through_predict(trained, predicted, tmp_path):
-    """--knn-ratio uses each export's class_centres.npz (as `submit --centres` would), --report
-    writes a self-contained page, --thresholds replaces the pooled share; exports and embeddings are
-    reused from the first predict (copied), so only the ranking runs again."""
+    """--knn-ratio blends with gallery-mean centres (the default --centres-from, as `submit` does);
+    --centres-from head uses each export's class_centres.npz (as `submit --centres` would) or is
+    refused when a head lacks an individual; --report writes a self-contained page, --thresholds
+    replaces the pooled share; exports and embeddings are reused from the first predict (copied), so
+    only the ranking runs again."""
     out = tmp_path / "pred"
     shutil.copytree(predicted, out)
     models = sorted((out / "models").iterdir())
@@ -261,9 +263,27 @@ def test_centre_blend_report_and_per_species_flow_through_predict(trained, predi
     manual = tmp_path / "manual.csv"
     emb = out / "embeddings"
     submit_files(emb / "gallery.npz", emb / "test.npz", data / "train.csv", None,
-                 manual, sample=data / "sample_submission.csv", new_share=0.2, knn_ratio=0.5,
-                 centres=[m / "class_centres.npz" for m in models])
+                 manual, sample=data / "sample_submission.csv", new_share=0.2, knn_ratio=0.5)
     assert (out / "submission.csv").read_bytes() == manual.read_bytes()
+    assert json.loads((out / "decision.json").read_text())["scoring"]["centres_from"] == "gallery"
+    from whalesub.ranking.store import load_embeddings
+
+    gallery_ids = set(pd.read_csv(out / "gallery_labels.csv")["individual_id"].astype(str))
+    heads_cover = all(gallery_ids <= set(load_embeddings(m / "class_centres.npz").ids.tolist())
+                      for m in models)
+    head = tmp_path / "head"
+    shutil.copytree(predicted, head)
+    res = runner.invoke(app, [*_predict_args(data, head, trained["run"]), "--knn-ratio", "0.5",
+                              "--centres-from", "head", "--new-share", "0.2"])
+    if heads_cover:
+        assert res.exit_code == 0, res.output
+        submit_files(emb / "gallery.npz", emb / "test.npz", data / "train.csv", None, manual,
+                     sample=data / "sample_submission.csv", new_share=0.2, knn_ratio=0.5, centres_from="head",
+                     centres=[m / "class_centres.npz" for m in models])
+        assert (head / "submission.csv").read_bytes() == manual.read_bytes()
+    else:  # a fold's head never saw the individuals only in its validation part
+        assert res.exit_code == 2 and "--centres-from gallery" in res.output
+        assert "have no class centre" in res.output
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "<img" in page and 'src="http' not in page and "MAP@5" in page
     species = tmp_path / "species.json"
@@ -281,21 +301,22 @@ def test_centre_blend_report_and_per_species_flow_through_predict(trained, predi
 
 
 def test_oof_blend_tunes_on_each_folds_own_head_centres(trained, predicted, tmp_path):
-    """tune --run --knn-ratio: a fold is blended with its checkpoint head's centres, the same as tuning
-    its OOF files with the exported class_centres.npz; out-of-fold files of other weights (fingerprint)
-    fall back to gallery means for every individual."""
+    """tune --run --knn-ratio --centres-from head: a fold is blended with its checkpoint head's
+    centres, the same as tuning its OOF files with the exported class_centres.npz; out-of-fold files
+    of other weights (fingerprint) are refused (no silent fallback). The default source: gallery means."""
     from whalesub.ranking.store import load_embeddings, save_embeddings
     from whalesub.workflows.oof import tune_folds
     from whalesub.workflows.submit import tune_files
 
     data, fold0 = trained["data"], trained["run"] / "fold0"
-    got = tune_folds([fold0], data / "train.csv", GRID, knn_ratio=0.5)
+    got = tune_folds([fold0], data / "train.csv", GRID, knn_ratio=0.5, centres_from="head")
     n_ind = pd.read_csv(data / "train.csv").set_index("image").loc[
         np.unique(load_embeddings(fold0 / "oof_gallery.npz").ids), "individual_id"].nunique()
-    assert got["folds"][0]["centres"] == {"head": n_ind, "filled": 0}
-    assert got["scoring"] == {"kind": "blend", "knn_ratio": 0.5, "centre_k": 100, "k": 100}
+    assert got["folds"][0]["centres"] == {"centres_from": "head", "n": n_ind}
+    assert got["scoring"] == {"kind": "blend", "knn_ratio": 0.5, "centre_k": 100, "k": 100,
+                              "centres_from": "head"}
     want = tune_files(fold0 / "oof_gallery.npz", fold0 / "oof_embeddings.npz", data / "train.csv",
-                      fold0 / "oof_labels.csv", GRID, progress=False, knn_ratio=0.5,
+                      fold0 / "oof_labels.csv", GRID, progress=False, knn_ratio=0.5, centres_from="head",
                       centres=[predicted / "models" / "run_fold0" / "class_centres.npz"])
     assert [r["map5"] for r in got["table"]] == pytest.approx([r["map5"] for r in want["table"]], abs=1e-12)
     stale = tmp_path / "fold0"
@@ -305,8 +326,12 @@ def test_oof_blend_tunes_on_each_folds_own_head_centres(trained, predicted, tmp_
     for name in ("oof_gallery.npz", "oof_embeddings.npz"):
         e = load_embeddings(fold0 / name)
         save_embeddings(stale / name, e.ids, e.vectors, {**e.meta, "fingerprint": "other-weights"})
+    from whalesub.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--centres-from gallery"):
+        tune_folds([stale], data / "train.csv", GRID, knn_ratio=0.5, centres_from="head")
     assert tune_folds([stale], data / "train.csv", GRID, knn_ratio=0.5)["folds"][0]["centres"] == {
-        "head": 0, "filled": n_ind}
+        "centres_from": "gallery", "n": n_ind}
 
 
 # --- the out-of-fold share of new animals beside the share applied ----------------------------------------
