@@ -233,9 +233,10 @@ def test_per_species_thresholds_report_and_kernel(trained, blend, wheel, tmp_pat
     species = tmp_path / "species.json"
     res = runner.invoke(app, ["tune", "--gallery", str(fold0 / "oof_gallery.npz"), "--queries",
                               str(fold0 / "oof_embeddings.npz"), "--truth", str(fold0 / "oof_labels.csv"),
-                              *_common(data), "--per-species", str(species), "--json"])
-    assert res.exit_code == 0, res.output
+                              *_common(data), "--per-species", str(species), "--json", "--knn-ratio", "0.5"])
+    assert res.exit_code == 0, res.output  # tuned on the scoring predict submits with (stamped)
     doc = json.loads(species.read_text())
+    assert doc["scoring"]["knn_ratio"] == 0.5 and doc["scoring"]["centres_from"] == "gallery"
     # thresholds among the blend's top-1 scores (this tiny run's OOF ones put no row first), one per species
     from whalesub.workflows.submit import submit_files
 

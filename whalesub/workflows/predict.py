@@ -72,6 +72,7 @@ from whalesub.workflows.decision import (
     resolve,
     same_scoring,
     scoring_of,
+    stamp_of,
 )
 from whalesub.workflows.oof import (
     fold_fingerprint,
@@ -477,7 +478,10 @@ def submit_extra_of(decision: dict, decision_path: Path, tmp: Path) -> dict:
         extra["new_share"] = float(rule["new_share"])
     else:
         table = tmp / "species_thresholds.json"
-        doc = {"global": rule["default"], "species": rule["species"]}
+        # stamped with the scoring it was tuned on (a hand-given table: the decision's own), so that
+        # submit_files checks it against the decision's scoring like any threshold file
+        doc = {"global": rule["default"], "species": rule["species"],
+               "scoring": rule.get("tuned_on") or stamp_of(scoring, decision["k"])}
         table.write_text(json.dumps(doc), encoding="utf-8")
         extra["thresholds"] = table
     return extra
