@@ -13,8 +13,11 @@ unit vector), a centre per individual = the normalised mean of its gallery image
 head trained on those images learns), 1,000 queries of which 20% are unseen animals. It shows
 the mechanism under these assumptions, not what a trained model gives.
 
+``--centres-from`` (demo only, default head): the heads' ``class_centres.npz`` (refused if the
+head lacks a gallery individual) or every individual's gallery mean (``submit --centres-from``).
+
 Usage: ``python benchmarks/centres.py [--demo runs/demo | --constructed] [--ratios 0,0.25,0.5,0.75,1]
-[--new-share 0.2]``
+[--new-share 0.2] [--centres-from head|gallery]``
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-share", type=float, default=0.2)
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--constructed", action="store_true", help="constructed embeddings, no training")
+    parser.add_argument("--centres-from", default="head", choices=("head", "gallery"),
+                        help="centre source of the demo's blend (submit --centres-from)")
     args = parser.parse_args(argv)
     ratios = [float(x) for x in args.ratios.split(",")]
     if args.constructed:
@@ -90,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in ratios:
             out = Path(tmp) / f"sub_{r}.csv"
             submit_files(emb / "gallery.npz", emb / "test.npz", data / "train.csv", None, out, args.k,
-                         data / "sample_submission.csv", new_share=args.new_share, centres=[centres],
-                         knn_ratio=r, progress=False)
+                         data / "sample_submission.csv", new_share=args.new_share,
+                         centres=[centres] if args.centres_from == "head" else None,
+                         centres_from=args.centres_from, knn_ratio=r, progress=False)
             s = score_submission(out, data / "test_truth.csv")
             print(f"{r:>5.2f} {s['map5']:>7.4f} {s['map5_known']:>7.4f} {s['map5_new']:>7.4f}", flush=True)
     return 0
