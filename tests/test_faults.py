@@ -136,8 +136,9 @@ def test_submit_killed_or_out_of_disk_keeps_old_file_and_rerun_is_identical(data
     assert out.read_bytes() == old  # the torn temporary file never took the final name
     killed({"kind": "replace", "name": out.name}, "whalesub", *args)
     assert out.read_bytes() == old
-    # one hidden temporary left: the second writer removed the first one's when it began
-    assert len(list(out.parent.iterdir())) == 2
+    # one hidden temporary left: the second writer removed the first one's when it began; the killed
+    # writer's lock file stays too (the next writer takes it over and removes it when done)
+    assert sorted(p.name.endswith(".lock") for p in out.parent.iterdir()) == [False, False, True]
     out_of_disk("whalesub", *args, fsize=len(want) // 2, names=out)
     assert out.read_bytes() == old
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # stale and own temporaries removed

@@ -95,6 +95,10 @@ def _try_flock(lock: Path) -> int | None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            if _holder_dead(lock):  # held only by children the killed holder forked: take it over
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock)
+                continue
             return None
         except BaseException:
             os.close(fd)
@@ -108,15 +112,21 @@ def _try_flock(lock: Path) -> int | None:
         os.close(fd)
 
 
+def _holder_dead(lock: Path) -> bool:
+    """The lock file names a holder on this host whose process is gone. A flock can outlive its
+    holder: worker processes it forked (image decoding) inherit the descriptor and keep the lock until
+    they notice their parent died; they write no output, so the lock is stale."""
+    h = read_holder(lock)
+    return (h.get("host") == socket.gethostname() and isinstance(h.get("pid"), int)
+            and h["pid"] != os.getpid() and not _pid_alive(h["pid"]))
+
+
 def _try_excl(lock: Path) -> int | None:  # pragma: no cover - the path where fcntl is missing
     while True:
         try:
             return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
-            h = read_holder(lock)
-            stale = (h.get("host") == socket.gethostname() and isinstance(h.get("pid"), int)
-                     and not _pid_alive(h["pid"]))
-            if not stale:
+            if not _holder_dead(lock):
                 return None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(lock)
@@ -162,8 +172,11 @@ def output_lock(path: str | os.PathLike, what: str = "", wait: float = 0.0,
         time.sleep(min(poll, max(wait - waited, 0.01)))
         fd = _acquire(lock)
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, _holder_text().encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, _holder_text().encode())
+        except OSError:  # a full disk: the lock holds without its note; the output's own write reports it
+            pass
         with _GUARD:
             _HELD[key] = 1
         try:
