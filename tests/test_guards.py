@@ -7,6 +7,7 @@ two-process embed tests); no training.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -499,3 +500,35 @@ def test_a_killed_writer_lock_is_taken_over_and_a_changed_photo_refuses_its_chun
     r = whalesub_cli(*embed_args(tiny_export, images, out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in out.parent.iterdir()) == ["x.npz"]
+
+
+def test_a_lock_held_only_by_a_dead_holders_forked_worker_is_taken_over(tmp_path):
+    """A killed writer's decoding workers (forked: they inherit the locked descriptor) keep the flock
+    until they notice; the holder named in the lock file is dead, so the next writer takes it over."""
+    out = tmp_path / "x.npz"
+    code = textwrap.dedent(f"""
+        import os, sys, time
+        from whalesub.core.locks import output_lock
+        with output_lock({str(out)!r}):
+            child = os.fork()
+            if child == 0:  # a worker process: sleeps holding the inherited descriptor
+                time.sleep(120)
+                os._exit(0)
+            print(child, flush=True)
+            time.sleep(120)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(BusyError, match=str(holder.pid)), output_lock(out):
+            pass  # the holder is alive: busy
+        holder.kill()
+        holder.wait(timeout=30)
+        os.kill(child, 0)  # the worker still lives and still holds the flock of the old lock file
+        with output_lock(out) as lock:
+            assert read_holder(lock)["pid"] == os.getpid()
+        assert not lock_path(out).exists()
+    finally:
+        holder.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
