@@ -36,7 +36,8 @@ def _host_tag() -> str:
     return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host is alive (this process counts; another user's does too)."""
     if pid == os.getpid():
         return True
     try:
@@ -58,7 +59,7 @@ def remove_stale_temps(path: str | os.PathLike) -> int:
         return 0
     for entry in entries:
         m = _TEMP_TAIL.fullmatch(entry.name[len(head):]) if entry.name.startswith(head) else None
-        if m is None or m.group(2) != host or _pid_alive(int(m.group(1))):
+        if m is None or m.group(2) != host or pid_alive(int(m.group(1))):
             continue
         with contextlib.suppress(OSError):
             if entry.is_dir(follow_symlinks=False):

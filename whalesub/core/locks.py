@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from whalesub.core.atomic import writing
+from whalesub.core.atomic import pid_alive, writing
 from whalesub.core.errors import WhalesubError
 
 try:  # POSIX
@@ -65,16 +65,6 @@ def read_holder(lock: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return holder if isinstance(holder, dict) else {}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: another user's live process
-        return True
-    return True
 
 
 def _busy(path: Path, lock: Path, what: str, waited: float) -> BusyError:
@@ -118,7 +108,7 @@ def _holder_dead(lock: Path) -> bool:
     they notice their parent died; they write no output, so the lock is stale."""
     h = read_holder(lock)
     return (h.get("host") == socket.gethostname() and isinstance(h.get("pid"), int)
-            and h["pid"] != os.getpid() and not _pid_alive(h["pid"]))
+            and h["pid"] != os.getpid() and not pid_alive(h["pid"]))
 
 
 def _try_excl(lock: Path) -> int | None:  # pragma: no cover - the path where fcntl is missing
