@@ -63,19 +63,25 @@ def cli_inputs(world):
     return ["--gallery", str(g), "--queries", str(q), "--train-csv", str(t)]
 
 
-def oracle(world, min_score, min_margin):
-    """Dense per-individual max cosine, best and second best, by plain Python."""
-    sims = world["queries"].astype(np.float64) @ world["gallery"].astype(np.float64).T
+def _dense_oracle(queries, q_names, gallery, g_labels, min_score, min_margin) -> dict:
+    """{query: (label, best, margin)} by plain Python: per-individual max cosine, best vs second."""
+    sims = queries.astype(np.float64) @ gallery.astype(np.float64).T
     out = {}
-    for q, name in enumerate(world["q_names"]):
+    for q, name in enumerate(q_names):
         per = {}
-        for g, lab in enumerate(world["g_labels"]):
+        for g, lab in enumerate(g_labels):
             per[lab] = max(per.get(lab, -2.0), sims[q, g])
         ranked = sorted(per.items(), key=lambda kv: (-kv[1], kv[0]))
         (best, s1), (_, s2) = ranked[0], ranked[1]
         if s1 >= min_score and s1 - s2 >= min_margin:
             out[name] = (best, s1, s1 - s2)
     return out
+
+
+def oracle(world, min_score, min_margin):
+    """The dense oracle on the module's world."""
+    return _dense_oracle(world["queries"], world["q_names"], world["gallery"], world["g_labels"],
+                         min_score, min_margin)
 
 
 @pytest.mark.parametrize("min_score,min_margin", [(0.8, 0.05), (0.6, 0.0), (0.9, 0.2), (1.0, 0.0)])
@@ -138,21 +144,6 @@ def test_cli(world, tmp_path):
 
 
 # --- per fold: fold k's pseudo rows come from a gallery without fold k's validation images ----------------
-def _dense_oracle(queries, q_names, gallery, g_labels, min_score, min_margin) -> dict:
-    """{query: (label, best, margin)} by plain Python: per-individual max cosine, best vs second."""
-    sims = queries.astype(np.float64) @ gallery.astype(np.float64).T
-    out = {}
-    for q, name in enumerate(q_names):
-        per = {}
-        for g, lab in enumerate(g_labels):
-            per[lab] = max(per.get(lab, -2.0), sims[q, g])
-        ranked = sorted(per.items(), key=lambda kv: (-kv[1], kv[0]))
-        (best, s1), (_, s2) = ranked[0], ranked[1]
-        if s1 >= min_score and s1 - s2 >= min_margin:
-            out[name] = (best, s1, s1 - s2)
-    return out
-
-
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """8 animals with 2 photos in each of folds 0 and 1; ind00 has one more photo in fold 1 that looks
