@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -62,14 +61,12 @@ def now() -> str:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    from whalesub.models.export import sha256_file
+
     try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        return sha256_file(path)
     except OSError as exc:
         raise DataError(f"cannot read photo {path}: {exc.strerror or exc}; fix or leave it out") from None
-    return h.hexdigest()
 
 
 def who_default() -> str:
