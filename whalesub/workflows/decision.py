@@ -162,6 +162,16 @@ def _number(doc: dict, key: str, path, where: str, lo: float | None = None, hi: 
     return value
 
 
+def _one_of(doc: dict, key: str, choices, path, where: str, default: str | None = None) -> str:
+    """``doc[where][key]``: a str among ``choices`` (``default`` when absent, null or empty)."""
+    value = _need(doc, key, str, path, where, optional=default is not None)
+    if default is not None:
+        value = value or default
+    if value not in choices:
+        _fail(path, f"'{where}.{key}'", f"must be one of {choices}, got {value!r}")
+    return value
+
+
 def check_decision(doc, path) -> None:
     """DataError naming ``path`` and the first bad key; nothing returned."""
     if not isinstance(doc, dict):
@@ -199,26 +209,20 @@ def check_decision(doc, path) -> None:
     if _need(doc, "k", int, path) < 1:
         _fail(path, "'k'", f"must be at least 1, got {doc['k']}")
     scoring = _need(doc, "scoring", dict, path)
-    kind = _need(scoring, "kind", str, path, "scoring")
-    if kind not in KINDS:
-        _fail(path, "'scoring.kind'", f"must be one of {KINDS}, got {kind!r}")
+    kind = _one_of(scoring, "kind", KINDS, path, "scoring")
     if kind == "blend":
         _number(scoring, "knn_ratio", path, "scoring", 0.0, 1.0)
         ck = _need(scoring, "centre_k", int, path, "scoring", optional=True)
         if ck is not None and ck < 1:
             _fail(path, "'scoring.centre_k'", f"must be at least 1, got {ck}")
-        source = _need(scoring, "centres_from", str, path, "scoring", optional=True) or "head"
-        if source not in SOURCES:
-            _fail(path, "'scoring.centres_from'", f"must be one of {SOURCES}, got {source!r}")
+        source = _one_of(scoring, "centres_from", SOURCES, path, "scoring", default="head")
         centres = _need(scoring, "centres", list, path, "scoring")
         if source == "gallery" and centres:
             _fail(path, "'scoring.centres'", "must be empty with centres_from 'gallery' (no head centres)")
         if source == "head" and (len(centres) != len(models) or not all(isinstance(c, str) for c in centres)):
             _fail(path, "'scoring.centres'", f"must name one class_centres.npz per model ({len(models)})")
     rule = _need(doc, "new_individual", dict, path)
-    name = _need(rule, "rule", str, path, "new_individual")
-    if name not in RULES:
-        _fail(path, "'new_individual.rule'", f"must be one of {RULES}, got {name!r}")
+    name = _one_of(rule, "rule", RULES, path, "new_individual")
     if name == "cosine":
         _number(rule, "threshold", path, "new_individual", -1.0, 1.0)
     elif name == "share":
@@ -231,13 +235,9 @@ def check_decision(doc, path) -> None:
             _number(species, s, path, "new_individual.species", -1.0, 1.0)
     stamp = _need(rule, "tuned_on", dict, path, "new_individual", optional=True)
     if stamp is not None:
-        if _need(stamp, "kind", str, path, "new_individual.tuned_on") not in KINDS:
-            _fail(path, "'new_individual.tuned_on.kind'", f"must be one of {KINDS}, got {stamp['kind']!r}")
+        _one_of(stamp, "kind", KINDS, path, "new_individual.tuned_on")
         _number(stamp, "knn_ratio", path, "new_individual.tuned_on", 0.0, 1.0)
-        if (_need(stamp, "centres_from", str, path, "new_individual.tuned_on", optional=True)
-                or "head") not in SOURCES:
-            _fail(path, "'new_individual.tuned_on.centres_from'",
-                  f"must be one of {SOURCES}, got {stamp['centres_from']!r}")
+        _one_of(stamp, "centres_from", SOURCES, path, "new_individual.tuned_on", default="head")
 
 
 def resolve(decision_path, rel: str) -> Path:
