@@ -373,12 +373,12 @@ def make_decision(out: Path, sources: list[ModelSource], exports: list[Path], ga
     train = read_train_csv(train_csv)
     labels = train[train["image"].isin(set(ids.tolist()))]
     _write_if_changed(out / GALLERY_LABELS, labels.to_csv(index=False))
+    fingerprints = [export_fingerprint(e) for e in exports]  # each export.json read once
     decision = {
         "format": "whalesub.decision", "version": 1,
-        "models": [{"name": s.name, "fingerprint": export_fingerprint(e), "export": _rel(e, out)}
-                   for s, e in zip(sources, exports, strict=True)],
-        "fingerprint": combined_fingerprint([SimpleNamespace(fingerprint=export_fingerprint(e))
-                                             for e in exports]),
+        "models": [{"name": s.name, "fingerprint": fp, "export": _rel(e, out)}
+                   for s, e, fp in zip(sources, exports, fingerprints, strict=True)],
+        "fingerprint": combined_fingerprint([SimpleNamespace(fingerprint=fp) for fp in fingerprints]),
         "embed": {"backend": options.backend, "fp16": bool(options.fp16), "box_type": options.box_type,
                   "box_conf": options.box_conf, "boxes_sha256": sha256_file(boxes) if boxes else None},
         "gallery": {"file": _rel(gallery, out), "labels": GALLERY_LABELS, "tta": "none", "flip_views": True,
