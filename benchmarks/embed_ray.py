@@ -33,31 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def make_images(folder: Path, n: int, size: str) -> list[str]:
-    """``n`` synthetic JPEGs (quality 90) of ``size`` WxH: smooth colour fields and noise."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    w, h = (int(v) for v in size.lower().split("x"))
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = np.stack([np.sin(xx / 37.0), np.cos(yy / 23.0), np.sin((xx + yy) / 51.0)], -1)
-    names = []
-    for i in range(n):
-        img = (127 + 100 * base * rng.uniform(0.5, 1, 3) + rng.normal(0, 12, (h, w, 3))).clip(0, 255)
-        names.append(f"synth_{i:04d}.jpg")
-        Image.fromarray(img.astype(np.uint8)).save(folder / names[-1], quality=90)
-    return names
-
-
-def best_of(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from benchmarks.embed import make_images  # noqa: E402  (same synthetic JPEGs as benchmarks/embed.py)
+from benchmarks.embed import timed as best_of  # noqa: E402
 
 
 def main() -> None:

@@ -157,10 +157,8 @@ class _Parts:
         return -(-self.n // self.chunk)
 
 
-def _open_parts(out: Path, run_key: dict, n: int, chunk: int) -> tuple[_Parts, set[int]]:
-    """The parts folder for ``out``, checked against ``run_key``; returns it and the done chunks."""
-
-    parts = _Parts(out.with_name(out.name + ".parts"), chunk, n)
+def _open_parts(parts: _Parts, run_key: dict) -> set[int]:
+    """Check the parts folder against ``run_key`` (creating it when new); return the done chunks."""
     manifest = parts.folder / PARTS_MANIFEST
     if manifest.is_file():
         try:
@@ -183,7 +181,7 @@ def _open_parts(out: Path, run_key: dict, n: int, chunk: int) -> tuple[_Parts, s
             done.add(c)
         elif parts.path(c).is_file():
             log.warning("chunk %s is unreadable or stale: recomputing it", parts.path(c).name)
-    return parts, done
+    return done
 
 
 def resolve_box_conf(models, options: EmbedOptions) -> float:
@@ -340,7 +338,7 @@ def _embed_images(model_paths, names, image_dir, out, options, boxes, shard_info
     plan = plan_embed(model_paths, names, image_dir, out, options, boxes,
                       device=getattr(runner, "driver_device", None))
     parts = plan.parts
-    _, done = _open_parts(out, plan.run_key, len(names), parts.chunk)
+    done = _open_parts(parts, plan.run_key)
     if done:
         log.info("resuming from %s: %d of %d chunks already done (%d images)", parts.folder, len(done),
                  parts.count, sum(len(parts.rows(c)) for c in done))
