@@ -33,6 +33,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.
                           "the --ray tests need it")
 
 from whalesub.embedding.distributed import (  # noqa: E402 - after the skip
+    EmbedWorker,
     RayRunner,
     _resources,
     check_node,
@@ -107,13 +108,13 @@ def _cli(*args) -> list[str]:
 
 
 def _task_pids() -> list[int]:
-    """Ray worker processes now running a whalesub embedding task (their title is ray::whalesub-embed)."""
+    """Ray worker processes now embedding (an EmbedWorker's title is ray::EmbedWorker.embed then)."""
     import psutil
 
     found = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::whalesub-embed"):
+        if cmd.startswith("ray::EmbedWorker.embed"):
             found.append(p.info["pid"])
     return found
 
@@ -125,9 +126,37 @@ def test_equal_to_single_process_on_two_nodes(cluster, model, pictures, referenc
     _assert_same(out, reference)
     assert sum(r["chunks"] for r in runner.results) == N_IMAGES // 4  # every chunk computed once
     assert len({r["node_id"] for r in runner.results}) == 2  # both nodes took work
-    # a rerun has nothing to do and must not start a task
+    # a rerun has nothing to do and must not start a worker
     again = RayRunner(cluster.address)
     assert again(SimpleNamespace(), [], [model], None) is None and again.results == []
+    _assert_cpus_free_again()  # called outside a `with` block: its workers ended with the call
+
+
+def _assert_cpus_free_again(timeout: float = 60) -> None:
+    """Every CPU of the cluster is free again (no EmbedWorker holds one)."""
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == total, "Ray workers still hold CPUs"
+
+
+@pytest.mark.slow
+def test_workers_live_for_the_with_block_and_keep_their_models(cluster, model, pictures, reference,
+                                                               tmp_path):
+    """Inside one ``with RayRunner(...)`` (a whole CLI command) the second embedding runs on the same
+    worker processes and opens no model; after the block the workers are gone."""
+    with RayRunner(cluster.address) as runner:
+        run_embed([model], tmp_path / "a.npz", _opts(), images=pictures, runner=runner)
+        first = runner.results
+        _assert_same(run_embed([model], tmp_path / "b.npz", _opts(), images=pictures, runner=runner),
+                     reference)
+        second = runner.results
+    pids = {r["pid"] for r in first}
+    assert len(first) == 2 * len(pids) == 4  # two ranges per worker, one worker per node
+    assert sum(r["opened"] for r in first) == len(pids)  # each worker opened the model at its first range
+    assert {r["pid"] for r in second} <= pids and all(r["opened"] == 0 for r in second)
+    _assert_cpus_free_again()
 
 
 @pytest.mark.slow
@@ -235,6 +264,34 @@ def test_worker_version_and_fingerprint_must_match_the_driver(model, pictures, t
     assert "cannot read the model" in embed_task(missing)["error"]
 
 
+def test_a_worker_keeps_its_models_between_runs_while_their_fingerprints_hold(model, pictures, tmp_path):
+    """:class:`EmbedWorker` without Ray: a second run with the same models opens none; a run whose
+    driver expects another fingerprint is refused even though a model of that path is open."""
+    import whalesub
+
+    names = sorted(p.name for p in pictures.iterdir())
+    fp = json.loads((model / "export.json").read_text())["fingerprint"]
+    worker = EmbedWorker()
+
+    def job(run: str, out: Path, **kw) -> dict:
+        Path(str(out) + ".parts").mkdir(exist_ok=True)
+        return {"run": run, "version": whalesub.__version__, "image_dir": str(pictures),
+                "model_paths": [str(model)], "fingerprints": [fp], "out": str(out),
+                "parts": str(out) + ".parts", "options": vars(_opts()).copy(), "device": "cpu",
+                "backend": "onnx", "gpu": False, "threads": 1, "workers": 0, **kw}
+
+    a = worker.embed(job("r1", tmp_path / "a.npz"), names, None, [0, 1], 0)
+    assert (a["opened"], a["chunks"]) == (1, 2)
+    kept = worker.plan.models[0]
+    b = worker.embed(job("r2", tmp_path / "b.npz"), names, None, [2], 8)
+    assert (b["opened"], b["chunks"]) == (0, 1) and worker.plan.models[0] is kept
+    with np.load(tmp_path / "b.npz.parts" / "chunk_000002.npz") as z:  # the rows of chunk 2, in order
+        assert z["positions"].tolist() == [8, 9, 10, 11]
+    c = worker.embed(job("r3", tmp_path / "c.npz", fingerprints=["0" * len(fp)]), names, None, [0], 0)
+    assert c["kind"] == "ConfigError" and "driver's 000000000000" in c["error"]
+    assert not list((tmp_path / "c.npz.parts").glob("chunk_*"))
+
+
 def test_no_gpu_where_one_was_asked():
     fake = SimpleNamespace(nodes=lambda: [{"Alive": True, "Resources": {"CPU": 4.0}},
                                           {"Alive": True, "Resources": {"CPU": 2.0}}])
@@ -246,6 +303,25 @@ def test_no_gpu_where_one_was_asked():
                                           {"Alive": False, "Resources": {"CPU": 8.0, "GPU": 8.0}}])
     assert _resources(gpus, "connect", 0, "cuda") == (True, 4, 2)  # dead nodes do not count
     assert _resources(gpus, "connect", 0, "cpu") == (False, 8, 1)
+
+
+def test_cpus_per_worker_and_custom_resources():
+    """``--ray-cpus C``: C CPUs a worker, so a node holds as many workers as its CPUs allow; custom
+    resources (``RayRunner(resources=...)``) count only the nodes offering them."""
+    fake = SimpleNamespace(nodes=lambda: [{"Alive": True, "Resources": {"CPU": 4.0, "embed": 2.0}},
+                                          {"Alive": True, "Resources": {"CPU": 2.0}}])
+    assert _resources(fake, "connect", 0, "auto", 1) == (False, 1, 6)
+    assert _resources(fake, "connect", 0, "auto", 3) == (False, 3, 1)  # only the 4-CPU node fits one
+    assert _resources(fake, "local", 2, "auto", 1) == (False, 1, 2)
+    with pytest.raises(ConfigError, match=r"--ray-cpus 8: no node .* has 8 CPUs \(the largest has 4\)"):
+        _resources(fake, "connect", 0, "auto", 8)
+    assert _resources(fake, "connect", 0, "auto", None, {"embed": 1}) == (False, 4, 1)
+    assert _resources(fake, "connect", 0, "auto", 1, {"embed": 1}) == (False, 1, 2)  # 2 "embed" units
+    with pytest.raises(ConfigError, match=r"no node of the Ray cluster offers the resources \{'blind': 1\}"):
+        _resources(fake, "connect", 0, "auto", None, {"blind": 1})
+    gpus = SimpleNamespace(nodes=lambda: [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 2.0}}])
+    assert _resources(gpus, "connect", 0, "auto", 2) == (True, 2, 2)
+    assert _resources(gpus, "connect", 0, "auto", 6) == (True, 6, 1)  # 8 CPUs feed one 6-CPU worker
 
 
 def test_addresses():
@@ -261,6 +337,12 @@ def test_cli_bad_address_is_one_line(model, pictures, tmp_path):
     res = subprocess.run(_cli("embed", "--model", model, "--images", pictures, "--out", tmp_path / "x.npz",
                               "--ray", "local:zero"), capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "local:N" in res.stderr
+    for args, says in ((["--ray-cpus", "1"], "--ray-cpus sets the CPUs of each Ray worker: it needs --ray"),
+                       (["--ray", "local:1", "--ray-cpus", "0"], "--ray-cpus must be >= 1, got 0")):
+        res = subprocess.run(_cli("embed", "--model", model, "--images", pictures, "--out",
+                                  tmp_path / "x.npz", *args), capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and says in res.stderr
+    assert not (tmp_path / "x.npz").exists() and not (tmp_path / "x.npz.parts").exists()
 
 
 @pytest.mark.slow
@@ -273,7 +355,9 @@ def test_predict_on_ray_equals_predict_in_one_process(cluster, model, synth_set,
               options=EmbedOptions(device="cpu", batch_size=4, workers=0, chunk=8))
     args = (synth_set / "train.csv", synth_set / "train_images", synth_set / "test_images")
     plain = predict([model], *args, tmp_path / "plain", **kw)
-    on_ray = predict([model], *args, tmp_path / "ray", runner=RayRunner(cluster.address), **kw)
+    with RayRunner(cluster.address) as runner:  # as the CLI runs it
+        on_ray = predict([model], *args, tmp_path / "ray", runner=runner, **kw)
+    assert runner.results and all(r["opened"] == 0 for r in runner.results)  # the test set: models kept
     for key in ("gallery", "queries"):
         a, b = load_embeddings(Path(plain[key])), load_embeddings(Path(on_ray[key]))
         assert a.ids.tolist() == b.ids.tolist() and len(a) > 0

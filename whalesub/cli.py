@@ -14,7 +14,7 @@ from pathlib import Path  # noqa: F401  (used by the command signatures below)
 
 import typer
 
-from whalesub.core.errors import WhalesubError
+from whalesub.core.errors import ConfigError, WhalesubError
 
 app = typer.Typer(
     name="whalesub",
@@ -63,15 +63,21 @@ RAY_HELP = ("Spread the chunks over Ray: local:N (a Ray on this machine with N w
             "cluster joined with `ray start`) or HOST:PORT; needs the 'cluster' extra.")
 
 
-def _ray_runner(address: str | None):
+RAY_CPUS_HELP = ("CPUs per Ray worker (default: the machine's CPUs / N with local:N, a node's CPUs on a "
+                 "cluster without GPUs, a GPU's share of its node's CPUs with GPUs).")
+
+
+def _ray_runner(address: str | None, cpus: int | None = None):
     """A context holding the Ray runner of ``--ray ADDRESS`` (None without --ray)."""
     import contextlib
 
     if address is None:
+        if cpus is not None:
+            raise ConfigError("--ray-cpus sets the CPUs of each Ray worker: it needs --ray")
         return contextlib.nullcontext(None)
     from whalesub.embedding.distributed import RayRunner
 
-    return RayRunner(address)
+    return RayRunner(address, cpus_per_worker=cpus)
 
 
 def one_writer(what: str):
@@ -375,6 +381,7 @@ def embed_command(
                                      "merge with `whalesub merge-embeddings`."),
     chunk: int = typer.Option(1024, "--chunk", help="Images per resumable chunk in <out>.parts/."),
     ray: str | None = typer.Option(None, "--ray", help=RAY_HELP),
+    ray_cpus: int | None = typer.Option(None, "--ray-cpus", help=RAY_CPUS_HELP),
 ) -> None:
     """Embed images into an .npz of L2-normalised vectors (resumable: re-run the same command)."""
     from whalesub.embedding.embed import EmbedOptions, run_embed
@@ -384,7 +391,7 @@ def embed_command(
     options = EmbedOptions(tta=tta, flip_views=flip_views, backend=backend, device=device, fp16=fp16,
                            batch_size=batch_size, workers=workers, chunk=chunk, box_type=box_type,
                            box_conf=box_conf, shard=shard)
-    with _ray_runner(ray) as runner:
+    with _ray_runner(ray, ray_cpus) as runner:
         typer.echo(str(run_embed(model, out, options, images=images, listing=listing, boxes=boxes,
                                  runner=runner)))
 
@@ -602,6 +609,7 @@ def predict_command(
     report: bool = typer.Option(False, "--report", help="Also write OUT/report.html (candidates and "
                                 "scores; with --truth the full error report)."),
     ray: str | None = typer.Option(None, "--ray", help=RAY_HELP),
+    ray_cpus: int | None = typer.Option(None, "--ray-cpus", help=RAY_CPUS_HELP),
 ) -> None:
     """From trained runs to a validated submission: export, embed (flipped gallery, flip-TTA test set,
     every model combined), pooled out-of-fold threshold share, submit, validate, score.
@@ -614,7 +622,7 @@ def predict_command(
     _log_info_to_stderr()
     options = EmbedOptions(device=device, fp16=fp16, batch_size=batch_size, workers=workers,
                            box_type=box_type, box_conf=box_conf)
-    with _ray_runner(ray) as runner:
+    with _ray_runner(ray, ray_cpus) as runner:
         r = predict(model, train_csv, train_images, test_images, out, sample=sample, truth=truth,
                     boxes=boxes, threshold=threshold, new_share=new_share, grid=grid, k=k, options=options,
                     runner=runner, thresholds=thresholds, knn_ratio=knn_ratio, candidates_out=candidates_out,

@@ -2,23 +2,28 @@
 over a Ray cluster.
 
 The driver (the process running the command) decides the run exactly as a single process would
-(:func:`whalesub.embedding.embed.plan_embed`: fingerprint, resume key, chunk layout), cuts the
-missing chunks into contiguous ranges and submits one Ray task per range. Every task rebuilds the
-same plan on its node from the same arguments, checks that it sees what the driver sees (the
-whalesub version, the image folder, the models and their fingerprints, the output's parts folder,
-a GPU where one was requested), embeds the chunks of its range that are not on disk yet and
-writes each finished chunk atomically into ``<out>.parts/`` on the shared storage. The driver
-then merges the chunks into the same file a single process writes.
+(:func:`whalesub.embedding.embed.plan_embed`: fingerprint, resume key, chunk layout) and cuts the
+missing chunks into contiguous ranges (two per worker). It starts one Ray actor per worker slot
+(:class:`EmbedWorker`) and hands each a range, and the next range whenever one finishes, so fast
+nodes take more. A worker opens the models once, at its first range, rebuilding the same plan on
+its node from the same arguments and checking that it sees what the driver sees (the whalesub
+version, the image folder, the models and their fingerprints, the output's parts folder, a GPU
+where one was requested); it embeds the chunks of each range that are not on disk yet and writes
+each finished chunk atomically into ``<out>.parts/`` on the shared storage. The driver then
+merges the chunks into the same file a single process writes.
 
-- Chunks on disk are never redone: a task retried by Ray after its worker or node was lost, and a
-  rerun of the whole command after the driver died, only compute what is missing. Batches never
-  cross a chunk, so every row is computed by the same batch as in a single-process run.
+- Chunks on disk are never redone: a worker restarted by Ray after its process or node was lost
+  (its unfinished call is run again), and a rerun of the whole command after the driver died,
+  only compute what is missing. Batches never cross a chunk, so every row is computed by the same
+  batch as in a single-process run.
 - ``ADDRESS``: ``local:N`` starts a private Ray on this machine with N workers (the CPUs shared out
-  among them); ``auto`` joins the cluster this machine belongs to (``ray start``); anything else is
-  passed to ``ray.init(address=...)`` (``HOST:6379``, ``ray://HOST:10001``).
-- Resources: one GPU per task where the cluster has GPUs (and ``--device`` is not ``cpu``), with the
-  CPUs of a GPU share for decoding; otherwise a whole node's CPUs per task (``local:N``: the
-  machine's CPUs / N), with ONNX Runtime limited to those CPUs.
+  among them, or ``--ray-cpus`` each); ``auto`` joins the cluster this machine belongs to
+  (``ray start``); anything else is passed to ``ray.init(address=...)`` (``HOST:6379``,
+  ``ray://HOST:10001``).
+- Resources: one GPU per worker where the cluster has GPUs (and ``--device`` is not ``cpu``), with
+  the CPUs of a GPU's share for decoding; otherwise a whole node's CPUs per worker (``local:N``: the
+  machine's CPUs / N; ``--ray-cpus C``: C each, so a node runs several), with ONNX Runtime limited
+  to those CPUs.
 - Progress: chunks done over all workers (the driver watches the parts folder).
 
 Ray is imported inside functions only (``pip install -e ".[cluster]"``).
@@ -31,6 +36,8 @@ import os
 import socket
 import sys
 import time
+import uuid
+from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,14 +46,16 @@ import numpy as np
 import whalesub
 from whalesub.core.errors import ConfigError, DataError, WhalesubError
 from whalesub.embedding.embed import EmbedOptions, chunk_done, embed_chunks, plan_embed
+from whalesub.models.backends import open_model
 
 log = logging.getLogger(__name__)
 
-#: Ray task ranges per worker slot: a slow or lost node holds back at most half of a slot's share.
-TASKS_PER_SLOT = 2
-#: How often Ray re-runs a task whose worker process or node died (its finished chunks are kept).
+#: Ranges of chunks per worker: handed out as workers finish, so a slow node takes fewer.
+RANGES_PER_WORKER = 2
+#: How often Ray restarts a worker whose process or node died and reruns its call (its finished
+#: chunks are kept).
 MAX_RETRIES = 3
-LOCAL_OBJECT_STORE = 128 * 1024 * 1024  # bytes; the tasks exchange only the listing and the boxes
+LOCAL_OBJECT_STORE = 128 * 1024 * 1024  # bytes; the workers receive only the listing and the boxes
 
 INSTALL_HINT = 'install the cluster extra: pip install -e ".[cluster]" (or pip install "ray[default]")'
 
@@ -116,67 +125,142 @@ def check_node(job: dict) -> None:
         raise _not_shared("the output folder", parts, "missing or not writable")
 
 
+def _error_value(exc: WhalesubError) -> dict:
+    node, msg = node_name(), str(exc)
+    msg = msg if msg.startswith("node ") else f"node {node}: {msg}"
+    return {"error": msg, "kind": type(exc).__name__, "node": node}
+
+
+class EmbedWorker:
+    """One Ray worker (a Ray actor, one per worker slot, alive as long as the runner: a whole
+    ``embed`` or ``predict`` command).
+
+    It opens the models once and keeps them while they are the models asked for (on a GPU worker
+    that saves the CUDA session and its warm-up, seconds each time; ``predict`` embeds the gallery
+    and the test set with the same models), and embeds whichever ranges of chunks the driver hands
+    it, so a fast node takes more ranges than a slow one. Errors the user must fix come back as
+    values (``{"error": ...}``): Ray must not retry them. A worker process that dies is restarted
+    by Ray and its unfinished call is run again; the chunks it had finished are on disk and skipped.
+    """
+
+    def __init__(self) -> None:
+        self.models: dict[tuple, object] = {}  # (path, fingerprint, backend, device, fp16, threads) -> model
+        self.run: str | None = None
+        self.plan = None
+
+    def embed(self, job: dict, names: list[str], boxes, chunks: list[int], first_row: int) -> dict:
+        """Embed the chunks of ``chunks`` not on disk yet; ``job``: the run, as the driver decided it."""
+        try:
+            return self._embed(job, names, boxes, chunks, first_row)
+        except WhalesubError as exc:
+            return _error_value(exc)
+
+    def _embed(self, job, names, boxes, chunks, first_row) -> dict:
+        job = {**job, "names": names, "boxes": boxes if boxes is not None else [None] * len(names),
+               "chunks": chunks, "first_row": first_row}
+        check_node(job)  # every range: a lost mount shows up at the next range, named
+        opened = 0
+        if self.plan is None or self.run != job.get("run"):
+            self.plan, self.run = None, None
+            had = set(map(id, self.models.values()))
+            self.plan, self.models = _open_plan(job, self.models)
+            opened = sum(id(m) not in had for m in self.plan.models)
+            self.run = job.get("run")
+        todo = [c for c in chunks if not chunk_done(self.plan.parts, c)]
+        started = time.perf_counter()
+        embed_chunks(self.plan, todo, job["workers"])
+        return {"node": node_name(), "node_id": _node_id(), "pid": os.getpid(), "chunks": len(todo),
+                "opened": opened, "seconds": time.perf_counter() - started,
+                "models": [m.describe() for m in self.plan.models], "first": chunks[0]}
+
+
 def embed_task(job: dict) -> dict:
-    """One Ray task: embed the chunks ``job["chunks"]`` not yet on disk; errors come back as values
-    (they are the user's to fix, so Ray must not retry them)."""
+    """One range outside Ray (``job`` holds ``names``, ``boxes``, ``chunks`` and ``first_row``):
+    what an :class:`EmbedWorker` does with it."""
+    rest = {k: v for k, v in job.items() if k not in ("names", "boxes", "chunks", "first_row")}
+    return EmbedWorker().embed(rest, job["names"], job["boxes"], job["chunks"], job["first_row"])
+
+
+def _node_id() -> str | None:
     try:
-        return _embed_task(job)
-    except WhalesubError as exc:
-        node, msg = node_name(), str(exc)
-        msg = msg if msg.startswith("node ") else f"node {node}: {msg}"
-        return {"error": msg, "kind": type(exc).__name__, "node": node}
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - outside Ray
+        return None
 
 
-def _embed_task(job: dict) -> dict:
-    import ray
-
-    check_node(job)
+def _open_plan(job: dict, opened: dict) -> tuple:
+    """(the run's plan on this node, the models it opened): the models on this node's device (those
+    in ``opened`` under the same key are reused), their fingerprints checked against the driver's."""
     device = job["device"]
     if job["gpu"]:
+        import ray
+
         if not ray.get_gpu_ids():
-            raise ConfigError(f"node {node_name()}: Ray gave this task no GPU although one was requested")
+            raise ConfigError(f"node {node_name()}: Ray gave this worker no GPU although one was requested")
         device = "cuda"
     if job["threads"] and job["backend"] == "torch":
         import torch
 
         torch.set_num_threads(job["threads"])
     options = EmbedOptions(**job["options"])
+    models, ordered = {}, []
+    for path, want in zip(job["model_paths"], job["fingerprints"], strict=True):
+        key = (path, want, options.backend, device, options.fp16, job["threads"])
+        model = opened.get(key) or open_model(Path(path), options.backend, device, options.fp16,
+                                              threads=job["threads"])
+        if model.fingerprint != want:
+            raise ConfigError(f"node {node_name()}: the model {path} has fingerprint "
+                              f"{model.fingerprint[:12]}, the driver's {want[:12]}: every node must see "
+                              "the same export (copy it again)")
+        models[key] = model
+        ordered.append(model)
     plan = plan_embed([Path(p) for p in job["model_paths"]], job["names"], Path(job["image_dir"]),
                       Path(job["out"]), options, job["boxes"], device=device, threads=job["threads"],
-                      with_key=False)
-    mine = [m.fingerprint for m in plan.models]
-    for path, have, want in zip(job["model_paths"], mine, job["fingerprints"], strict=True):
-        if have != want:
-            raise ConfigError(f"node {node_name()}: the model {path} has fingerprint {have[:12]}, the "
-                              f"driver's {want[:12]}: every node must see the same export (copy it again)")
-    todo = [c for c in job["chunks"] if not chunk_done(plan.parts, c)]
-    started = time.perf_counter()
-    embed_chunks(plan, todo, job["workers"])
-    return {"node": node_name(), "node_id": ray.get_runtime_context().get_node_id(), "chunks": len(todo),
-            "seconds": time.perf_counter() - started,
-            "models": [m.describe() for m in plan.models], "first": job["chunks"][0]}
+                      with_key=False, models=ordered)
+    return plan, models
 
 
-def _resources(ray, mode: str, n: int, device: str) -> tuple[bool, int, int]:
-    """(use a GPU per task, CPUs per task, concurrent task slots) for the connected cluster."""
+def _resources(ray, mode: str, n: int, device: str, cpus_per_worker: int | None = None,
+               extra: dict | None = None) -> tuple[bool, int, int]:
+    """(a GPU per worker, CPUs per worker, worker slots) for the connected cluster.
+
+    ``cpus_per_worker``: ``--ray-cpus`` (default: a GPU's share of its node's CPUs with GPUs; the
+    machine's CPUs / N with ``local:N``; else the smallest node's CPUs). ``extra``: custom resources
+    every worker needs; only nodes offering them count.
+    """
     nodes = [nd["Resources"] for nd in ray.nodes() if nd.get("Alive")]
+    extra = extra or {}
+
+    def fits(r: dict) -> int:  # how many workers this node's custom resources allow
+        return min((int(r.get(k, 0) // v) for k, v in extra.items()), default=1 << 30)
+
     gpus = sum(int(r.get("GPU", 0)) for r in nodes)
     if device == "cuda" and gpus == 0:
         cpus = sum(int(r.get("CPU", 0)) for r in nodes)
         raise ConfigError(f"--device cuda: the Ray cluster has no GPU ({len(nodes)} node(s), {cpus} CPUs); "
                           "start the GPU machines' `ray start` where CUDA works, or use --device cpu")
+    nodes = [r for r in nodes if fits(r) > 0]
+    if not nodes:
+        raise ConfigError(f"no node of the Ray cluster offers the resources {extra} every worker needs")
     if gpus and device != "cpu":
-        per = [int(r.get("CPU", 0)) // int(r["GPU"]) for r in nodes if r.get("GPU")]
-        return True, max(1, min(per)), gpus if mode == "connect" else min(n, gpus)
-    cpus = [int(r.get("CPU", 0)) for r in nodes if r.get("CPU")]
+        with_gpu = [r for r in nodes if r.get("GPU")]
+        per = cpus_per_worker or max(1, min(int(r.get("CPU", 0)) // int(r["GPU"]) for r in with_gpu))
+        slots = sum(min(int(r["GPU"]), int(r.get("CPU", 0)) // per, fits(r)) for r in with_gpu)
+        return True, per, min(n, slots) if mode == "local" else slots
+    cpus = [(int(r.get("CPU", 0)), fits(r)) for r in nodes if r.get("CPU")]
     if not cpus:
-        raise ConfigError("the Ray cluster has no CPUs to run tasks on "
+        raise ConfigError("the Ray cluster has no CPUs to run workers on "
                           "(every node started with --num-cpus 0?)")
     if mode == "local":
-        per = max(1, sum(cpus) // n)
-        return False, per, n
-    per = min(cpus)
-    return False, per, sum(c // per for c in cpus)
+        return False, cpus_per_worker or max(1, sum(c for c, _ in cpus) // n), n
+    per = cpus_per_worker or min(c for c, _ in cpus)
+    slots = sum(min(c // per, f) for c, f in cpus)
+    if slots == 0:
+        raise ConfigError(f"--ray-cpus {per}: no node of the Ray cluster has {per} CPUs "
+                          f"(the largest has {max(c for c, _ in cpus)})")
+    return False, per, slots
 
 
 class RayRunner:
@@ -184,14 +268,26 @@ class RayRunner:
 
     driver_device = "cpu"  # the driver opens the models only for their fingerprints and the resume key
 
-    def __init__(self, address: str, tasks_per_slot: int = TASKS_PER_SLOT, resources: dict | None = None):
-        """``resources``: extra Ray resources every task needs (custom node labels, e.g.
-        ``{"embed": 1}`` for the nodes started with ``ray start --resources '{"embed": 4}'``)."""
+    def __init__(self, address: str, ranges_per_worker: int = RANGES_PER_WORKER,
+                 resources: dict | None = None, cpus_per_worker: int | None = None):
+        """``ranges_per_worker``: the missing chunks are cut into this many ranges per worker slot,
+        handed out as workers finish (more: better balance, each range restarts the decoding).
+        ``resources``: extra Ray resources every worker needs (custom node labels, e.g.
+        ``{"embed": 1}`` for the nodes started with ``ray start --resources '{"embed": 4}'``).
+        ``cpus_per_worker``: ``--ray-cpus`` (see :func:`_resources`)."""
         self.mode, self.arg = parse_address(address)
         self.address = address
-        self.tasks_per_slot = tasks_per_slot
+        if ranges_per_worker < 1:
+            raise ConfigError(f"ranges_per_worker must be >= 1, got {ranges_per_worker}")
+        if cpus_per_worker is not None and cpus_per_worker < 1:
+            raise ConfigError(f"--ray-cpus must be >= 1, got {cpus_per_worker}")
+        self.ranges_per_worker = ranges_per_worker
         self.resources = dict(resources or {})
-        self.results: list[dict] = []  # what the tasks of the last call reported (node, chunks, seconds)
+        self.cpus_per_worker = cpus_per_worker
+        self.results: list[dict] = []  # what the workers reported per range (node, chunks, seconds)
+        self._workers: list = []  # the Ray actors (EmbedWorker); kept between the calls made inside a
+        self._entered = False     # `with` block (predict's two embeddings), else ended after each call
+        self._shape: tuple | None = None
         import_ray()  # before any long work: a clear error when Ray is missing
 
     def _connect(self, ray) -> bool:
@@ -199,8 +295,7 @@ class RayRunner:
         if ray.is_initialized():
             return False
         if self.mode == "local":
-            cpus = os.cpu_count() or 1
-            per = max(1, cpus // self.arg)
+            per = self.cpus_per_worker or max(1, (os.cpu_count() or 1) // self.arg)
             ray.init(num_cpus=per * self.arg, include_dashboard=False,
                      object_store_memory=LOCAL_OBJECT_STORE, log_to_driver=True, configure_logging=False)
             return True
@@ -215,9 +310,13 @@ class RayRunner:
 
     def __enter__(self) -> RayRunner:
         self._started = self._connect(import_ray())
+        self._entered = True
         return self
 
     def __exit__(self, *exc) -> None:
+        self._entered = False
+        if self._workers:
+            self._release(import_ray())
         if getattr(self, "_started", False):
             import_ray().shutdown()
             self._started = False
@@ -230,6 +329,8 @@ class RayRunner:
         try:
             return self._run(ray, plan, todo, model_paths, boxes)
         finally:
+            if not self._entered:  # outside a `with` block nothing would end the workers: end them now
+                self._release(ray)
             if started_here:
                 ray.shutdown()
 
@@ -238,49 +339,74 @@ class RayRunner:
 
         options = plan.options
         gpu, cpus, slots = _resources(ray, self.mode, self.arg if self.mode == "local" else 0,
-                                      options.device)
-        workers = options.workers if options.workers is not None else max(1, min(8, cpus - 1))
-        n_tasks = min(len(todo), slots * self.tasks_per_slot)
-        ranges = [list(map(int, r)) for r in np.array_split(todo, n_tasks)]
-        names_ref = ray.put(plan.names)
-        boxes_ref = ray.put(boxes)
-        base = {"version": whalesub.__version__,
-                "model_paths": [str(Path(p).absolute()) for p in model_paths],
-                "fingerprints": [m.fingerprint for m in plan.models],
-                "image_dir": str(plan.image_dir.absolute()),
-                "out": str(plan.out.absolute()), "parts": str(plan.parts.folder.absolute()),
-                "options": asdict(options), "device": options.device, "backend": options.backend,
-                "gpu": gpu, "threads": None if gpu else cpus, "workers": workers}
-        remote = ray.remote(_task_entry).options(num_cpus=cpus, num_gpus=1 if gpu else 0,
-                                                 resources=self.resources or None,
-                                                 max_retries=MAX_RETRIES, name="whalesub-embed")
-        log.info("Ray: %d chunks in %d tasks over %d slot(s) (%s per task, %d decoding workers each)",
-                 len(todo), len(ranges), slots, "1 GPU" if gpu else f"{cpus} CPU(s)", workers)
-        refs = {remote.remote({**base, "chunks": r, "first_row": plan.parts.rows(r[0])[0]}, names_ref,
-                              boxes_ref): r for r in ranges}
-        results, pending = [], list(refs)
+                                      options.device, self.cpus_per_worker, self.resources)
+        decoders = options.workers if options.workers is not None else max(1, min(8, cpus - 1))
+        n_ranges = min(len(todo), slots * self.ranges_per_worker)
+        ranges = deque(list(map(int, r)) for r in np.array_split(todo, n_ranges))
+        job = {"run": uuid.uuid4().hex, "version": whalesub.__version__,
+               "model_paths": [str(Path(p).absolute()) for p in model_paths],
+               "fingerprints": [m.fingerprint for m in plan.models],
+               "image_dir": str(plan.image_dir.absolute()),
+               "out": str(plan.out.absolute()), "parts": str(plan.parts.folder.absolute()),
+               "options": asdict(options), "device": options.device, "backend": options.backend,
+               "gpu": gpu, "threads": None if gpu else cpus, "workers": decoders}
+        workers = self._pool(ray, (gpu, cpus), min(slots, len(ranges)))
+        log.info("Ray: %d chunks in %d ranges over %d worker(s) (%s each, %d decoding processes each)",
+                 len(todo), len(ranges), len(workers), "1 GPU" if gpu else f"{cpus} CPU(s)", decoders)
+        job_ref, names_ref, boxes_ref = ray.put(job), ray.put(plan.names), ray.put(boxes)
+        running: dict = {}  # call ref -> its worker
+
+        def hand_out(worker) -> None:
+            if ranges:
+                r = ranges.popleft()
+                ref = worker.embed.remote(job_ref, names_ref, boxes_ref, r, plan.parts.rows(r[0])[0])
+                running[ref] = worker
+
+        results = []
         bar = tqdm(total=plan.parts.count, initial=plan.parts.count - len(todo), unit="chunk",
                    desc="embed (Ray)", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
         try:
             with bar:
-                while pending:
-                    ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+                for w in workers:
+                    hand_out(w)
+                while running:
+                    ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
                     for ref in ready:
+                        worker = running.pop(ref)
                         results.append(self._result(ray, ref))
+                        hand_out(worker)
                     bar.update(plan.parts.count - sum(not plan.parts.path(c).is_file() for c in todo) - bar.n)
-        except BaseException:
-            for ref in pending:
-                ray.cancel(ref, force=True)
+        except BaseException:  # failed or interrupted: free the workers' CPUs and GPUs now
+            self._release(ray)
             raise
         if missing := [c for c in todo if not chunk_done(plan.parts, c)]:
-            raise WhalesubError(f"the Ray tasks ended but chunk(s) {missing[:5]} of {plan.parts.folder} are "
-                                "missing (the parts folder is not shared?); run the command again")
+            raise WhalesubError(f"the Ray workers ended but chunk(s) {missing[:5]} of {plan.parts.folder} "
+                                "are missing (the parts folder is not shared?); run the command again")
         self.results = results
         for r in results:
             log.info("node %s: %d chunks in %.1f s", r["node"], r["chunks"], r["seconds"])
         # as the workers ran them (device, precision), under the paths the user gave (as one process records)
         ran = min(results, key=lambda r: r["first"])["models"]
         return [{**d, "path": str(m.path)} for d, m in zip(ran, plan.models, strict=True)]
+
+    def _pool(self, ray, shape: tuple, n: int) -> list:
+        """``n`` workers of ``shape`` (GPU?, CPUs): those of earlier calls of this runner, and more."""
+        if self._workers and self._shape != shape:
+            self._release(ray)
+        self._shape = shape
+        gpu, cpus = shape
+        actor = ray.remote(EmbedWorker).options(num_cpus=cpus, num_gpus=1 if gpu else 0,
+                                                resources=self.resources or None,
+                                                max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES)
+        while len(self._workers) < n:
+            self._workers.append(actor.remote())
+        return self._workers[:n]
+
+    def _release(self, ray) -> None:
+        """End the workers (their calls in flight end with them)."""
+        for w in self._workers:
+            ray.kill(w, no_restart=True)
+        self._workers = []
 
     def _result(self, ray, ref) -> dict:
         from ray.exceptions import RayError
@@ -293,16 +419,10 @@ class RayRunner:
             if "No module named 'whalesub" in last:
                 raise ConfigError(f"a Ray worker cannot import whalesub ({last}): install the same whalesub "
                                   "on every node") from None
-            raise WhalesubError(f"a Ray task failed ({last}); a task whose worker dies is retried up to "
-                                f"{MAX_RETRIES} times, and the chunks finished so far are kept: run the "
+            raise WhalesubError(f"a Ray worker failed ({last}); a worker whose process dies is restarted up "
+                                f"to {MAX_RETRIES} times, and the chunks finished so far are kept: run the "
                                 "command again to continue") from None
         if "error" in r:
             cls = {"DataError": DataError, "ConfigError": ConfigError}.get(r["kind"], WhalesubError)
             raise cls(r["error"])
         return r
-
-
-def _task_entry(job: dict, names: list[str], boxes) -> dict:
-    """The Ray task (module level, so workers import it from their own whalesub)."""
-    n = len(names)
-    return embed_task({**job, "names": names, "boxes": boxes if boxes is not None else [None] * n})

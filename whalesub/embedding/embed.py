@@ -223,13 +223,17 @@ class EmbedPlan:
 
 def plan_embed(model_paths: list[Path], names: list[str], image_dir: Path, out: Path, options: EmbedOptions,
                boxes: list | None = None, device: str | None = None, threads: int | None = None,
-               with_key: bool = True) -> EmbedPlan:
+               with_key: bool = True, models: list | None = None) -> EmbedPlan:
     """Open the models and decide the run (``device``/``threads`` override the options' device and
-    the inference threads for this process); touches no file. ``with_key=False`` (a Ray task, which
-    does not check the parts folder) skips the resume key and its stat of every image."""
+    the inference threads for this process); touches no file. ``with_key=False`` (a Ray worker,
+    which does not check the parts folder) skips the resume key and its stat of every image.
+    ``models``: the models of ``model_paths``, already opened (a Ray worker keeps them between runs)."""
     options.check()
-    models = [open_model(p, options.backend, device or options.device, options.fp16, threads=threads)
-              for p in model_paths]
+    if models is None:
+        models = [open_model(p, options.backend, device or options.device, options.fp16, threads=threads)
+                  for p in model_paths]
+    elif len(models) != len(model_paths):
+        raise ValueError(f"{len(models)} opened models for {len(model_paths)} model paths")
     keys = list(dict.fromkeys(preprocess_key(m.spec) for m in models))
     key_of = [keys.index(preprocess_key(m.spec)) for m in models]
     specs = [next(m.spec for m in models if preprocess_key(m.spec) == k) for k in keys]
