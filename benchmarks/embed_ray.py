@@ -1,13 +1,24 @@
 """``whalesub embed`` against ``--ray local:1`` and ``--ray local:2``, side by side in one run on the
 same model, images and options.
 
-Measured (images per second, each the best of ``--repeat`` runs):
+Measured (images per second):
 
 1. what bounds the work: the model alone (ONNX Runtime, every core, preprocessed batches) and the
    decoding alone (the embed loader, one process); the slower of the two bounds the run;
-2. plain ``whalesub embed`` (no Ray);
-3. ``--ray local:1`` and ``--ray local:2``: a private Ray on this machine with 1 or 2 workers
-   sharing the machine's CPUs (Ray started before the clock, its start-up printed apart).
+2. plain ``whalesub embed`` (no Ray, every core);
+3. Ray's cost: ``--ray local:1``, one worker with every core, against plain ``embed``;
+4. Ray's scaling: ``--ray local:1 --ray-cpus 1`` against ``--ray local:2 --ray-cpus 1``, one worker
+   against two of the same size (one core each, as one machine against two identical machines).
+   ``local:1`` with every core against ``local:2`` is printed too: on one machine two workers
+   share the cores one worker had, so there is nothing to gain there.
+
+One Ray is started for all three Ray configurations (its start-up printed apart), with as many
+logical CPUs as their workers together ask for, so that every worker stays warm all along (the
+workers set their ONNX Runtime threads from the CPUs they ask for, not from Ray's count); each
+configuration's first run, which starts its worker processes (Python, torch, the model), is
+printed apart. Then ``--rounds`` rounds each time all four runs back to back, in a rotating
+order. A shared machine drifts over minutes, so the ratios are the medians of the ratios within
+a round; the rates are the best of the rounds.
 
 Goals (issue 15): Ray at one worker costs at most 1.15x plain embed; two workers reach at least
 1.6x one worker where the model, not decoding, bounds the work.
@@ -21,6 +32,7 @@ Needs the cluster extra (``pip install -e ".[cluster]"``). Random weights (pretr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -45,7 +57,7 @@ def main() -> None:
     ap.add_argument("--synthetic", default="512x384", help="WxH of the generated JPEGs")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--chunk", type=int, default=None, help="images per chunk (default: n / 8)")
-    ap.add_argument("--repeat", type=int, default=2, help="runs of each; the best counts")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the four warm runs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -54,7 +66,7 @@ def main() -> None:
     import torch
 
     from whalesub.data.image import load_for_model
-    from whalesub.embedding.distributed import RayRunner
+    from whalesub.embedding.distributed import LOCAL_OBJECT_STORE, RayRunner
     from whalesub.embedding.embed import EmbedOptions, embed_images
     from whalesub.embedding.loader import make_loader
     from whalesub.models.export import INPUT_NAME, export_model
@@ -77,47 +89,62 @@ def main() -> None:
     x = np.stack([load_for_model(p, net.spec) for p in paths[:4 * b]]).astype(np.float32)
     sess = ort_session(tmp / "export" / "model.onnx")
     batches = [x[i:i + b] for i in range(0, len(x), b)]
-    model_rate = len(x) / best_of(lambda: [sess.run(None, {INPUT_NAME: t}) for t in batches], args.repeat)
+    model_rate = len(x) / best_of(lambda: [sess.run(None, {INPUT_NAME: t}) for t in batches], 3)
     groups = [list(range(s, min(n, s + b))) for s in range(0, n, b)]
     decode_rate = n / best_of(lambda: list(make_loader(paths, [None] * n, [net.spec], groups, b, 0)), 1)
 
     opts = EmbedOptions(tta="none", backend="onnx", device="cpu", batch_size=b, chunk=chunk)
+    cpus_all = os.cpu_count() or 1
 
-    def run(out: Path, runner=None) -> float:
-        def once():
-            shutil.rmtree(out.with_name(out.name + ".parts"), ignore_errors=True)
-            out.unlink(missing_ok=True)
-            embed_images([tmp / "export"], names, tmp / "images", out, opts, runner=runner)
-        return n / best_of(once, args.repeat)
-
-    rate = {"plain embed": run(tmp / "plain.npz")}
-    startup = {}
-    for workers in (1, 2):
+    def once(out: Path, runner=None) -> float:
+        shutil.rmtree(out.with_name(out.name + ".parts"), ignore_errors=True)
+        out.unlink(missing_ok=True)
         t = time.perf_counter()
-        with RayRunner(f"local:{workers}") as runner:
-            startup[workers] = time.perf_counter() - t
-            rate[f"--ray local:{workers}"] = run(tmp / f"ray{workers}.npz", runner)
-        assert not ray.is_initialized()
-    ref = load_embeddings(tmp / "plain.npz")
-    same = all(np.array_equal(load_embeddings(tmp / f"ray{w}.npz").vectors, ref.vectors) for w in (1, 2))
+        embed_images([tmp / "export"], names, tmp / "images", out, opts, runner=runner)
+        return time.perf_counter() - t
+
+    # label -> (--ray address, --ray-cpus): the CPUs each worker asks for
+    configs = {"--ray local:1": ("local:1", cpus_all), "--ray local:1 --ray-cpus 1": ("local:1", 1),
+               "--ray local:2": ("local:2", max(1, cpus_all // 2))}
+    labels = ["plain embed (every core)", *configs]
+    times: dict[str, list[float]] = {k: [] for k in labels}
+    once(tmp / "plain.npz")  # warms this process (imports, page cache)
+    t = time.perf_counter()
+    ray.init(num_cpus=sum(int(a.partition(":")[2]) * c for a, c in configs.values()), include_dashboard=False,
+             object_store_memory=LOCAL_OBJECT_STORE, configure_logging=False)
+    startup = time.perf_counter() - t
+    with contextlib.ExitStack() as stack:
+        runners = {k: stack.enter_context(RayRunner(a, cpus_per_worker=c)) for k, (a, c) in configs.items()}
+        outs = {k: tmp / f"ray_{i}.npz" for i, k in enumerate(configs)} | {labels[0]: tmp / "plain.npz"}
+        cold = {k: once(outs[k], r) for k, r in runners.items()}
+        for i in range(args.rounds):
+            for k in labels[i % 4:] + labels[:i % 4]:
+                times[k].append(once(outs[k], runners.get(k)))
+        ref = load_embeddings(outs[labels[0]])
+        same = all(np.array_equal(load_embeddings(outs[k]).vectors, ref.vectors) for k in configs)
+    ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
 
+    def ratio(num: str, den: str) -> float:  # median over the rounds of time(num) / time(den)
+        return float(np.median(np.array(times[num]) / np.array(times[den])))
+
+    rate = {k: n / min(v) for k, v in times.items()}
     bound = "model" if model_rate < decode_rate else "decoding"
     print(f"\n{args.backbone} @ {args.size} px (pretrained=False), batch {b}, chunk {chunk}, {n} synthetic "
-          f"{args.synthetic} JPEGs, ONNX Runtime on CPU; best of {args.repeat}")
+          f"{args.synthetic} JPEGs, ONNX Runtime on CPU; {args.rounds} rounds")
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (1 min, at the end); "
-          f"Ray {ray.__version__}")
+          f"Ray {ray.__version__}, start-up {startup:.1f} s (not in the rates)")
     print(f"  {'model only (onnxruntime, all cores)':<38s} {model_rate:8.1f} img/s")
     print(f"  {'decode only (1 process)':<38s} {decode_rate:8.1f} img/s   -> the {bound} bounds the work")
     for k, v in rate.items():
-        print(f"  {k:<38s} {v:8.1f} img/s")
-    print(f"  {'Ray start-up local:1 / local:2':<38s} {startup[1]:5.1f} s / {startup[2]:.1f} s "
-          "(not in the rates)")
-    cost = rate["plain embed"] / rate["--ray local:1"]
-    speedup = rate["--ray local:2"] / rate["--ray local:1"]
-    print(f"  {'time local:1 / plain embed':<38s} {cost:8.2f}x  (goal <= 1.15)")
-    print(f"  {'rate local:2 / local:1':<38s} {speedup:8.2f}x  (goal >= 1.6 where the model bounds)")
-    print(f"  identical vectors (local:1, local:2 vs plain): {same}")
+        first = f"   (first run, workers starting: {cold[k]:.1f} s)" if k in cold else ""
+        print(f"  {k:<38s} {v:8.1f} img/s{first}")
+    print(f"  {'time local:1 / plain embed':<38s} {ratio(labels[1], labels[0]):8.2f}x  (goal <= 1.15)")
+    print(f"  {'rate local:2 / local:1, 1 CPU each':<38s} {ratio(labels[2], labels[3]):8.2f}x  "
+          "(goal >= 1.6 where the model bounds)")
+    print(f"  {'rate local:2 / local:1 (every core)':<38s} {ratio(labels[1], labels[3]):8.2f}x  "
+          "(same cores, shared out)")
+    print(f"  identical vectors (every Ray run vs plain): {same}")
 
 
 if __name__ == "__main__":
