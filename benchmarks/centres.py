@@ -30,12 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-from whalesub.ranking.centres import rank_with_centres
-from whalesub.ranking.metric import score_breakdown
-from whalesub.ranking.rank import decode_labels, insert_new_individual, rank_queries
-from whalesub.ranking.submission import score_submission
-from whalesub.ranking.threshold import threshold_for_new_share
-from whalesub.workflows.submit import submit_files
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's whalesub, installed or not
+
+from whalesub.ranking.centres import rank_with_centres  # noqa: E402
+from whalesub.ranking.metric import score_breakdown  # noqa: E402
+from whalesub.ranking.rank import decode_labels, insert_new_individual, rank_queries  # noqa: E402
+from whalesub.ranking.submission import score_submission  # noqa: E402
+from whalesub.ranking.threshold import threshold_for_new_share  # noqa: E402
+from whalesub.workflows.submit import submit_files  # noqa: E402
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,8 +30,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from whalesub.data.image import draft_scale, load_for_model, load_image
-from whalesub.models.spec import ModelSpec
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's whalesub, installed or not
+
+from whalesub.data.image import draft_scale, load_for_model, load_image  # noqa: E402
+from whalesub.models.spec import ModelSpec  # noqa: E402
 
 NYALA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nyala"
 W, H = 3600, 2400
