@@ -66,7 +66,7 @@ def main() -> None:
     import torch
 
     from whalesub.data.image import load_for_model
-    from whalesub.embedding.distributed import LOCAL_OBJECT_STORE, RayRunner
+    from whalesub.embedding.distributed import LOCAL_OBJECT_STORE, RayRunner, parse_address
     from whalesub.embedding.embed import EmbedOptions, embed_images
     from whalesub.embedding.loader import make_loader
     from whalesub.models.export import INPUT_NAME, export_model
@@ -110,7 +110,7 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in labels}
     once(tmp / "plain.npz")  # warms this process (imports, page cache)
     t = time.perf_counter()
-    ray.init(num_cpus=sum(int(a.partition(":")[2]) * c for a, c in configs.values()), include_dashboard=False,
+    ray.init(num_cpus=sum(parse_address(a)[1] * c for a, c in configs.values()), include_dashboard=False,
              object_store_memory=LOCAL_OBJECT_STORE, configure_logging=False)
     startup = time.perf_counter() - t
     with contextlib.ExitStack() as stack:

@@ -37,7 +37,6 @@ from whalesub.embedding.distributed import (  # noqa: E402 - after the skip
     RayRunner,
     _resources,
     check_node,
-    embed_task,
     parse_address,
 )
 
@@ -240,6 +239,13 @@ def test_node_without_the_image_folder_is_named(cluster, model, pictures, tmp_pa
     finally:
         os.killpg(node.pid, signal.SIGTERM)
         node.wait(60)
+
+
+def embed_task(job: dict) -> dict:
+    """One range embedded by a fresh :class:`EmbedWorker`, without Ray (``job`` also holds ``names``,
+    ``boxes``, ``chunks`` and ``first_row``)."""
+    rest = {k: v for k, v in job.items() if k not in ("names", "boxes", "chunks", "first_row")}
+    return EmbedWorker().embed(rest, job["names"], job["boxes"], job["chunks"], job["first_row"])
 
 
 def test_worker_version_and_fingerprint_must_match_the_driver(model, pictures, tmp_path):

@@ -93,9 +93,9 @@ def node_name() -> str:
         import ray
 
         ip = ray.util.get_node_ip_address()
-        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     except Exception:  # noqa: BLE001 - outside Ray or without a network: the host name alone
         return host
+    node = _node_id()
     return f"{host} ({ip}" + (f", Ray node {node[:12]})" if node else ")")
 
 
@@ -161,10 +161,9 @@ class EmbedWorker:
         check_node(job)  # every range: a lost mount shows up at the next range, named
         opened = 0
         if self.plan is None or self.run != job.get("run"):
-            self.plan, self.run = None, None
-            had = set(map(id, self.models.values()))
-            self.plan, self.models = _open_plan(job, self.models)
-            opened = sum(id(m) not in had for m in self.plan.models)
+            before = self.models
+            self.plan, self.models = _open_plan(job, before)
+            opened = len(self.models.keys() - before.keys())
             self.run = job.get("run")
         todo = [c for c in chunks if not chunk_done(self.plan.parts, c)]
         started = time.perf_counter()
@@ -172,13 +171,6 @@ class EmbedWorker:
         return {"node": node_name(), "node_id": _node_id(), "pid": os.getpid(), "chunks": len(todo),
                 "opened": opened, "seconds": time.perf_counter() - started,
                 "models": [m.describe() for m in self.plan.models], "first": chunks[0]}
-
-
-def embed_task(job: dict) -> dict:
-    """One range outside Ray (``job`` holds ``names``, ``boxes``, ``chunks`` and ``first_row``):
-    what an :class:`EmbedWorker` does with it."""
-    rest = {k: v for k, v in job.items() if k not in ("names", "boxes", "chunks", "first_row")}
-    return EmbedWorker().embed(rest, job["names"], job["boxes"], job["chunks"], job["first_row"])
 
 
 def _node_id() -> str | None:
