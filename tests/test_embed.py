@@ -358,3 +358,26 @@ def test_same_vectors_as_training_validation(models, photo_set, tmp_path):
     with torch.no_grad():
         want = np.stack([net(ds[i][0]).numpy() for i in range(len(names))])
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_chunk_batches_stay_in_their_chunk_and_are_drawn_lazily():
+    """The batches of the chunks taken (a Ray worker's queue is a generator): rows in order, never
+    crossing a chunk (a single process computes every row in the same batch), and a chunk is only
+    taken when its first batch is asked for."""
+    from whalesub.embedding.embed import _ChunkBatches, _Parts
+
+    parts = _Parts(Path("unused"), chunk=4, n=10)  # chunks: rows 0-3, 4-7, 8-9
+    taken: list[int] = []
+
+    def queue():
+        for c in (2, 0, 1):
+            taken.append(c)
+            yield c
+
+    it = iter(_ChunkBatches(parts, queue(), batch_size=3))
+    assert next(it) == [8, 9] and taken == [2]
+    assert next(it) == [0, 1, 2] and taken == [2, 0]
+    assert next(it) == [3] and taken == [2, 0]
+    assert list(it) == [[4, 5, 6], [7]] and taken == [2, 0, 1]
+    # a list gives the same batches as the lazy queue
+    assert list(_ChunkBatches(parts, [2, 0, 1], 3)) == [[8, 9], [0, 1, 2], [3], [4, 5, 6], [7]]

@@ -33,6 +33,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -267,12 +268,27 @@ def chunk_done(parts: _Parts, c: int) -> bool:
         return False
 
 
-def embed_chunks(plan: EmbedPlan, todo: list[int], workers: int, on_images=None) -> None:
+class _ChunkBatches:
+    """The batches of the chunks ``todo`` (rows in order, never crossing a chunk), drawn lazily: a
+    ``todo`` that is a generator (a Ray worker taking chunks from a shared queue) keeps one decoding
+    pipeline full across chunks, which are only taken when the loader needs their first batch."""
+
+    def __init__(self, parts: _Parts, todo: Iterable[int], batch_size: int):
+        self.parts, self.todo, self.batch_size = parts, todo, batch_size
+
+    def __iter__(self):
+        for c in self.todo:
+            rows = list(self.parts.rows(c))
+            for i in range(0, len(rows), self.batch_size):
+                yield rows[i:i + self.batch_size]
+
+
+def embed_chunks(plan: EmbedPlan, todo: Iterable[int], workers: int, on_images=None) -> None:
     """Embed chunks ``todo`` of ``plan`` with ``workers`` decoding processes; each finished chunk goes
-    atomically to the parts folder. ``on_images(n)`` is called after every batch."""
+    atomically to the parts folder. ``todo`` may be lazy (it is drawn as the decoders need work).
+    ``on_images(n)`` is called after every batch."""
     options, parts = plan.options, plan.parts
-    batches = [list(parts.rows(c))[i:i + options.batch_size] for c in todo
-               for i in range(0, len(parts.rows(c)), options.batch_size)]
+    batches = _ChunkBatches(parts, todo, options.batch_size)
     paths = [str(plan.image_dir / n) for n in plan.names]
     loader = make_loader(paths, plan.boxes, plan.specs, batches, options.batch_size, workers,
                          pin_memory=any(m.device == "cuda" for m in plan.models))

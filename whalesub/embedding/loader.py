@@ -12,6 +12,7 @@ Runtime / TensorRT plan caches, cuDNN autotuning); the caller drops the padded r
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +121,7 @@ class _Collate:
         return positions, arrays
 
 
-def make_loader(paths: list[str], boxes: list, specs: list, batches: list[list[int]], batch_size: int,
+def make_loader(paths: list[str], boxes: list, specs: list, batches: Iterable[list[int]], batch_size: int,
                 workers: int, pin_memory: bool = False):
     """Yield (positions [b], inputs [tensor [batch_size, C, S, S] float32 per spec]) for each batch.
 
