@@ -107,14 +107,18 @@ def _cli(*args) -> list[str]:
 
 
 def _task_pids() -> list[int]:
-    """Ray worker processes now embedding (an EmbedWorker's title is ray::EmbedWorker.embed then)."""
-    import psutil
-
+    """Ray worker processes now embedding (an EmbedWorker's title is ray::EmbedWorker.embed then),
+    read from /proc (Linux, as SIGKILL)."""
     found = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # the process ended meanwhile
+            continue
         if cmd.startswith("ray::EmbedWorker.embed"):
-            found.append(p.info["pid"])
+            found.append(int(d.name))
     return found
 
 
@@ -152,8 +156,8 @@ def test_workers_live_for_the_with_block_and_keep_their_models(cluster, model, p
                      reference)
         second = runner.results
     pids = {r["pid"] for r in first}
-    assert len(first) == 2 * len(pids) == 4  # two ranges per worker, one worker per node
-    assert sum(r["opened"] for r in first) == len(pids)  # each worker opened the model at its first range
+    assert len(first) == len(pids) == 2  # one call per worker, one worker per node
+    assert sum(r["opened"] for r in first) == len(pids)  # each worker opened the model once
     assert {r["pid"] for r in second} <= pids and all(r["opened"] == 0 for r in second)
     _assert_cpus_free_again()
 
@@ -242,17 +246,17 @@ def test_node_without_the_image_folder_is_named(cluster, model, pictures, tmp_pa
 
 
 def embed_task(job: dict) -> dict:
-    """One range embedded by a fresh :class:`EmbedWorker`, without Ray (``job`` also holds ``names``,
-    ``boxes``, ``chunks`` and ``first_row``)."""
-    rest = {k: v for k, v in job.items() if k not in ("names", "boxes", "chunks", "first_row")}
-    return EmbedWorker().embed(rest, job["names"], job["boxes"], job["chunks"], job["first_row"])
+    """Some chunks embedded by a fresh :class:`EmbedWorker`, without Ray (``job`` also holds ``names``,
+    ``boxes`` and ``chunks``)."""
+    rest = {k: v for k, v in job.items() if k not in ("names", "boxes", "chunks")}
+    return EmbedWorker().embed(rest, job["names"], job["boxes"], job["chunks"])
 
 
 def test_worker_version_and_fingerprint_must_match_the_driver(model, pictures, tmp_path):
     parts = tmp_path / "x.npz.parts"
     parts.mkdir()
     names = sorted(p.name for p in pictures.iterdir())
-    job = {"version": "0.0.1", "image_dir": str(pictures), "names": names, "first_row": 0,
+    job = {"version": "0.0.1", "image_dir": str(pictures), "names": names,
            "model_paths": [str(model)], "parts": str(parts)}
     with pytest.raises(ConfigError, match=r"runs whalesub .* the driver 0\.0\.1"):
         check_node(job)
@@ -286,14 +290,14 @@ def test_a_worker_keeps_its_models_between_runs_while_their_fingerprints_hold(mo
                 "parts": str(out) + ".parts", "options": vars(_opts()).copy(), "device": "cpu",
                 "backend": "onnx", "gpu": False, "threads": 1, "workers": 0, **kw}
 
-    a = worker.embed(job("r1", tmp_path / "a.npz"), names, None, [0, 1], 0)
+    a = worker.embed(job("r1", tmp_path / "a.npz"), names, None, [0, 1])
     assert (a["opened"], a["chunks"]) == (1, 2)
     kept = worker.plan.models[0]
-    b = worker.embed(job("r2", tmp_path / "b.npz"), names, None, [2], 8)
+    b = worker.embed(job("r2", tmp_path / "b.npz"), names, None, [2])
     assert (b["opened"], b["chunks"]) == (0, 1) and worker.plan.models[0] is kept
     with np.load(tmp_path / "b.npz.parts" / "chunk_000002.npz") as z:  # the rows of chunk 2, in order
         assert z["positions"].tolist() == [8, 9, 10, 11]
-    c = worker.embed(job("r3", tmp_path / "c.npz", fingerprints=["0" * len(fp)]), names, None, [0], 0)
+    c = worker.embed(job("r3", tmp_path / "c.npz", fingerprints=["0" * len(fp)]), names, None, [0])
     assert c["kind"] == "ConfigError" and "driver's 000000000000" in c["error"]
     assert not list((tmp_path / "c.npz.parts").glob("chunk_*"))
 

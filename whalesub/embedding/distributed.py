@@ -3,19 +3,20 @@ over a Ray cluster.
 
 The driver (the process running the command) decides the run exactly as a single process would
 (:func:`whalesub.embedding.embed.plan_embed`: fingerprint, resume key, chunk layout) and cuts the
-missing chunks into contiguous ranges (two per worker). It starts one Ray actor per worker slot
-(:class:`EmbedWorker`) and hands each a range, and the next range whenever one finishes, so fast
-nodes take more. A worker opens the models once, at its first range, rebuilding the same plan on
-its node from the same arguments and checking that it sees what the driver sees (the whalesub
-version, the image folder, the models and their fingerprints, the output's parts folder, a GPU
-where one was requested); it embeds the chunks of each range that are not on disk yet and writes
-each finished chunk atomically into ``<out>.parts/`` on the shared storage. The driver then
-merges the chunks into the same file a single process writes.
+missing chunks into a shared queue (a Ray queue actor). It starts one Ray actor per worker slot
+(:class:`EmbedWorker`); each takes the next chunk from the queue whenever its decoders need work,
+so fast nodes take more and one decoding pipeline stays full for the whole run (no refill between
+chunks). A worker opens the models once, rebuilding the same plan on its node from the same
+arguments and checking that it sees what the driver sees (the whalesub version, the image folder,
+the models and their fingerprints, the output's parts folder, a GPU where one was requested); it
+embeds the chunks it takes that are not on disk yet and writes each finished chunk atomically into
+``<out>.parts/`` on the shared storage. The driver then merges the chunks into the same file a
+single process writes.
 
 - Chunks on disk are never redone: a worker restarted by Ray after its process or node was lost
-  (its unfinished call is run again), and a rerun of the whole command after the driver died,
-  only compute what is missing. Batches never cross a chunk, so every row is computed by the same
-  batch as in a single-process run.
+  (its unfinished call is run again; the chunks it held go back to the queue in a next round), and
+  a rerun of the whole command after the driver died, only compute what is missing. Batches never
+  cross a chunk, so every row is computed by the same batch as in a single-process run.
 - ``ADDRESS``: ``local:N`` starts a private Ray on this machine with N workers (the CPUs shared out
   among them, or ``--ray-cpus`` each); ``auto`` joins the cluster this machine belongs to
   (``ray start``); anything else is passed to ``ray.init(address=...)`` (``HOST:6379``,
@@ -37,11 +38,8 @@ import socket
 import sys
 import time
 import uuid
-from collections import deque
 from dataclasses import asdict
 from pathlib import Path
-
-import numpy as np
 
 import whalesub
 from whalesub.core.errors import ConfigError, DataError, WhalesubError
@@ -50,8 +48,6 @@ from whalesub.models.backends import open_model
 
 log = logging.getLogger(__name__)
 
-#: Ranges of chunks per worker: handed out as workers finish, so a slow node takes fewer.
-RANGES_PER_WORKER = 2
 #: How often Ray restarts a worker whose process or node died and reruns its call (its finished
 #: chunks are kept).
 MAX_RETRIES = 3
@@ -105,8 +101,9 @@ def _not_shared(what: str, path: Path, why: str) -> DataError:
                      "mounts at the same path")
 
 
-def check_node(job: dict) -> None:
-    """On a worker: the node sees what the driver sees, else one clear error naming node and path."""
+def check_node(job: dict, row: int | None = None) -> None:
+    """On a worker: the node sees what the driver sees (and can read image ``row``), else one clear
+    error naming node and path."""
     have = whalesub.__version__
     if job["version"] != have:
         raise ConfigError(f"node {node_name()} runs whalesub {have}, the driver {job['version']}: "
@@ -114,8 +111,7 @@ def check_node(job: dict) -> None:
     image_dir = Path(job["image_dir"])
     if not image_dir.is_dir():
         raise _not_shared("the image folder", image_dir, "no such folder")
-    first = image_dir / job["names"][job["first_row"]]
-    if not os.access(first, os.R_OK):
+    if row is not None and not os.access(first := image_dir / job["names"][row], os.R_OK):
         raise _not_shared("the image", first, "missing or unreadable")
     for p in map(Path, job["model_paths"]):
         if not os.access(p, os.R_OK):
@@ -137,10 +133,12 @@ class EmbedWorker:
 
     It opens the models once and keeps them while they are the models asked for (on a GPU worker
     that saves the CUDA session and its warm-up, seconds each time; ``predict`` embeds the gallery
-    and the test set with the same models), and embeds whichever ranges of chunks the driver hands
-    it, so a fast node takes more ranges than a slow one. Errors the user must fix come back as
-    values (``{"error": ...}``): Ray must not retry them. A worker process that dies is restarted
-    by Ray and its unfinished call is run again; the chunks it had finished are on disk and skipped.
+    and the test set with the same models), and embeds the chunks the driver hands
+    it: a list, or the run's shared queue, from which it takes one chunk whenever its decoders need
+    the next batch, so a fast node takes more chunks than a slow one. Errors the user must fix come
+    back as values (``{"error": ...}``): Ray must not retry them. A worker process that dies is
+    restarted by Ray and its unfinished call is run again; the chunks it had finished are on disk
+    and skipped.
     """
 
     def __init__(self) -> None:
@@ -148,29 +146,52 @@ class EmbedWorker:
         self.run: str | None = None
         self.plan = None
 
-    def embed(self, job: dict, names: list[str], boxes, chunks: list[int], first_row: int) -> dict:
-        """Embed the chunks of ``chunks`` not on disk yet; ``job``: the run, as the driver decided it."""
+    def embed(self, job: dict, names: list[str], boxes, chunks) -> dict:
+        """Embed the chunks not on disk yet of ``chunks`` (a list of chunk indices, or a queue with
+        ``get_nowait``, drained); ``job``: the run, as the driver decided it."""
         try:
-            return self._embed(job, names, boxes, chunks, first_row)
+            return self._embed(job, names, boxes, chunks)
         except WhalesubError as exc:
             return _error_value(exc)
 
-    def _embed(self, job, names, boxes, chunks, first_row) -> dict:
-        job = {**job, "names": names, "boxes": boxes if boxes is not None else [None] * len(names),
-               "chunks": chunks, "first_row": first_row}
-        check_node(job)  # every range: a lost mount shows up at the next range, named
+    def _embed(self, job, names, boxes, chunks) -> dict:
+        job = {**job, "names": names, "boxes": boxes if boxes is not None else [None] * len(names)}
+        check_node(job)
         opened = 0
         if self.plan is None or self.run != job.get("run"):
             before = self.models
             self.plan, self.models = _open_plan(job, before)
             opened = len(self.models.keys() - before.keys())
             self.run = job.get("run")
-        todo = [c for c in chunks if not chunk_done(self.plan.parts, c)]
+        done: list[int] = []
+
+        def take():  # lazily, as the decoding pipeline asks for the next chunk's first batch
+            for c in _drain(chunks):
+                if chunk_done(self.plan.parts, c):
+                    continue
+                check_node(job, self.plan.parts.rows(c)[0])  # a lost mount shows up at the next chunk, named
+                done.append(c)
+                yield c
+
         started = time.perf_counter()
-        embed_chunks(self.plan, todo, job["workers"])
-        return {"node": node_name(), "node_id": _node_id(), "pid": os.getpid(), "chunks": len(todo),
+        embed_chunks(self.plan, take(), job["workers"])
+        return {"node": node_name(), "node_id": _node_id(), "pid": os.getpid(), "chunks": len(done),
                 "opened": opened, "seconds": time.perf_counter() - started,
-                "models": [m.describe() for m in self.plan.models], "first": chunks[0]}
+                "models": [m.describe() for m in self.plan.models], "first": min(done, default=None)}
+
+
+def _drain(chunks):
+    """The chunk indices of a list, or taken one at a time from a Ray queue until it is empty."""
+    if isinstance(chunks, list | tuple | range):
+        yield from chunks
+        return
+    from ray.util.queue import Empty
+
+    while True:
+        try:
+            yield int(chunks.get_nowait())
+        except Empty:
+            return
 
 
 def _node_id() -> str | None:
@@ -260,26 +281,21 @@ class RayRunner:
 
     driver_device = "cpu"  # the driver opens the models only for their fingerprints and the resume key
 
-    def __init__(self, address: str, ranges_per_worker: int = RANGES_PER_WORKER,
-                 resources: dict | None = None, cpus_per_worker: int | None = None):
-        """``ranges_per_worker``: the missing chunks are cut into this many ranges per worker slot,
-        handed out as workers finish (more: better balance, each range restarts the decoding).
-        ``resources``: extra Ray resources every worker needs (custom node labels, e.g.
+    def __init__(self, address: str, resources: dict | None = None, cpus_per_worker: int | None = None):
+        """``resources``: extra Ray resources every worker needs (custom node labels, e.g.
         ``{"embed": 1}`` for the nodes started with ``ray start --resources '{"embed": 4}'``).
         ``cpus_per_worker``: ``--ray-cpus`` (see :func:`_resources`)."""
         self.mode, self.arg = parse_address(address)
         self.address = address
-        if ranges_per_worker < 1:
-            raise ConfigError(f"ranges_per_worker must be >= 1, got {ranges_per_worker}")
         if cpus_per_worker is not None and cpus_per_worker < 1:
             raise ConfigError(f"--ray-cpus must be >= 1, got {cpus_per_worker}")
-        self.ranges_per_worker = ranges_per_worker
         self.resources = dict(resources or {})
         self.cpus_per_worker = cpus_per_worker
-        self.results: list[dict] = []  # what the workers reported per range (node, chunks, seconds)
+        self.results: list[dict] = []  # what each worker's call reported (node, chunks, seconds)
         self._workers: list = []  # the Ray actors (EmbedWorker); kept between the calls made inside a
         self._entered = False     # `with` block (predict's two embeddings), else ended after each call
         self._shape: tuple | None = None
+        self._queue = None  # the chunks still to take (a Ray queue actor), kept with the workers
         import_ray()  # before any long work: a clear error when Ray is missing
 
     def _connect(self, ray) -> bool:
@@ -307,7 +323,7 @@ class RayRunner:
 
     def __exit__(self, *exc) -> None:
         self._entered = False
-        if self._workers:
+        if self._workers or self._queue is not None:
             self._release(import_ray())
         if getattr(self, "_started", False):
             import_ray().shutdown()
@@ -327,14 +343,13 @@ class RayRunner:
                 ray.shutdown()
 
     def _run(self, ray, plan, todo, model_paths, boxes):
+        from ray.util.queue import Queue
         from tqdm import tqdm
 
         options = plan.options
         gpu, cpus, slots = _resources(ray, self.mode, self.arg if self.mode == "local" else 0,
                                       options.device, self.cpus_per_worker, self.resources)
         decoders = options.workers if options.workers is not None else max(1, min(8, cpus - 1))
-        n_ranges = min(len(todo), slots * self.ranges_per_worker)
-        ranges = deque(list(map(int, r)) for r in np.array_split(todo, n_ranges))
         job = {"run": uuid.uuid4().hex, "version": whalesub.__version__,
                "model_paths": [str(Path(p).absolute()) for p in model_paths],
                "fingerprints": [m.fingerprint for m in plan.models],
@@ -342,43 +357,42 @@ class RayRunner:
                "out": str(plan.out.absolute()), "parts": str(plan.parts.folder.absolute()),
                "options": asdict(options), "device": options.device, "backend": options.backend,
                "gpu": gpu, "threads": None if gpu else cpus, "workers": decoders}
-        workers = self._pool(ray, (gpu, cpus), min(slots, len(ranges)))
-        log.info("Ray: %d chunks in %d ranges over %d worker(s) (%s each, %d decoding processes each)",
-                 len(todo), len(ranges), len(workers), "1 GPU" if gpu else f"{cpus} CPU(s)", decoders)
+        workers = self._pool(ray, (gpu, cpus), min(slots, len(todo)))
+        log.info("Ray: %d chunks over %d worker(s) (%s each, %d decoding processes each)",
+                 len(todo), len(workers), "1 GPU" if gpu else f"{cpus} CPU(s)", decoders)
         job_ref, names_ref, boxes_ref = ray.put(job), ray.put(plan.names), ray.put(boxes)
-        running: dict = {}  # call ref -> its worker
-
-        def hand_out(worker) -> None:
-            if ranges:
-                r = ranges.popleft()
-                ref = worker.embed.remote(job_ref, names_ref, boxes_ref, r, plan.parts.rows(r[0])[0])
-                running[ref] = worker
-
-        results = []
+        if self._queue is None:  # an actor (a process) of its own: kept, like the workers, for the block
+            self._queue = Queue(actor_options={"num_cpus": 0})  # no CPU: never waits for the workers'
+        queue = self._queue
+        results, left = [], list(todo)
         bar = tqdm(total=plan.parts.count, initial=plan.parts.count - len(todo), unit="chunk",
                    desc="embed (Ray)", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
         try:
             with bar:
-                for w in workers:
-                    hand_out(w)
-                while running:
-                    ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
-                    for ref in ready:
-                        worker = running.pop(ref)
-                        results.append(self._result(ray, ref))
-                        hand_out(worker)
-                    bar.update(plan.parts.count - sum(not plan.parts.path(c).is_file() for c in todo) - bar.n)
-        except BaseException:  # failed or interrupted: free the workers' CPUs and GPUs now
-            self._release(ray)
+                while left:  # a round: every worker drains the queue; a lost worker's chunks go round again
+                    queue.put_nowait_batch(left)
+                    calls = [w.embed.remote(job_ref, names_ref, boxes_ref, queue) for w in workers]
+                    while calls:
+                        ready, calls = ray.wait(calls, num_returns=1, timeout=0.5)
+                        results.extend(self._result(ray, ref) for ref in ready)
+                        on_disk = plan.parts.count - sum(not plan.parts.path(c).is_file() for c in todo)
+                        bar.update(on_disk - bar.n)
+                    missing = [c for c in left if not chunk_done(plan.parts, c)]
+                    if len(missing) == len(left):
+                        raise WhalesubError(f"the Ray workers ended but chunk(s) {missing[:5]} of "
+                                            f"{plan.parts.folder} are missing (the parts folder is not "
+                                            "shared?); run the command again")
+                    if missing:
+                        log.warning("Ray: %d chunk(s) held by a lost worker are embedded again", len(missing))
+                    left = missing
+        except BaseException:  # failed or interrupted: free the workers' CPUs and GPUs now (and the queue,
+            self._release(ray)  # which may still hold chunks)
             raise
-        if missing := [c for c in todo if not chunk_done(plan.parts, c)]:
-            raise WhalesubError(f"the Ray workers ended but chunk(s) {missing[:5]} of {plan.parts.folder} "
-                                "are missing (the parts folder is not shared?); run the command again")
         self.results = results
         for r in results:
             log.info("node %s: %d chunks in %.1f s", r["node"], r["chunks"], r["seconds"])
         # as the workers ran them (device, precision), under the paths the user gave (as one process records)
-        ran = min(results, key=lambda r: r["first"])["models"]
+        ran = min(results, key=lambda r: (r["first"] is None, r["first"] or 0))["models"]
         return [{**d, "path": str(m.path)} for d, m in zip(ran, plan.models, strict=True)]
 
     def _pool(self, ray, shape: tuple, n: int) -> list:
@@ -395,10 +409,13 @@ class RayRunner:
         return self._workers[:n]
 
     def _release(self, ray) -> None:
-        """End the workers (their calls in flight end with them)."""
+        """End the workers (their calls in flight end with them) and the queue."""
         for w in self._workers:
             ray.kill(w, no_restart=True)
         self._workers = []
+        if self._queue is not None:
+            self._queue.shutdown(force=True)
+            self._queue = None
 
     def _result(self, ray, ref) -> dict:
         from ray.exceptions import RayError
