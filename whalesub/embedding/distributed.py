@@ -176,13 +176,13 @@ class EmbedWorker:
         started = time.perf_counter()
         embed_chunks(self.plan, take(), job["workers"])
         return {"node": node_name(), "node_id": _node_id(), "pid": os.getpid(), "chunks": len(done),
-                "opened": opened, "seconds": time.perf_counter() - started,
+                "written": done, "opened": opened, "seconds": time.perf_counter() - started,
                 "models": [m.describe() for m in self.plan.models], "first": min(done, default=None)}
 
 
 def _drain(chunks):
     """The chunk indices of a list, or taken one at a time from a Ray queue until it is empty."""
-    if isinstance(chunks, list | tuple | range):
+    if not hasattr(chunks, "get_nowait"):
         yield from chunks
         return
     from ray.util.queue import Empty
@@ -192,6 +192,47 @@ def _drain(chunks):
             yield int(chunks.get_nowait())
         except Empty:
             return
+
+
+def run_rounds(todo: list[int], run_round, on_disk, folder: Path, max_stalls: int = MAX_RETRIES,
+               settle_s: float = 60.0) -> list[dict]:
+    """Embed the chunks ``todo`` in rounds until every one is on disk; return the workers' results.
+
+    ``run_round(left)`` puts the chunks ``left`` in the queue, runs one call per worker until the
+    queue is empty and returns the calls' results (each with ``written``: the chunks it wrote);
+    ``on_disk(c)``: chunk ``c`` is in the parts folder as this machine sees it. A chunk missing
+    after a round was either held by a worker process that died (no result reports it: it goes
+    into the next round) or written by a node whose ``folder`` is not this machine's (a result
+    reports it but it does not appear within ``settle_s`` seconds, the time a network filesystem
+    may take to show a new file: a clear error naming the node). After ``max_stalls`` rounds in a
+    row without a chunk finished the workers keep dying on the same chunks: an error naming them.
+    """
+    results: list[dict] = []
+    left, stalls = list(todo), 0
+    while left:
+        got = run_round(left)
+        results.extend(got)
+        writer = {c: r["node"] for r in got for c in r.get("written", ())}
+        missing = [c for c in left if not on_disk(c)]
+        deadline = time.monotonic() + settle_s
+        while (unseen := [c for c in missing if c in writer]) and time.monotonic() < deadline:
+            time.sleep(min(1.0, settle_s))  # a network filesystem may show another node's file late
+            missing = [c for c in left if not on_disk(c)]
+        if unseen:
+            raise DataError(f"node {writer[unseen[0]]} wrote chunk(s) {unseen[:5]} into {folder} but this "
+                            f"machine does not see them after {settle_s:.0f} s: the output's folder is not "
+                            "shared with that node; put --out on a filesystem every node mounts at the same "
+                            "path, then run the command again (the chunks this machine sees are kept)")
+        stalls = stalls + 1 if len(missing) == len(left) else 0
+        if stalls > max_stalls:
+            raise WhalesubError(f"the Ray workers died {stalls} rounds in a row while embedding chunk(s) "
+                                f"{missing[:5]} of {folder} (no chunk finished): look for the cause in the "
+                                "workers' logs (out of memory? an image that crashes the decoder?); run the "
+                                "command again to retry (the chunks finished so far are kept)")
+        if missing:
+            log.warning("Ray: %d chunk(s) held by a worker process that died go round again", len(missing))
+        left = missing
+    return results
 
 
 def _node_id() -> str | None:
@@ -274,6 +315,22 @@ def _resources(ray, mode: str, n: int, device: str, cpus_per_worker: int | None 
         raise ConfigError(f"--ray-cpus {per}: no node of the Ray cluster has {per} CPUs "
                           f"(the largest has {max(c for c, _ in cpus)})")
     return False, per, slots
+
+
+def _queue_options(ray) -> dict:
+    """The shared queue's actor: no CPU (it never waits for the workers' CPUs), on the driver's node
+    where Ray can (losing a worker's node then does not lose the queue), and restarted, empty, if
+    its process dies anyway: the workers then find it empty and the driver puts the chunks still
+    missing into the next round."""
+    opts = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1}
+    try:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                     soft=True)
+    except Exception as exc:  # noqa: BLE001 - e.g. a Ray client without a node id: any node will do
+        log.debug("Ray: the queue is not pinned to the driver's node (%s)", exc)
+    return opts
 
 
 class RayRunner:
@@ -361,30 +418,25 @@ class RayRunner:
         log.info("Ray: %d chunks over %d worker(s) (%s each, %d decoding processes each)",
                  len(todo), len(workers), "1 GPU" if gpu else f"{cpus} CPU(s)", decoders)
         job_ref, names_ref, boxes_ref = ray.put(job), ray.put(plan.names), ray.put(boxes)
-        if self._queue is None:  # an actor (a process) of its own: kept, like the workers, for the block
-            self._queue = Queue(actor_options={"num_cpus": 0})  # no CPU: never waits for the workers'
+        if self._queue is None:  # kept, like the workers, for the `with` block
+            self._queue = Queue(actor_options=_queue_options(ray))
         queue = self._queue
-        results, left = [], list(todo)
         bar = tqdm(total=plan.parts.count, initial=plan.parts.count - len(todo), unit="chunk",
                    desc="embed (Ray)", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+
+        def run_round(left: list[int]) -> list[dict]:  # every worker drains the queue
+            queue.put_nowait_batch(left)
+            calls, got = [w.embed.remote(job_ref, names_ref, boxes_ref, queue) for w in workers], []
+            while calls:
+                ready, calls = ray.wait(calls, num_returns=1, timeout=0.5)
+                got.extend(self._result(ray, ref) for ref in ready)
+                on_disk = plan.parts.count - sum(not plan.parts.path(c).is_file() for c in todo)
+                bar.update(on_disk - bar.n)
+            return got
+
         try:
             with bar:
-                while left:  # a round: every worker drains the queue; a lost worker's chunks go round again
-                    queue.put_nowait_batch(left)
-                    calls = [w.embed.remote(job_ref, names_ref, boxes_ref, queue) for w in workers]
-                    while calls:
-                        ready, calls = ray.wait(calls, num_returns=1, timeout=0.5)
-                        results.extend(self._result(ray, ref) for ref in ready)
-                        on_disk = plan.parts.count - sum(not plan.parts.path(c).is_file() for c in todo)
-                        bar.update(on_disk - bar.n)
-                    missing = [c for c in left if not chunk_done(plan.parts, c)]
-                    if len(missing) == len(left):
-                        raise WhalesubError(f"the Ray workers ended but chunk(s) {missing[:5]} of "
-                                            f"{plan.parts.folder} are missing (the parts folder is not "
-                                            "shared?); run the command again")
-                    if missing:
-                        log.warning("Ray: %d chunk(s) held by a lost worker are embedded again", len(missing))
-                    left = missing
+                results = run_rounds(todo, run_round, lambda c: chunk_done(plan.parts, c), plan.parts.folder)
         except BaseException:  # failed or interrupted: free the workers' CPUs and GPUs now (and the queue,
             self._release(ray)  # which may still hold chunks)
             raise
