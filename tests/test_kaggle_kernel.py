@@ -111,3 +111,49 @@ def test_offline_kernel_writes_the_same_submission(kaggle_build, tmp_path, layou
     new_first = want["predictions"].str.startswith("new_individual")
     assert 0 < new_first.sum() < len(want)  # the threshold matters on these rows
     pd.testing.assert_frame_equal(got, want)
+
+
+def test_the_boxes_dataset_is_checked_like_the_models(kaggle_build, tmp_path):
+    """A changed box table, or a boxes dataset of another build, stops the kernel before embedding."""
+    import json
+
+    from whalesub.core.errors import WhalesubError
+    from whalesub.kaggle.kernel import check_boxes
+
+    models = json.loads((kaggle_build["build"] / "models" / "manifest.json").read_text())
+    version = models["whalesub_version"]
+    assert models["boxes_sha256"]  # recorded by the build
+    boxes = tmp_path / "boxes"
+    shutil.copytree(kaggle_build["build"] / "boxes", boxes)
+    assert check_boxes(boxes, models, have=version) == boxes / models["boxes_file"]
+    with pytest.raises(WhalesubError, match="packaged for whalesub"):
+        check_boxes(boxes, models, have="0.0.1")
+    table = boxes / models["boxes_file"]
+    table.write_text(table.read_text() + "\n")  # one byte more
+    with pytest.raises(WhalesubError) as err:
+        check_boxes(boxes, models, have=version)
+    msg = str(err.value)
+    assert "not the box table the models were packaged with" in msg and "does not match its sha256" in msg
+    table.unlink()
+    with pytest.raises(WhalesubError, match="is missing"):
+        check_boxes(boxes, models, have=version)
+
+
+def test_a_missing_module_is_one_line(monkeypatch, tmp_path, capsys):
+    """A dependency missing on Kaggle's image (e.g. FAISS with --no-extra-wheels) names the module
+    and the fix, exit status 1, no traceback."""
+    from whalesub.kaggle import kernel_script
+
+    monkeypatch.setenv("WHALESUB_KAGGLE_INPUT", str(tmp_path))
+    monkeypatch.setenv("WHALESUB_KAGGLE_WORKING", str(tmp_path / "working"))
+    monkeypatch.setattr(kernel_script, "find_inputs", lambda root: {"whalesub-wheels": [root]})
+    monkeypatch.setattr(kernel_script, "pick_input", lambda found, kind, root, required: root)
+    monkeypatch.setattr(kernel_script, "install_wheels", lambda folder, target: None)
+
+    def no_faiss(name):
+        raise ModuleNotFoundError("No module named 'faiss'", name="faiss")
+
+    monkeypatch.setattr(kernel_script.importlib, "import_module", no_faiss)
+    assert kernel_script.main() == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "faiss" in err and "--package" in err and "Traceback" not in err

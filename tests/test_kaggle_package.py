@@ -249,3 +249,72 @@ def test_cli_build_then_dry_run_upload(kaggle_build, tmp_path, monkeypatch):
     assert plan["kernel"] == "someone/hw-b5-inference" and plan["credentials"].startswith("none")
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def _wheel_opts(kaggle_build, **kw):
+    from whalesub.kaggle.package import BuildOptions
+
+    wheel = next((kaggle_build["build"] / "wheels").glob("*.whl"))
+    base = {"owner": "someone", "threshold": 0.3, "packages": [], "whalesub_wheel": wheel}
+    return BuildOptions(**{**base, **kw})
+
+
+def test_overwrite_replaces_a_previous_build_and_nothing_else(kaggle_build, tmp_path):
+    from whalesub.kaggle.package import build_package
+
+    out = tmp_path / "out"
+    build_package([kaggle_build["export"]], out, _wheel_opts(kaggle_build))
+    first = json.loads((out / "models" / "manifest.json").read_text())
+    build_package([kaggle_build["export"]], out, _wheel_opts(kaggle_build, threshold=0.4), overwrite=True)
+    again = json.loads((out / "models" / "manifest.json").read_text())
+    assert again["threshold"] == 0.4 != first["threshold"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no old copy or temporary folder left
+    # a folder that is not (only) a build is never deleted, even with --overwrite
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="notes.txt"):
+        build_package([kaggle_build["export"]], out, _wheel_opts(kaggle_build), overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "models" / "manifest.json").is_file()
+    other = tmp_path / "export_copy"
+    shutil.copytree(kaggle_build["export"], other)
+    with pytest.raises(ConfigError, match="holds class_centres.npz, export.json"):
+        build_package([kaggle_build["export"]], other, _wheel_opts(kaggle_build), overwrite=True)
+    (tmp_path / "half" / "models").mkdir(parents=True)  # looks like a build but has no kernel
+    with pytest.raises(ConfigError, match="has no kernel/kernel-metadata.json"):
+        build_package([kaggle_build["export"]], tmp_path / "half", _wheel_opts(kaggle_build), overwrite=True)
+    assert (other / "export.json").is_file()
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        build_package([kaggle_build["export"]], a_file, _wheel_opts(kaggle_build))
+
+
+def test_fp16_build_of_an_fp32_only_export_is_refused_at_build_time(kaggle_build, tmp_path):
+    from whalesub.kaggle.package import build_package
+    from whalesub.models.export import export_model
+
+    fp32 = tmp_path / "fp32_only"
+    export_model(kaggle_build["root"] / "run", fp32, fp16=False)
+    with pytest.raises(ConfigError, match="no FP16 graph") as err:
+        build_package([fp32], tmp_path / "out", _wheel_opts(kaggle_build, fp16=True))
+    assert str(fp32) in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_wheels_from_takes_the_highest_version_the_spec_allows(tmp_path):
+    """PEP 440 order, not file-name order (1.9.0 sorts after 1.26.0 by name)."""
+    from whalesub.kaggle.wheels import pick_wheel
+
+    names = ["onnxruntime_gpu-1.9.0-cp311-cp311-manylinux_2_28_x86_64.whl",
+             "onnxruntime_gpu-1.26.0-cp311-cp311-manylinux_2_28_x86_64.whl",
+             "onnxruntime_gpu-1.27.0-cp311-cp311-manylinux_2_28_x86_64.whl",
+             "faiss_gpu_cu12-1.14.1-cp311-cp311-manylinux_2_28_x86_64.whl"]
+    wheels = [tmp_path / n for n in sorted(names)]
+    assert pick_wheel("onnxruntime-gpu<1.27", wheels, tmp_path).name == names[1]
+    assert pick_wheel("onnxruntime-gpu", wheels, tmp_path).name == names[2]
+    assert pick_wheel("onnxruntime_gpu==1.9.0", wheels, tmp_path).name == names[0]
+    with pytest.raises(ConfigError, match="1.9.0, 1.26.0, 1.27.0"):
+        pick_wheel("onnxruntime-gpu>=2", wheels, tmp_path)
+    with pytest.raises(ConfigError, match="no wheel of 'numpy'"):
+        pick_wheel("numpy", wheels, tmp_path)
+    twin = [*wheels, tmp_path / "onnxruntime_gpu-1.27.0-cp312-cp312-manylinux_2_28_x86_64.whl"]
+    with pytest.raises(ConfigError, match="2 wheels of onnxruntime-gpu 1.27.0"):
+        pick_wheel("onnxruntime-gpu", twin, tmp_path)

@@ -23,7 +23,7 @@ from whalesub.core.errors import WhalesubError
 from whalesub.data.contract import read_test_listing
 from whalesub.embedding.embed import EmbedOptions, run_embed
 from whalesub.kaggle import KIND_BOXES, KIND_MODELS, MANIFEST
-from whalesub.kaggle.kernel_script import COMPETITION, timed, verify_files
+from whalesub.kaggle.kernel_script import COMPETITION, sha256_file, timed, verify_files
 from whalesub.models.backends import open_model
 from whalesub.ranking.store import load_embeddings
 from whalesub.ranking.submission import check_submission_file
@@ -63,21 +63,44 @@ def check_models(folder: Path, have: str | None = None) -> dict:
     wheels dataset). The models manifest records the version of the wheel built beside them, so a
     models dataset and a wheels dataset of two different builds (two commits) are refused.
     """
+    return check_dataset(folder, KIND_MODELS, have)
+
+
+def check_dataset(folder: Path, kind: str, have: str | None = None,
+                  problems: list[str] | None = None) -> dict:
+    """The manifest of the dataset ``folder`` (models or boxes) after checking its kind, every
+    file's sha256 and the whalesub version of its build; ``problems``: found by the caller."""
+    what = kind.removeprefix("whalesub-")
     manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    problems = verify_files(folder, manifest.get("files", {}))
-    if manifest.get("kind") != KIND_MODELS:
-        problems.append(f"{folder / MANIFEST} has kind {manifest.get('kind')!r}, not {KIND_MODELS!r}")
+    problems = [*(problems or []), *verify_files(folder, manifest.get("files", {}))]
+    if manifest.get("kind") != kind:
+        problems.append(f"{folder / MANIFEST} has kind {manifest.get('kind')!r}, not {kind!r}")
     have = installed_version() if have is None else have
     packaged = manifest.get("whalesub_version")
     if not same_version(packaged, have):
         problems.append(
-            f"the models were packaged for whalesub {packaged} (the wheel of their build) but whalesub "
-            f"{have} is installed: attach the models and wheels datasets of the same `whalesub kaggle "
-            "build` (upload both again)"
+            f"the {what} were packaged for whalesub {packaged} (the wheel of their build) but whalesub "
+            f"{have} is installed: attach the datasets of the same `whalesub kaggle build` (upload "
+            "them again)"
         )
     if problems:
-        raise WhalesubError(f"the models dataset {folder} failed its checks:", problems)
+        raise WhalesubError(f"the {what} dataset {folder} failed its checks:", problems)
     return manifest
+
+
+def check_boxes(folder: Path, models: dict, have: str | None = None) -> Path:
+    """The box table the models dataset names, after checking the boxes dataset (its manifest, as
+    the models', and the table's sha256 against the one the models were packaged with)."""
+    table = folder / models["boxes_file"]
+    problems = []
+    want = models.get("boxes_sha256")
+    if want and table.is_file() and (got := sha256_file(table)) != want:
+        problems.append(f"{table} is not the box table the models were packaged with (sha256 {got[:12]}..., "
+                        f"packaged {want[:12]}...): attach the boxes dataset of the same build")
+    elif not table.is_file():
+        problems.append(f"{table} is missing: attach the boxes dataset of the same build")
+    check_dataset(folder, KIND_BOXES, have, problems)
+    return table
 
 
 def report_environment(model_dir: Path, fp16: bool) -> dict:
@@ -195,7 +218,8 @@ def run_kernel(inputs: dict, working: Path, times: dict | None = None) -> dict:
                 f"the models crop {manifest['box_type']!r} boxes but no boxes dataset "
                 "(manifest.json of kind whalesub-boxes) is attached to the kernel"
             )
-        boxes = box_dir / manifest["boxes_file"]
+        with timed("check boxes", times):
+            boxes = check_boxes(box_dir, manifest)
     working.mkdir(parents=True, exist_ok=True)
     if manifest.get("decision"):
         return apply_packaged_decision(models / manifest["decision"], inputs[COMPETITION], manifest, working,

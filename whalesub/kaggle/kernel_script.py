@@ -193,6 +193,12 @@ def main() -> int:
         # (the modules of the package import its helpers, never the other way round)
         kernel = importlib.import_module("whalesub.kaggle.kernel")
         kernel.run_kernel(inputs, working, times)
+    except ImportError as exc:  # a dependency neither Kaggle's image nor the wheels dataset has
+        print(f"[whalesub] error: the module {exc.name or exc} is missing on this Kaggle image ({exc}): "
+              "build again with `whalesub kaggle build --package <its pip name>` (or without "
+              "--no-extra-wheels), upload the wheels dataset and run the kernel again",
+              file=sys.stderr, flush=True)
+        return 1
     except Exception as exc:
         # whalesub's own errors (bad input, named): one message; anything else: the traceback
         if not any(c.__name__ in ("KernelInputError", "WhalesubError") for c in type(exc).__mro__):

@@ -210,6 +210,11 @@ def build_models(tmp: Path, sources: list[Path], opts: BuildOptions) -> dict:
         return build_decision(folder, sources, opts)
     threshold = resolve_threshold(opts)
     names = stage_exports(sources, folder)
+    if opts.fp16:  # the kernel would stop on Kaggle, after the upload: refuse now
+        if no16 := [str(src) for n, src in zip(names, sources, strict=True)
+                    if "fp16" not in read_export_manifest(folder / n).get("files", {})]:
+            raise ConfigError(f"--fp16 but {', '.join(no16)} has no FP16 graph: export it again with "
+                              "`whalesub export --fp16`, or build without --fp16")
     fingerprint = models_fingerprint([folder / n for n in names])
     gallery_opts = {"tta": opts.gallery_tta, "flip_views": opts.flip_gallery}
     for o in (gallery_opts, {"tta": opts.query_tta}):  # the kernel's embed options, checked now
@@ -245,6 +250,7 @@ def build_models(tmp: Path, sources: list[Path], opts: BuildOptions) -> dict:
         box_type=opts.box_type,
         box_conf=opts.box_conf,
         boxes_file=opts.boxes.name if opts.boxes else None,
+        boxes_sha256=sha256_file(opts.boxes) if opts.boxes else None,  # the kernel checks the boxes dataset
         gallery_file=gallery_file,
         train_images=opts.train_images,
         test_images=opts.test_images,
@@ -325,16 +331,50 @@ def build_decision(folder: Path, sources: list[Path], opts: BuildOptions) -> dic
         box_type=emb["box_type"],
         box_conf=emb["box_conf"],
         boxes_file=opts.boxes.name if emb["box_type"] else None,
+        boxes_sha256=emb["boxes_sha256"] if emb["box_type"] else None,
         gallery_file="gallery.npz",
         train_images=opts.train_images,
         test_images=opts.test_images,
     )
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """``--out`` is new, empty, or (with ``--overwrite``) a previous build and nothing else: a build
+    never deletes a folder it did not make (an export, the user's notes)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: give a folder for the build")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    if not overwrite:
+        raise ConfigError(f"{out} is not empty: pass --overwrite to replace the previous build")
+    foreign = [n for n in entries if n not in (*DATASETS, KERNEL_DIR)]
+    if foreign or not (out / KERNEL_DIR / KERNEL_METADATA).is_file():
+        what = f"holds {', '.join(foreign[:5])}" if foreign else f"has no {KERNEL_DIR}/{KERNEL_METADATA}"
+        raise ConfigError(f"--overwrite replaces a previous `whalesub kaggle build` only, but {out} {what}: "
+                          "choose a new or empty --out (nothing was deleted)")
+
+
+def replace_build(tmp: Path, out: Path) -> None:
+    """Put the finished build ``tmp`` at ``out``; a previous build there is moved aside first and
+    deleted only once the new one is in place (a crash leaves one of the two, never neither)."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def build_package(sources: list[Path], out: Path, opts: BuildOptions, overwrite: bool = False) -> dict:
     """Build the three datasets and the kernel in ``out``; return a summary (slugs, files, sizes)."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out} is not empty: pass --overwrite to replace the previous build")
+    check_out(out, overwrite)
     if opts.boxes is not None and not opts.boxes.is_file():
         raise ConfigError(f"--boxes {opts.boxes} does not exist")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -385,9 +425,7 @@ def build_package(sources: list[Path], out: Path, opts: BuildOptions, overwrite:
             ),
         )
         check_build(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_build(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {

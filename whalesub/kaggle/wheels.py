@@ -61,6 +61,42 @@ def parse_wheel(path: Path) -> tuple[str, str]:
     return canonical(m.group("name")), m.group("version")
 
 
+def pick_wheel(spec: str, wheels: list[Path], folder: Path) -> Path:
+    """The wheel of ``spec`` (``onnxruntime-gpu<1.27``) at the highest version the spec allows
+    (PEP 440 order, not file-name order: 1.26 before 1.9 by name), among ``wheels`` of ``folder``."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        req = Requirement(spec)
+    except InvalidRequirement as exc:
+        raise ConfigError(f"--package {spec!r} is not a requirement such as 'onnxruntime-gpu<1.27' "
+                          f"({exc})") from None
+    name = requirement_name(spec)
+    found: list[tuple[Version, Path]] = []
+    for p in wheels:
+        n, v = parse_wheel(p)
+        if n != name:
+            continue
+        try:
+            found.append((Version(v), p))
+        except InvalidVersion:
+            raise WhalesubError(f"{p}: {v!r} is not a PEP 440 version") from None
+    if not found:
+        raise ConfigError(f"--wheels-from {folder} has no wheel of {name!r}")
+    fits = [(v, p) for v, p in found if req.specifier.contains(v, prereleases=True)]
+    if not fits:
+        raise ConfigError(f"--wheels-from {folder} has no wheel of {spec!r}: it has "
+                          f"{', '.join(sorted({str(v) for v, _ in found}, key=Version))}")
+    top = max(v for v, _ in fits)
+    same = sorted(p for v, p in fits if v == top)
+    if len(same) > 1:
+        raise ConfigError(f"--wheels-from {folder} holds {len(same)} wheels of {name} {top} "
+                          f"({', '.join(p.name for p in same)}): keep the one for Kaggle's Python and "
+                          "platform")
+    return same[0]
+
+
 def build_whalesub_wheel(source: Path | None, out: Path) -> Path:
     """Build whalesub's wheel (``pip wheel --no-deps``) from ``source`` (a checkout) into ``out``.
 
@@ -163,11 +199,9 @@ def collect_wheels(
     else:
         build_whalesub_wheel(source, out)
     if wheels_from is not None:
-        for name in names:
-            found = [p for p in sorted(wheels_from.glob("*.whl")) if parse_wheel(p)[0] == name]
-            if not found:
-                raise ConfigError(f"--wheels-from {wheels_from} has no wheel of {name!r}")
-            shutil.copy2(found[-1], out / found[-1].name)
+        for spec in packages:
+            best = pick_wheel(spec, sorted(wheels_from.glob("*.whl")), wheels_from)
+            shutil.copy2(best, out / best.name)
     else:
         download_wheels(list(packages), out, python_version, platforms)
     by_name: dict[str, Path] = {}
