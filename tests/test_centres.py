@@ -82,6 +82,22 @@ def test_individuals_absent_from_the_knn_top_k_get_their_exact_knn_term():
     assert sc[0, 0] == pytest.approx(0.5 * float(gallery[1] @ query[0]) + 0.5, abs=1e-6)
 
 
+@pytest.mark.parametrize("k, kc, dense", [(1, 1, True), (4, 3, True), (200, 50, False)])
+def test_float16_inputs_rank_like_the_same_values_in_float32(k, kc, dense, caplog):
+    # The dense re-rank used the caller's dtype (x @ centres.T in float16): scores off by ~1e-4.
+    # Oracle: the same float16 values, cast to float32 here before the call.
+    gallery, labels, queries, centres, has = _data(seed=3, missing=(3, 7))
+    g16, q16, c16 = (a.astype(np.float16) for a in (gallery, queries, centres))
+    with caplog.at_level("INFO", logger="whalesub.ranking.centres"):
+        got_l, got_s = rank_with_centres(g16, labels, q16, c16, has, 0.5, k, centre_k=kc, batch_size=16)
+    assert ("re-ranking them exactly" in caplog.text) == dense  # both paths are covered
+    want_l, want_s = rank_with_centres(g16.astype(np.float32), labels, q16.astype(np.float32),
+                                       c16.astype(np.float32), has, 0.5, k, centre_k=kc, batch_size=16)
+    assert got_s.dtype == np.float32
+    assert (got_l == want_l).all()
+    np.testing.assert_allclose(got_s, want_s, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
 def test_ratio_outside_unit_interval_is_refused(bad):
     with pytest.raises(ConfigError, match="--knn-ratio"):

@@ -152,12 +152,18 @@ def rank_with_centres(gallery: np.ndarray, gallery_labels: np.ndarray, queries: 
                       batch_size: int = 4096, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Blended candidates per query: (labels [Q, n_max] int64, scores [Q, n_max] f32), ranked.
 
-    ``gallery`` [N, D], ``queries`` [Q, D] unit f32, ``gallery_labels`` [N] int64 codes in
-    [0, n_ind); ``centres`` [n_ind, D] unit f32 (row c: centre of code c, ignored where
+    ``gallery`` [N, D], ``queries`` [Q, D] unit vectors, ``gallery_labels`` [N] int64 codes in
+    [0, n_ind); ``centres`` [n_ind, D] unit vectors (row c: centre of code c, ignored where
     ``has_centre`` [n_ind] bool is False); ``ratio`` r in [0, 1); ``centre_k`` (default ``k``)
-    centres searched per query. See the module docstring for the candidates and exactness.
+    centres searched per query. Any float dtype: all three are cast to float32 first, so every score
+    is computed in float32. See the module docstring for the candidates and exactness.
     """
     ratio = check_ratio(ratio)
+    # Once, here: every path (candidates, exact kNN terms, the dense re-rank) then computes in float32,
+    # whatever the caller's dtype (float16 centres would otherwise make the dense re-rank float16).
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    centres = np.ascontiguousarray(centres, dtype=np.float32)
+    has_centre = np.asarray(has_centre, dtype=bool)
     n_ind = centres.shape[0]
     order = np.argsort(gallery_labels, kind="stable")
     g = np.ascontiguousarray(gallery[order], dtype=np.float32)

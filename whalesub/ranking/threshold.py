@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from whalesub.core.errors import ConfigError
+from whalesub.core.errors import ConfigError, DataError
 from whalesub.data.contract import NEW_INDIVIDUAL
 from whalesub.ranking.rank import NEW, TOP, encode_labels, rank_queries
 
@@ -80,12 +80,24 @@ def average_precision_grid(cand_labels: np.ndarray, cand_scores: np.ndarray, tru
     return ap
 
 
-def grid_search(cand_labels: np.ndarray, cand_scores: np.ndarray, truth: np.ndarray,
-                thresholds: np.ndarray, top: int = TOP) -> ThresholdSearch:
-    """MAP@5 (all, known, new) and new-first share at each threshold; the best threshold."""
+def check_grid(thresholds) -> np.ndarray:
+    """``thresholds`` as a non-empty float64 [T] array of finite values, else ConfigError.
+
+    A NaN threshold puts new_individual nowhere and could be reported as the best one.
+    """
     thresholds = np.asarray(thresholds, dtype=np.float64)
     if thresholds.size == 0:
         raise ConfigError("the threshold grid is empty; pass e.g. --grid 0.0:1.0:0.02")
+    if not np.isfinite(thresholds).all():
+        raise ConfigError(f"the threshold grid holds {int((~np.isfinite(thresholds)).sum())} NaN or infinite "
+                          "values; every threshold must be a finite cosine, e.g. --grid 0.0:1.0:0.02")
+    return thresholds
+
+
+def grid_search(cand_labels: np.ndarray, cand_scores: np.ndarray, truth: np.ndarray,
+                thresholds: np.ndarray, top: int = TOP) -> ThresholdSearch:
+    """MAP@5 (all, known, new) and new-first share at each threshold; the best threshold."""
+    thresholds = check_grid(thresholds)
     ap = average_precision_grid(cand_labels, cand_scores, truth, thresholds, top)
     is_new = truth == NEW
     nan = np.full(thresholds.size, np.nan)
@@ -118,6 +130,11 @@ def threshold_for_new_share(cand_scores: np.ndarray, share: float) -> float:
     user (``--threshold``, :func:`whalesub.ranking.rank.check_threshold`) is still a cosine in [-1, 1].
     """
     check_new_share(share, "target new share")
+    cand_scores = np.asarray(cand_scores)
+    if cand_scores.ndim != 2 or cand_scores.shape[0] == 0 or cand_scores.shape[1] == 0:
+        raise DataError(f"cannot choose a threshold for new share {share}: there are no ranked queries "
+                        f"(candidate scores of shape {cand_scores.shape}); give a query file with at least "
+                        "one image, or a fixed --threshold")
     best = np.sort(cand_scores[:, 0].astype(np.float32))
     n = int(round(share * best.size))
     if n == 0:
@@ -130,22 +147,47 @@ def threshold_for_new_share(cand_scores: np.ndarray, share: float) -> float:
     return float(t)
 
 
+MAX_GRID = 100_000  # thresholds in one grid (0:1:1e-5 has 100,001): more is a typo, not a finer search
+
+GRID_FORM = ("start:stop:step (finite numbers, step > 0, stop >= start) or a comma list of finite "
+             f"thresholds, all within [-1, 1] and at most {MAX_GRID:,} of them; e.g. 0.0:1.0:0.02")
+
+
 def parse_grid(text: str) -> np.ndarray:
-    """``"start:stop:step"`` (stop included) or ``"a,b,c"`` -> thresholds [T] float64 within [-1, 1]."""
+    """``"start:stop:step"`` (stop included) or ``"a,b,c"`` -> thresholds [T] float64 within [-1, 1].
+
+    ConfigError naming ``text`` and :data:`GRID_FORM` for anything else: a value that is not a
+    finite number (NaN, inf), a step <= 0, stop < start, a threshold outside [-1, 1], or more than
+    :data:`MAX_GRID` thresholds (refused before anything is allocated).
+    """
+    bad = f"--grid {text!r} is not {GRID_FORM}"
     try:
         if ":" in text:
             start, stop, step = (float(x) for x in text.split(":"))
-            if step <= 0 or stop < start:
+            if not np.isfinite([start, stop, step]).all() or step <= 0 or stop < start:
                 raise ValueError
-            grid = start + step * np.arange(int(np.floor((stop - start) / step + 1e-9)) + 1)
+            with np.errstate(over="ignore"):  # (stop - start) / step may overflow to inf: too many
+                n = np.floor(np.float64(stop - start) / step + 1e-9) + 1
+            if not n <= MAX_GRID:
+                count = f"{int(n):,}" if n < 1e18 else "over 1e18"
+                raise ConfigError(f"--grid {text!r} would hold {count} thresholds, more than the "
+                                  f"{MAX_GRID:,} allowed; use a coarser step, e.g. 0.0:1.0:0.02 "
+                                  "(51 thresholds)")
+            grid = start + step * np.arange(int(n))
         else:
-            grid = np.array([float(x) for x in text.split(",")])
-    except ValueError:
-        raise ConfigError(f"--grid {text!r} is not start:stop:step (step > 0) or a comma list; "
-                          "e.g. 0.0:1.0:0.02") from None
-    grid = np.round(grid, 10)  # before the range check: -0.2 + 24 * 0.05 is 1.0000000000000002
+            values = text.split(",")
+            if len(values) > MAX_GRID:
+                raise ConfigError(f"--grid {text[:40]!r}... lists {len(values):,} thresholds, more than the "
+                                  f"{MAX_GRID:,} allowed; use start:stop:step, e.g. 0.0:1.0:0.02")
+            grid = np.array([float(x) for x in values])
+            if not np.isfinite(grid).all():
+                raise ValueError
+    except (ValueError, OverflowError):
+        raise ConfigError(bad) from None
+    with np.errstate(over="ignore", invalid="ignore"):  # 1e300 rounds to inf: refused just below
+        grid = np.round(grid, 10)  # before the range check: -0.2 + 24 * 0.05 is 1.0000000000000002
     if grid.size == 0 or np.abs(grid).max() > 1:
-        raise ConfigError(f"--grid {text!r}: thresholds must lie within [-1, 1]")
+        raise ConfigError(f"--grid {text!r}: thresholds must lie within [-1, 1] (cosines); e.g. 0.0:1.0:0.02")
     return grid
 
 
@@ -228,8 +270,9 @@ def plateau_choice(map5: np.ndarray, thresholds: np.ndarray, anchor: float) -> i
     (lowest) one would move a species' threshold far from the global one for nothing.
     """
     map5 = np.asarray(map5, dtype=np.float64)
+    thresholds = np.asarray(thresholds, dtype=np.float64)  # any sequence
     top = np.flatnonzero(map5 >= map5.max() - PLATEAU_TOL)
-    dist = np.round(np.abs(np.asarray(thresholds, dtype=np.float64)[top] - anchor), 9)  # 0.3-0.2 == 0.2-0.1
+    dist = np.round(np.abs(thresholds[top] - anchor), 9)  # 0.3-0.2 == 0.2-0.1
     return int(top[np.lexsort((thresholds[top], dist))[0]])
 
 
@@ -250,9 +293,7 @@ def tune_per_species(cand_labels: np.ndarray, cand_scores: np.ndarray, truth: np
     """
     if not np.isfinite(k0) or k0 < 0:
         raise ConfigError(f"--k0 {k0} must be >= 0 (prior weight, in queries, of the global threshold)")
-    thresholds = np.asarray(thresholds, dtype=np.float64)
-    if thresholds.size == 0:
-        raise ConfigError("the threshold grid is empty; pass e.g. --grid 0.0:1.0:0.02")
+    thresholds = check_grid(thresholds)
     ap = average_precision_grid(cand_labels, cand_scores, truth, thresholds)  # [T, Q]
     g = int(np.argmax(ap.mean(axis=1)))
     t_global = float(thresholds[g])
