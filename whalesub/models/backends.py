@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from whalesub.core.errors import ConfigError, WhalesubError
+from whalesub.core.errors import ConfigError, DataError, WhalesubError
 from whalesub.models.export import INPUT_NAME, MANIFEST, model_fingerprint, sha256_file
 from whalesub.models.runtime import (
     CUDA_MISMATCH_HELP,
@@ -27,6 +27,8 @@ from whalesub.models.sources import load_source
 from whalesub.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
+REEXPORT = "re-run `whalesub export` to write the folder again"
+
 
 @dataclass
 class Model:
@@ -59,7 +61,12 @@ def open_model(path: str | Path, backend: str = "onnx", device: str = "auto", fp
     """Open ``path`` for inference: an export folder (onnx) or a run folder / checkpoint (torch).
 
     ``threads``: ONNX Runtime's intra-op threads (default: its own, one per physical core); a Ray
-    task sets it to the CPUs it was given. The torch backend uses ``torch.set_num_threads``."""
+    task sets it to the CPUs it was given. The torch backend ignores it: ``torch.set_num_threads`` is
+    process-wide, so torch keeps its own setting (set it yourself, or ``OMP_NUM_THREADS``).
+
+    An export folder's ``export.json`` and ``model_spec.json`` are checked first
+    (:func:`read_export_manifest`): a malformed manifest or a spec that does not give the manifest's
+    fingerprint is a DataError naming the file."""
     if backend not in ("onnx", "torch"):
         raise ConfigError(f"--backend {backend!r} is not known: use onnx or torch")
     if device not in ("auto", "cpu", "cuda"):
@@ -70,7 +77,13 @@ def open_model(path: str | Path, backend: str = "onnx", device: str = "auto", fp
 
 
 def read_export_manifest(folder: Path) -> dict:
-    """The ``export.json`` of an export folder, or WhalesubError saying how to make one."""
+    """The ``export.json`` of an export folder, checked; or a WhalesubError saying how to make one.
+
+    Checked: the keys and types ``whalesub export`` writes (``fingerprint``, ``weights_digest``,
+    ``files`` with a ``file`` and a ``spec`` per precision), and that every listed ``model_spec.json``
+    still gives the manifest's fingerprint with its ``weights_digest`` (a spec edited or copied from
+    another export would preprocess differently under the old fingerprint).
+    """
 
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
@@ -80,11 +93,64 @@ def read_export_manifest(folder: Path) -> dict:
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WhalesubError(f"{manifest_path} is not valid JSON ({exc}); re-run `whalesub export`") from None
+        raise DataError(f"{manifest_path} is not valid JSON ({exc}); {REEXPORT}") from None
     if not isinstance(manifest, dict):
-        raise WhalesubError(f"{manifest_path} must hold a JSON object, got {type(manifest).__name__}; "
-                            "re-run `whalesub export`")
+        raise DataError(f"{manifest_path} must hold a JSON object, got {type(manifest).__name__}; {REEXPORT}")
+    _check_manifest(manifest, manifest_path)
+    for entry in manifest["files"].values():
+        _check_spec_fingerprint(folder, manifest, folder / entry["spec"])
     return manifest
+
+
+def _check_manifest(manifest: dict, path: Path) -> None:
+    """DataError naming ``path`` and the key when ``manifest`` lacks a key or has a wrong type."""
+
+    def bad(key: str, want: str, value: Any = None, missing: bool = False) -> DataError:
+        got = "it is missing" if missing else f"got {type(value).__name__} {_short(value)}"
+        return DataError(f"{path}: key {key!r} must be {want}, {got}; {REEXPORT}")
+
+    for key, want in (("fingerprint", "a non-empty string"), ("weights_digest", "a non-empty string")):
+        if key not in manifest:
+            raise bad(key, want, missing=True)
+        if not isinstance(manifest[key], str) or not manifest[key]:
+            raise bad(key, want, manifest[key])
+    files = manifest.get("files")
+    want = "an object of precisions (fp32, fp16) -> {file, spec, sha256}"
+    if "files" not in manifest:
+        raise bad("files", want, missing=True)
+    if not isinstance(files, dict) or not files:
+        raise bad("files", want, files)
+    for precision, entry in files.items():
+        where = f"files.{precision}"
+        if not isinstance(entry, dict):
+            raise bad(where, "an object with 'file', 'spec' and 'sha256'", entry)
+        for key in ("file", "spec"):
+            name = entry.get(key)
+            if key not in entry:
+                raise bad(f"{where}.{key}", "a file name in the export folder", missing=True)
+            if not isinstance(name, str) or not name or name == ".." or Path(name).name != name:
+                raise bad(f"{where}.{key}", "a file name in the export folder", name)
+        # `whalesub export` always writes it; checked (against the file) only when present
+        if "sha256" in entry and not (isinstance(entry["sha256"], str) and entry["sha256"]):
+            raise bad(f"{where}.sha256", "a hex sha256 string", entry["sha256"])
+
+
+def _short(value: Any, n: int = 60) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _check_spec_fingerprint(folder: Path, manifest: dict, spec_path: Path) -> ModelSpec:
+    """Load ``spec_path``; DataError unless it gives ``manifest``'s fingerprint (export.py's formula)."""
+    if not spec_path.is_file():
+        raise WhalesubError(f"--model {folder}: {spec_path.name} is missing; {REEXPORT}")
+    spec = ModelSpec.load(spec_path)
+    if spec.fingerprint(manifest["weights_digest"]) != manifest["fingerprint"]:
+        raise DataError(
+            f"{spec_path} does not match the fingerprint {manifest['fingerprint']} in {folder / MANIFEST} "
+            "(the spec was edited or copied from another export, and would change preprocessing); "
+            f"restore this export's original {spec_path.name} or {REEXPORT}")
+    return spec
 
 
 def _open_onnx(folder: Path, device: str, fp16: bool, threads: int | None = None) -> Model:
@@ -92,20 +158,19 @@ def _open_onnx(folder: Path, device: str, fp16: bool, threads: int | None = None
 
     manifest = read_export_manifest(folder)
     key = "fp16" if fp16 else "fp32"
-    entry = manifest.get("files", {}).get(key)
+    entry = manifest["files"].get(key)
     if entry is None:
         raise WhalesubError(f"--model {folder} has no {key.upper()} graph (export.json lists "
-                            f"{sorted(manifest.get('files', {}))}); re-export with "
+                            f"{sorted(manifest['files'])}); re-export with "
                             "`whalesub export ... --fp16`")
     onnx_path, spec_path = folder / entry["file"], folder / entry["spec"]
-    for p in (onnx_path, spec_path):
-        if not p.is_file():
-            raise WhalesubError(f"--model {folder}: {p.name} is missing; re-run `whalesub export`")
-    if entry.get("sha256") and sha256_file(onnx_path) != entry["sha256"]:
+    if not onnx_path.is_file():
+        raise WhalesubError(f"--model {folder}: {onnx_path.name} is missing; {REEXPORT}")
+    if "sha256" in entry and sha256_file(onnx_path) != entry["sha256"]:
         raise WhalesubError(f"--model {folder}: {onnx_path.name} does not match the sha256 in export.json "
                             "(truncated copy or a file from another export); "
                             "copy the folder again or re-export")
-    spec = ModelSpec.load(spec_path)
+    spec = _check_spec_fingerprint(folder, manifest, spec_path)  # checked again: it is this one we run
     available = ort.get_available_providers()
     driver = cuda_driver_present()
     if device == "cuda" and not ("CUDAExecutionProvider" in available and driver):
