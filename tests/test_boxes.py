@@ -108,7 +108,8 @@ def test_sizes_from_the_image_files_after_exif_rotation(tmp_path):
 @pytest.mark.parametrize("text,needle", [
     ("image,box\na.jpg,1 2 3\n", "4 numbers per box"),
     ("image,bbox,conf\na.jpg,[[1 2 3 4] [5 6 7 8]],[0.5]\n", "conf value"),
-    ("image,box\na.jpg,5 5 5 9\n", "empty (x2 <= x1"),
+    ("image,box\na.jpg,5 5 5 9\nb.jpg,1 1 9 9\n", "without --strict they are left out"),
+    ("image,box\na.jpg,5 5 5.5 9\nb.jpg,1 1 9 9\n", "empty or under 1 px on a side"),
     ("image,box\na.jpg,1 2 3 4\na.jpg,1 2 3 5\n", "appear on several rows"),
     ("image,bbox,conf\na.jpg,[[1 2 3 4]],[1.7]\n", "outside [0, 1]"),
     ("image,box,width,height\na.jpg,900 10 1000 20,800,600\n", "after clipping"),
@@ -171,3 +172,112 @@ def test_cli_prints_the_counts_and_exits_2_on_problems(tmp_path):
                                  "--box-type", "body"])
     assert r.exit_code == 2 and r.output.startswith("error: ") and "Traceback" not in r.output
     assert not (tmp_path / "o.csv").exists()
+
+
+# --- the converter keeps exactly the boxes whalesub's cropper accepts ------------------------------------
+@pytest.mark.parametrize("box", ["79.5 10 85 30", "10 10 10.5 30", "10 29.2 40 30", "-5 10 0.5 30",
+                                 "10 10 11 30", "79 0 90 60", "10 10 40 30"])
+def test_a_box_is_kept_exactly_when_load_image_can_crop_it(tmp_path, box):
+    """Oracle: load_image itself on the 80x60 image; a box it refuses is left out (and reported)."""
+    from whalesub.data.image import load_image
+
+    Image.new("RGB", (80, 60)).save(tmp_path / "w.png")
+    Image.new("RGB", (80, 60)).save(tmp_path / "v.png")
+    src = write(tmp_path, "t.csv", f"image,box,width,height\nw.png,{box},80,60\nv.png,0 0 8 8,80,60\n")
+    out = tmp_path / "boxes.csv"
+    s = convert_boxes(src, out, "body")
+    try:
+        load_image(tmp_path / "w.png", box=parse_numbers(box))
+        crops = True
+    except DataError:
+        crops = False
+    got = as_dict(out)
+    assert ("w.png" in got) == crops
+    assert s["degenerate_lines"] == ([] if crops else [2])
+    for name, row in got.items():  # every written box crops
+        assert load_image(tmp_path / name, box=row[:4]).size > 0
+
+
+@pytest.mark.parametrize("sizes", [",800,600", ""])
+def test_normalised_coordinates_are_refused_with_the_fix(tmp_path, sizes):
+    head = "image,box" + (",width,height" if sizes else "")
+    src = write(tmp_path, "t.csv", f"{head}\na.jpg,0.1 0.2 0.5 0.6{sizes}\nb.jpg,0 0 1 1{sizes}\n")
+    out = tmp_path / "boxes.csv"
+    with pytest.raises(DataError, match=r"normalised \(0-1\) coordinates.*multiply x1 and x2 by the image"):
+        convert_boxes(src, out, "body")
+    assert not out.exists()
+    r = CliRunner().invoke(app, ["boxes", "convert", str(src), "--out", str(out), "--box-type", "body"])
+    assert r.exit_code == 2 and r.output.startswith("error: ") and "line 2" in r.output
+    assert not out.exists()
+
+
+def test_a_file_of_only_degenerate_boxes_is_refused_even_without_strict(tmp_path):
+    src = write(tmp_path, "xywh.csv", "image,box\na.jpg,100 100 50 50\nb.jpg,300 40 20 30\nc.jpg,\n")
+    out = tmp_path / "boxes.csv"
+    with pytest.raises(DataError, match="all 2 box.*lines 2, 3.*x y width height") as err:
+        convert_boxes(src, out, "body")
+    assert "nothing was written" in str(err.value) and not out.exists()
+    # one good box among them: the rest is left out and reported, as before
+    src = write(tmp_path, "mixed.csv", "image,box\na.jpg,100 100 50 50\nb.jpg,10 10 50 50\n")
+    assert convert_boxes(src, out, "body")["degenerate_lines"] == [2] and set(as_dict(out)) == {"b.jpg"}
+
+
+@pytest.mark.parametrize("cell, token", [("x1=10 y1=20 x2=300 y2=400", "x1=10"), ("1 2 3 4 px", "px"),
+                                         ("[[1 2 nan 4]]", "nan"), ("1-2 3 4 5", "1-2"),
+                                         ("1 2 3 1e999", "1e999")])
+def test_anything_but_numbers_in_a_cell_is_an_error_naming_line_and_column(tmp_path, cell, token):
+    src = write(tmp_path, "t.csv", f'image,bbox\nok.jpg,1 2 30 40\na.jpg,"{cell}"\n')
+    out = tmp_path / "boxes.csv"
+    with pytest.raises(DataError, match="something other than numbers") as err:
+        convert_boxes(src, out, "body")
+    assert f"line 3: {token!r} in bbox" in str(err.value) and not out.exists()
+    with pytest.raises(ValueError, match=token):
+        parse_numbers(cell)
+
+
+@pytest.mark.parametrize("conf", ["[nan]", "", "nan", "[0.5 nan]"])
+def test_a_box_without_a_real_conf_is_an_error(tmp_path, conf):
+    """A missing conf is not 1.0 (that would pass every --box-conf threshold)."""
+    box = "[[1 2 30 40] [5 6 70 80]]" if " " in conf else "[[1 2 30 40]]"
+    src = write(tmp_path, "t.csv", f'image,bbox,conf\nok.jpg,[[1 2 30 40]],[0.4]\na.jpg,{box},"{conf}"\n')
+    out = tmp_path / "boxes.csv"
+    with pytest.raises(DataError, match="line 3") as err:
+        convert_boxes(src, out, "body")
+    assert "conf" in str(err.value) and not out.exists()
+
+
+def test_a_conf_cell_without_a_box_is_no_box(tmp_path):
+    src = write(tmp_path, "t.csv", "image,bbox,conf\nok.jpg,[[1 2 30 40]],[0.4]\nno.jpg,[],[nan]\n")
+    s = convert_boxes(src, tmp_path / "boxes.csv", "body")
+    assert s["empty_lines"] == [3] and set(as_dict(tmp_path / "boxes.csv")) == {"ok.jpg"}
+
+
+@pytest.mark.parametrize("text, line", [("image,box\nok.jpg,\nz.jpg,1 2 3 4\n,5 6 7 8\n", 4),
+                                        ("image_path,box\nd/ok.jpg,1 2 3 4\nd/,5 6 7 8\n", 3),
+                                        ("image,box\nnan,5 6 7 8\nok.jpg,1 2 3 4\n", 2)])
+def test_an_empty_image_name_is_reported_on_its_source_line(tmp_path, text, line):
+    src = write(tmp_path, "t.csv", text)
+    out = tmp_path / "boxes.csv"
+    want = f"1 row.s. with an empty image name .column '[a-z_]+'. on line {line};"
+    with pytest.raises(DataError, match=want) as err:
+        convert_boxes(src, out, "body")
+    assert str(src) in str(err.value) and ".tmp" not in str(err.value) and not out.exists()
+
+
+@pytest.mark.parametrize("box", [(1000.0001, 0.0, 1001.0004, 10.0), (1234567.5, 0.0, 1234568.75, 10.0),
+                                 (0.123456789, 0.5, 2.987654321, 3.25)])
+def test_coordinates_are_written_exactly(tmp_path, box):
+    src = write(tmp_path, "t.csv", f"image,box,conf\na.jpg,{' '.join(map(repr, box))},0.123456789\n")
+    out = tmp_path / "boxes.csv"
+    convert_boxes(src, out, "body")
+    assert as_dict(out)["a.jpg"] == (*box, 0.123456789, "body")  # exact, not 6 significant digits
+
+
+def test_append_compares_the_box_type_as_written(tmp_path):
+    out = tmp_path / "boxes.csv"
+    convert_boxes(write(tmp_path, "a.csv", "image,box\np.jpg,1 1 5 5\n"), out, " fin ")
+    assert set(read_boxes(out)["box_type"]) == {"fin"}
+    before = out.read_bytes()
+    with pytest.raises(DataError, match=f"{out} already has boxes of type 'fin'"):
+        convert_boxes(write(tmp_path, "b.csv", "image,box\np.jpg,2 2 6 6\n"), out, "fin ", append=True)
+    assert out.read_bytes() == before

@@ -433,8 +433,9 @@ def boxes_convert_command(
     inclusive: bool = typer.Option(False, "--inclusive", help="The source's x2/y2 are the last pixel "
                                    "inside the box: add 1."),
     append: bool = typer.Option(False, "--append", help="Add to an existing --out (another box type)."),
-    strict: bool = typer.Option(False, "--strict", help="Refuse the file when a box is degenerate (x2 <= x1 "
-                                "or y2 <= y1); by default it is reported and that image embedded whole."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse the file when a box is degenerate (empty or "
+                                "under 1 px on a side after clipping); by default it is reported and that "
+                                "image embedded whole."),
 ) -> None:
     """Convert a public box file into whalesub's boxes.csv, joined on the image name.
 

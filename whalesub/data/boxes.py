@@ -9,16 +9,21 @@ Readers for the box files top teams cropped with (see the README's "Public box f
 - the YOLOv5 cropped set (``train_bbox.csv``): ``bbox`` is a Python literal list of
   ``[x1, y1, x2, y2]`` lists, ``conf`` a literal list, images named by ``image_path``.
 
-Every cell is parsed the same way: the numbers found by a regular expression, exactly four per
-box. Rows are joined on the image name, never on position. An empty cell (``""``, ``[]``, NaN)
-means "no box" and is reported; the image is then embedded whole. With several boxes the most
-confident one is kept (the first among equals). Boxes are checked against the image size (the
-file's ``width``/``height`` columns, else the upright size of the image files under ``images``):
-a box reaching past the frame is clipped and reported. A degenerate box (no area: x2 <= x1 or
-y2 <= y1, as given or after clipping; the 1st-place team's ``backfin_test_charm.csv`` has one with
-y1 = y2 among 27,454 good ones) is reported with its count and lines and left out, so that image is
-embedded whole, like one without a box; with ``strict`` it is an error instead. A cell that does not
-hold a multiple of four numbers is always an error naming its line.
+Every cell is parsed the same way: numbers separated by whitespace, commas and brackets, exactly
+four per box; anything else in the cell (a word, ``nan``, ``x1=10``) is an error naming its line.
+Rows are joined on the image name, never on position; every row needs one. An empty cell (``""``,
+``[]``, NaN) means "no box" and is reported; the image is then embedded whole. A box needs a conf
+when the file has a conf column (an empty or NaN conf next to a box is an error); without a conf
+column every box has conf 1.0. With several boxes the most confident one is kept (the first among
+equals). Boxes are checked against the image size (the file's ``width``/``height`` columns, else
+the upright size of the image files under ``images``): a box reaching past the frame is clipped and
+reported. A degenerate box (one that :func:`whalesub.data.image.load_image` cannot crop: under
+1 px on a side, as given or after clipping; the 1st-place team's ``backfin_test_charm.csv`` has one
+with y1 = y2 among 27,454 good ones) is reported with its count and lines and left out, so that
+image is embedded whole, like one without a box; with ``strict`` it is an error instead. A file in
+which every box is degenerate (xywh boxes, normalised coordinates) or every box lies within [0, 1]
+(normalised coordinates) is refused. A cell that does not hold a multiple of four numbers is always
+an error naming its line.
 """
 
 from __future__ import annotations
@@ -33,12 +38,13 @@ import pandas as pd
 
 from whalesub.core.atomic import atomic_path
 from whalesub.core.errors import ConfigError, DataError, first_few
-from whalesub.data.contract import describe_lines, read_boxes, read_table
-from whalesub.data.image import upright_size
+from whalesub.data.contract import describe_lines, is_missing, read_boxes, read_table
+from whalesub.data.image import _clip_box, upright_size
 
 log = logging.getLogger(__name__)
 
 NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+SEPARATORS = re.compile(r"[\s\[\](),]+")  # numpy text, space-separated and Python literal lists
 EMPTY_CELLS = {"", "[]", "[[]]", "nan", "none", "null", "[nan]"}
 IMAGE_COLUMNS = ("image", "image_path", "image_id")
 BOX_SOURCE_COLUMNS = ("bbox", "box", "boxes", "bboxes")
@@ -46,8 +52,32 @@ CONF_COLUMNS = ("conf", "confidence", "score", "scores")
 
 
 def parse_numbers(cell: str) -> list[float]:
-    """Every number in ``cell`` (numpy text, space-separated or Python literal), in order."""
-    return [float(x) for x in NUMBER.findall(cell)]
+    """Every number in ``cell`` (numpy text, space-separated or Python literal), in order.
+
+    Numbers are separated by whitespace, commas, brackets and parentheses. Raises ``ValueError``
+    (its message the offending text) when anything else is in the cell (``nan``, ``x1=10``, ``1e999``).
+    """
+    numbers = []
+    for token in SEPARATORS.split(cell):
+        if not token:
+            continue
+        if not NUMBER.fullmatch(token) or not np.isfinite(value := float(token)):
+            raise ValueError(token)
+        numbers.append(value)
+    return numbers
+
+
+def croppable(box, w: float, h: float) -> bool:
+    """Whether ``load_image`` can crop ``box`` from an upright ``w`` x ``h`` image (inf: size unknown).
+
+    The cropper's own rule (:func:`whalesub.data.image._clip_box`) at margin 0, the narrowest crop
+    ``embed`` makes: a box it accepts at margin 0 it accepts at every margin.
+    """
+    try:
+        _clip_box(box, 0.0, w, h, Path("box"))
+    except DataError:
+        return False
+    return True
 
 
 def is_empty(cell: str) -> bool:
@@ -120,40 +150,69 @@ def convert_boxes(src: str | os.PathLike, out: str | os.PathLike, box_type: str,
     src, out = Path(src), Path(out)
     if not box_type or not box_type.strip():
         raise ConfigError("--box-type must name the box kind, e.g. body or fin")
+    box_type = box_type.strip()  # as written to (and compared in) the output
     if out.resolve() == src.resolve():
         raise ConfigError(f"--out {out} is the input file; write the converted table to another file")
     frame, lines = read_table(src, [], "box source")
     if frame.empty:
         raise DataError(f"box source {src} has a header but no rows")
-    names = image_names(frame, pick_column(frame, image_col, IMAGE_COLUMNS, "image name", src))
+    icol = pick_column(frame, image_col, IMAGE_COLUMNS, "image name", src)
+    names = image_names(frame, icol)
     bcol = pick_column(frame, box_col, BOX_SOURCE_COLUMNS, "box coordinates", src)
     ccol = pick_column(frame, conf_col, CONF_COLUMNS, "conf", src, required=False)
     problems: list[str] = []
-    rows, empty, several, bad_cells = [], [], 0, []
+    rows, empty, several = [], [], 0
+    not_numbers, bad_counts, bad_conf_cells, no_conf = [], [], [], []
     for i, cell in enumerate(frame[bcol].tolist()):
         if is_empty(cell):
             empty.append(int(lines[i]))
             continue
-        nums = parse_numbers(cell)
+        try:
+            nums = parse_numbers(cell)
+        except ValueError as exc:
+            not_numbers.append(f"line {lines[i]}: {str(exc)[:20]!r} in {bcol} {cell.strip()[:40]!r}")
+            continue
         if not nums or len(nums) % 4:
-            bad_cells.append(f"line {lines[i]}: {cell.strip()[:40]!r}")
+            bad_counts.append(f"line {lines[i]}: {cell.strip()[:40]!r}")
             continue
         boxes = np.asarray(nums).reshape(-1, 4)
         conf = np.ones(len(boxes))
-        if ccol is not None and not is_empty(frame[ccol].iat[i]):
-            c = parse_numbers(frame[ccol].iat[i])
+        if ccol is not None:
+            ccell = frame[ccol].iat[i]
+            if is_empty(ccell):
+                no_conf.append(f"line {lines[i]}: {ccell.strip()[:20]!r}")
+                continue
+            try:
+                c = parse_numbers(ccell)
+            except ValueError as exc:
+                not_numbers.append(f"line {lines[i]}: {str(exc)[:20]!r} in {ccol} {ccell.strip()[:40]!r}")
+                continue
             if len(c) != len(boxes):
-                bad_cells.append(f"line {lines[i]}: {len(boxes)} box(es) but {len(c)} conf value(s) "
-                                 f"{frame[ccol].iat[i].strip()[:40]!r}")
+                bad_conf_cells.append(f"line {lines[i]}: {len(boxes)} box(es) but {len(c)} conf value(s) "
+                                      f"{ccell.strip()[:40]!r}")
                 continue
             conf = np.asarray(c)
         several += len(boxes) > 1
         best = int(np.argmax(conf))  # first among equals
         rows.append((i, *boxes[best], float(conf[best])))
-    if bad_cells:
-        problems.append(f"{len(bad_cells)} box cell(s) do not hold 4 numbers per box (x1 y1 x2 y2) or do not "
-                        f"match their conf: {first_few(bad_cells)}")
-    dup = names[names.duplicated(keep=False) & (names != "")]
+    if not_numbers:
+        problems.append(f"{len(not_numbers)} cell(s) hold something other than numbers, brackets, commas and "
+                        f"spaces: {first_few(not_numbers)}; write each box as four numbers x1 y1 x2 y2")
+    if bad_counts:
+        problems.append(f"{len(bad_counts)} {bcol} cell(s) do not hold 4 numbers per box (x1 y1 x2 y2): "
+                        f"{first_few(bad_counts)}")
+    if bad_conf_cells:
+        problems.append(f"{len(bad_conf_cells)} {ccol} cell(s) do not match their box count (one conf value "
+                        f"per box): {first_few(bad_conf_cells)}")
+    if no_conf:
+        problems.append(f"{len(no_conf)} box(es) without a conf value in column {ccol!r}: "
+                        f"{first_few(no_conf)}; give every box its confidence, or leave the conf column out "
+                        "of the file for conf 1.0")
+    missing_name = is_missing(names)
+    if missing_name.any():
+        problems.append(f"{int(missing_name.sum())} row(s) with an empty image name (column {icol!r}) on "
+                        f"{describe_lines(lines[missing_name])}; every row needs its image file name")
+    dup = names[names.duplicated(keep=False) & ~missing_name]
     if len(dup):
         problems.append(f"{dup.nunique()} image(s) appear on several rows ({first_few(sorted(set(dup)))}); "
                         "keep one row per image (several boxes belong in one cell)")
@@ -166,30 +225,43 @@ def convert_boxes(src: str | os.PathLike, out: str | os.PathLike, box_type: str,
     if bad_conf.any():
         problems.append(f"{int(bad_conf.sum())} conf value(s) outside [0, 1] on "
                         f"{describe_lines(lines[idx[bad_conf]])}")
+    normalised = len(idx) > 0 and bool(((xyxy >= 0) & (xyxy <= 1)).all())
+    if normalised:
+        problems.append(f"every box lies within [0, 1] (e.g. {tuple(xyxy[0].tolist())} on line "
+                        f"{lines[idx[0]]}): the file looks like normalised (0-1) coordinates, but boxes must "
+                        "be in pixels of the upright image; multiply x1 and x2 by the image width and y1 and "
+                        "y2 by its height, then convert again")
     sizes = image_sizes(frame, names, Path(images) if images is not None else None, lines, problems)
     clipped = []
+    wh = np.full((len(idx), 2), np.inf)  # unknown size: only the box itself is checked
     if sizes is not None and len(idx):
-        wh = sizes[idx]
-        known = np.isfinite(wh).all(1)
+        known = np.isfinite(sizes[idx]).all(1)
+        wh[known] = sizes[idx][known]
         lo, hi = np.zeros_like(xyxy), np.concatenate([wh, wh], axis=1)
         outside = known & ((xyxy < lo) | (xyxy > hi)).any(1)
         clipped = lines[idx[outside]].tolist()
         xyxy[known] = np.clip(xyxy[known], lo[known], hi[known])
-    flat = (xyxy[:, 2] <= xyxy[:, 0]) | (xyxy[:, 3] <= xyxy[:, 1])
+    # degenerate: a box whalesub's cropper refuses (the very rule load_image applies to the written box)
+    flat = np.array([not croppable(b, w, h) for b, (w, h) in zip(xyxy, wh, strict=True)], dtype=bool)
     degenerate = lines[idx[flat]].tolist()
-    if flat.any() and strict:
-        problems.append(f"{int(flat.sum())} box(es) are empty (x2 <= x1 or y2 <= y1, after clipping to the "
+    if flat.any() and flat.all() and not normalised:
+        problems.append(f"all {int(flat.sum())} box(es) are empty or under 1 px on a side (after clipping to "
+                        f"the image) on {describe_lines(lines[idx[flat]])}, so none could crop its image; "
+                        "the boxes are probably not x1 y1 x2 y2 pixels: convert x y width height boxes to "
+                        "x1=x, y1=y, x2=x+width, y2=y+height, and normalised (0-1) ones to pixels")
+    elif flat.any() and strict:
+        problems.append(f"{int(flat.sum())} box(es) are empty or under 1 px on a side (after clipping to the "
                         f"image) on {describe_lines(lines[idx[flat]])}; without --strict they are left out "
                         "and those images embedded whole")
     if problems:
         raise DataError(f"cannot convert {src}: {len(problems)} problem(s); nothing was written:", problems)
     if flat.any():
-        log.warning("%s: %d degenerate box(es) (x2 <= x1 or y2 <= y1, after clipping to the image) left out, "
-                    "those images are embedded whole: %s (--strict refuses the file instead)", src,
+        log.warning("%s: %d degenerate box(es) (empty or under 1 px on a side, after clipping to the image) "
+                    "left out, those images are embedded whole: %s (--strict refuses the file instead)", src,
                     int(flat.sum()), describe_lines(lines[idx[flat]]))
         idx, xyxy, conf = idx[~flat], xyxy[~flat], conf[~flat]
     table = pd.DataFrame({"image": names.to_numpy()[idx], "x1": xyxy[:, 0], "y1": xyxy[:, 1],
-                          "x2": xyxy[:, 2], "y2": xyxy[:, 3], "conf": conf, "box_type": box_type.strip()})
+                          "x2": xyxy[:, 2], "y2": xyxy[:, 3], "conf": conf, "box_type": box_type})
     if append and out.exists():
         old = read_boxes(out)
         if "box_type" not in old.columns:
@@ -201,7 +273,7 @@ def convert_boxes(src: str | os.PathLike, out: str | os.PathLike, box_type: str,
             old["conf"] = 1.0
         table = pd.concat([old[list(table.columns)], table], ignore_index=True)
     with atomic_path(out) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6g")
+        table.to_csv(tmp, index=False)  # shortest round-trip floats: the file holds exactly the checked boxes
         read_boxes(tmp)  # the written table obeys the contract, or nothing replaces ``out``
     summary = {"out": str(out), "rows": int(len(frame)), "boxes": int(len(idx)), "empty": len(empty),
                "empty_lines": empty[:20], "several": int(several), "clipped": len(clipped),
@@ -213,4 +285,3 @@ def convert_boxes(src: str | os.PathLike, out: str | os.PathLike, box_type: str,
              summary["boxes"], box_type, summary["rows"], summary["empty"], summary["degenerate"], several,
              summary["clipped"])
     return summary
-
