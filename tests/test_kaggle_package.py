@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -268,6 +269,12 @@ def test_overwrite_replaces_a_previous_build_and_nothing_else(kaggle_build, tmp_
     build_package([kaggle_build["export"]], out, _wheel_opts(kaggle_build, threshold=0.4), overwrite=True)
     again = json.loads((out / "models" / "manifest.json").read_text())
     assert again["threshold"] == 0.4 != first["threshold"]
+    # the same inputs give the same manifests (no time stamp): a dataset that did not change reads so
+    same = tmp_path / "same"
+    build_package([kaggle_build["export"]], same, _wheel_opts(kaggle_build, threshold=0.4))
+    for sub in ("models", "wheels"):
+        assert (same / sub / "manifest.json").read_bytes() == (out / sub / "manifest.json").read_bytes()
+    shutil.rmtree(same)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no old copy or temporary folder left
     # a folder that is not (only) a build is never deleted, even with --overwrite
     (out / "notes.txt").write_text("mine")
@@ -318,3 +325,15 @@ def test_wheels_from_takes_the_highest_version_the_spec_allows(tmp_path):
     twin = [*wheels, tmp_path / "onnxruntime_gpu-1.27.0-cp312-cp312-manylinux_2_28_x86_64.whl"]
     with pytest.raises(ConfigError, match="2 wheels of onnxruntime-gpu 1.27.0"):
         pick_wheel("onnxruntime-gpu", twin, tmp_path)
+
+
+def test_a_packaged_gallery_must_have_the_queries_precision(kaggle_build, tmp_path):
+    """The reference gallery was embedded at FP32: an --fp16 build would rank FP16 queries against it."""
+    from whalesub.kaggle.package import build_package
+
+    opts = _wheel_opts(kaggle_build, box_type="body", boxes=kaggle_build["data"] / "boxes.csv", batch_size=8,
+                       gallery=kaggle_build["reference"] / "gallery.npz")
+    with pytest.raises(ConfigError, match="embedded at fp32 but the queries are embedded at fp16"):
+        build_package([kaggle_build["export"]], tmp_path / "fp16", replace(opts, fp16=True))
+    assert not (tmp_path / "fp16").exists()
+    build_package([kaggle_build["export"]], tmp_path / "fp32", opts)  # the same gallery at FP32 is fine

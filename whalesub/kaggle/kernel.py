@@ -168,6 +168,7 @@ def predict_submission(
             box_type=manifest.get("box_type"),
             listing=[str(i) for i in read_test_listing(train_csv)],
             where="packaged",
+            fp16=bool(manifest.get("fp16")),
         )
         print(f"[whalesub] packaged gallery {gallery.name}: fingerprint {packed.fingerprint}, views and the "
               f"images of {train_csv.name} match", flush=True)

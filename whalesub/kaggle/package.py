@@ -30,7 +30,6 @@ import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -169,7 +168,8 @@ def models_fingerprint(folders: list[Path]) -> str:
 
 
 def write_manifest(folder: Path, kind: str, version: str, **extra) -> dict:
-    """``manifest.json``: kind, whalesub ``version`` (the build's wheel), sha256 of every other file."""
+    """``manifest.json``: kind, whalesub ``version`` (the build's wheel), sha256 of every other file.
+    No time stamp: the same inputs give the same manifest (a dataset that did not change reads so)."""
     files = {
         p.relative_to(folder).as_posix(): sha256_file(p)
         for p in sorted(folder.rglob("*"))
@@ -178,7 +178,6 @@ def write_manifest(folder: Path, kind: str, version: str, **extra) -> dict:
     manifest = {
         "kind": kind,
         "whalesub_version": version,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         **extra,
         "files": files,
     }
@@ -233,6 +232,7 @@ def build_models(tmp: Path, sources: list[Path], opts: BuildOptions) -> dict:
                 tta=opts.gallery_tta,
                 box_type=opts.box_type,
                 where="--gallery",
+                fp16=opts.fp16,
             )
         except DataError as exc:
             raise ConfigError(str(exc)) from None

@@ -405,7 +405,7 @@ def check_gallery(decision: dict, decision_path: Path, train_csv: Path | None = 
     emb = load_embeddings(gallery)
     check_gallery_embeddings(emb, fingerprint=decision["fingerprint"], flip_views=g["flip_views"],
                              tta=g["tta"], box_type=decision["embed"]["box_type"],
-                             where=f"decision {decision_path}")
+                             where=f"decision {decision_path}", fp16=bool(decision["embed"].get("fp16")))
     if gallery_images_digest(emb.ids) != g["images"] or np.unique(emb.ids).size != g["n"]:
         raise DataError(f"the gallery {gallery} holds other images than the {g['n']} the decision "
                         f"{decision_path} was made with (gallery.images): it was replaced; run predict again")
@@ -434,15 +434,23 @@ def check_gallery(decision: dict, decision_path: Path, train_csv: Path | None = 
 
 
 def check_gallery_embeddings(emb, *, fingerprint: str, flip_views: bool, tta: str, box_type: str | None,
-                             listing: list[str] | None = None, where: str = "") -> None:
+                             listing: list[str] | None = None, where: str = "",
+                             fp16: bool | None = None) -> None:
     """DataError unless the gallery ``emb`` (:class:`~whalesub.ranking.store.Embeddings`) comes from
     these models (``fingerprint``), with these views (both views stored with ``flip_views``, else one
-    view, or the flip mean with ``tta`` flip) and boxes, and, with ``listing``, holds exactly its images."""
+    view, or the flip mean with ``tta`` flip) and boxes, at this precision (``fp16``, where given and
+    the file records it: the queries are embedded so), and, with ``listing``, holds exactly its images."""
     meta, name = emb.meta, emb.path
     problems = []
     if meta.get("fingerprint") != fingerprint:
         problems.append(f"its fingerprint {meta.get('fingerprint')} is not the models' {fingerprint} "
                         "(embed it with the same models, in the same order)")
+    precisions = [m.get("precision") for m in meta.get("models", []) if isinstance(m, dict)]
+    if fp16 is not None and precisions and set(precisions) <= {"fp16", "fp32"}:
+        want = "fp16" if fp16 else "fp32"
+        if set(precisions) != {want}:
+            problems.append(f"it was embedded at {'/'.join(precisions)} but the queries are embedded at "
+                            f"{want} (embed the gallery {'with' if fp16 else 'without'} --fp16)")
     views = meta.get("views_per_image")
     if views is not None:
         want = (2, None) if flip_views else ((2, "mean") if tta == "flip" else (1, None))
