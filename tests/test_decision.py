@@ -325,6 +325,12 @@ def test_threshold_json_is_refused_where_it_would_mislead(blend, tmp_path):
     with pytest.raises(ConfigError, match="as it is"):
         build_package([], tmp_path / "b", BuildOptions(owner="someone", predict=blend, threshold=0.3,
                                                        packages=[]))
+    # settings the decision fixes are refused, not silently replaced by the decision's
+    k = read_decision(blend / "decision.json")["k"]
+    for extra, name in (({"k": k + 3}, "--k"), ({"box_conf": 0.123}, "--box-conf")):
+        with pytest.raises(ConfigError, match=f"{name}: with --predict the embed settings come from"):
+            build_package([], tmp_path / "b", BuildOptions(owner="someone", predict=blend, packages=[],
+                                                           **extra))
     assert not (tmp_path / "b").exists()
 
 

@@ -286,6 +286,8 @@ def build_decision(folder: Path, sources: list[Path], opts: BuildOptions) -> dic
         "--fp16": opts.fp16 and not emb["fp16"],
         "--no-flip-gallery": opts.flip_gallery != decision["gallery"]["flip_views"],
         "--query-tta": opts.query_tta != decision["queries"]["tta"],
+        "--k": opts.k != BuildOptions.k and opts.k != decision["k"],
+        "--box-conf": opts.box_conf is not None and opts.box_conf != emb["box_conf"],
     }
     if clash := [name for name, bad in fixed.items() if bad]:
         raise ConfigError(
