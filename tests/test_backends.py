@@ -169,3 +169,21 @@ def test_torch_backend_leaves_the_process_thread_count_alone(tiny):
     wanted = 1 if before != 1 else 2
     open_model(tiny[0], "torch", "cpu", threads=wanted)
     assert torch.get_num_threads() == before
+
+
+def test_a_damaged_graph_without_a_digest_is_one_error_naming_it(copy, tmp_path):
+    """An export.json without sha256 (allowed) cannot catch a damaged model.onnx: ONNX Runtime's
+    own error comes back as one WhalesubError naming the file and the fix, not a traceback."""
+    from whalesub.core.errors import WhalesubError
+
+    m = _manifest(copy)
+    m["files"]["fp32"].pop("sha256")
+    (copy / "export.json").write_text(json.dumps(m))
+    (copy / m["files"]["fp32"]["file"]).write_bytes(b"not an onnx graph")
+    with pytest.raises(WhalesubError) as err:
+        open_model(copy, "onnx", "cpu")
+    msg = str(err.value)
+    assert m["files"]["fp32"]["file"] in msg and "ONNX Runtime cannot open" in msg
+    assert "whalesub export" in msg
+    res = _embed(copy, tmp_path)
+    assert res.exit_code == 2 and "Traceback" not in res.output and "cannot open" in res.output, res.output

@@ -182,7 +182,15 @@ def _open_onnx(folder: Path, device: str, fp16: bool, threads: int | None = None
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
-    sess = ort_session(onnx_path, providers, threads)
+    try:
+        sess = ort_session(onnx_path, providers, threads)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors: a damaged graph, a provider failing
+        text = str(exc).strip()
+        why = text.splitlines()[-1][:300] if text else type(exc).__name__
+        fix = ("try --device cpu, or see the CUDA/cuDNN versions in docs/install.md" if len(providers) > 1
+               else "copy the folder again or re-run `whalesub export`")
+        raise WhalesubError(f"--model {folder}: ONNX Runtime cannot open {onnx_path.name} with "
+                            f"{'/'.join(providers)} ({why}); {fix}") from None
     active = sess.get_providers()
     if device == "cuda" and "CUDAExecutionProvider" not in active:
         why = f"available {available} but the session fell back to {active}"
