@@ -337,3 +337,29 @@ def test_a_packaged_gallery_must_have_the_queries_precision(kaggle_build, tmp_pa
         build_package([kaggle_build["export"]], tmp_path / "fp16", replace(opts, fp16=True))
     assert not (tmp_path / "fp16").exists()
     build_package([kaggle_build["export"]], tmp_path / "fp32", opts)  # the same gallery at FP32 is fine
+
+
+def test_the_kernel_script_comes_from_the_packaged_wheel(kaggle_build, tmp_path):
+    """The kernel runs the wheel's whalesub.kaggle.kernel: its script must be that wheel's too, not
+    the file of the whalesub running the build (another commit with --whalesub-wheel)."""
+    from whalesub.kaggle.package import build_package
+
+    wheel = next((kaggle_build["build"] / "wheels").glob("*.whl"))
+    other = tmp_path / "wheel" / wheel.name
+    other.parent.mkdir()
+    marker = b"\n# from the other commit's wheel\n"
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(other, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            dst.writestr(item, data + marker if item.filename == "whalesub/kaggle/kernel_script.py" else data)
+    build_package([kaggle_build["export"]], tmp_path / "out", _wheel_opts(kaggle_build, whalesub_wheel=other))
+    assert (tmp_path / "out" / "kernel" / "whalesub_kernel.py").read_bytes().endswith(marker)
+    bare = tmp_path / "bare" / wheel.name
+    bare.parent.mkdir()
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(bare, "w") as dst:
+        for item in src.infolist():
+            if item.filename != "whalesub/kaggle/kernel_script.py":
+                dst.writestr(item, src.read(item))
+    with pytest.raises(ConfigError, match="has no whalesub/kaggle/kernel_script.py"):
+        build_package([kaggle_build["export"]], tmp_path / "o2",
+                      _wheel_opts(kaggle_build, whalesub_wheel=bare))

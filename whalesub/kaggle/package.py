@@ -29,6 +29,7 @@ import json
 import logging
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -340,6 +341,24 @@ def build_decision(folder: Path, sources: list[Path], opts: BuildOptions) -> dic
     )
 
 
+KERNEL_SCRIPT = "whalesub/kaggle/kernel_script.py"
+
+
+def kernel_script_of(wheel: Path) -> bytes:
+    """The kernel's own file, from the whalesub wheel it will install (not from the whalesub running
+    the build: with --whalesub-wheel or --source of another commit the two would differ, and the
+    script calls that wheel's ``whalesub.kaggle.kernel``)."""
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            return z.read(KERNEL_SCRIPT)
+    except KeyError:
+        raise ConfigError(f"the whalesub wheel {wheel.name} has no {KERNEL_SCRIPT}: it is too old for "
+                          "`whalesub kaggle build`; build the wheel from this checkout (drop "
+                          "--whalesub-wheel)") from None
+    except zipfile.BadZipFile as exc:
+        raise ConfigError(f"the whalesub wheel {wheel} is not a zip file ({exc})") from None
+
+
 def check_out(out: Path, overwrite: bool) -> None:
     """``--out`` is new, empty, or (with ``--overwrite``) a previous build and nothing else: a build
     never deletes a folder it did not make (an export, the user's notes)."""
@@ -414,7 +433,8 @@ def build_package(sources: list[Path], out: Path, opts: BuildOptions, overwrite:
                 refs.append(meta["id"])
         kernel = tmp / KERNEL_DIR
         kernel.mkdir()
-        shutil.copy2(Path(__file__).with_name("kernel_script.py"), kernel / KERNEL_FILE)
+        script = kernel_script_of(tmp / "wheels" / wheels["wheels"]["whalesub"])
+        (kernel / KERNEL_FILE).write_bytes(script)  # inside tmp: in place only once the build is whole
         _write_json(
             kernel / KERNEL_METADATA,
             kernel_metadata(
