@@ -319,6 +319,10 @@ def test_threshold_json_is_refused_where_it_would_mislead(blend, tmp_path):
         resolve(stamped)
     stamped.write_text(json.dumps({"best": {"threshold": 0.4}, "scoring": {"kind": "knn", "k": 100}}))
     assert resolve(stamped) == 0.4
+    stamped.write_text(json.dumps({"best": {"threshold": 0.4}, "scoring": {"kind": "knn", "k": 50}}))
+    with pytest.raises(ConfigError, match="pass --k 50"):
+        resolve(stamped)
+    assert resolve_threshold(BuildOptions(owner="someone", threshold_json=stamped, k=50)) == 0.4
     # --predict with models or a threshold: refused before anything is written
     from whalesub.kaggle.package import build_package
 

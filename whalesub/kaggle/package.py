@@ -101,8 +101,8 @@ def resolve_threshold(opts: BuildOptions) -> float:
 
     Refused: a ``predict.json`` / ``decision.json`` (package those with ``--predict OUT``) and a pooled
     out-of-fold ``tune.json`` (its raw cosine was tuned against 80% galleries and is not what predict
-    applied; ``--predict OUT`` packages the share predict used), and a tune file stamped with a
-    centre blend (this kernel ranks by plain kNN).
+    applied; ``--predict OUT`` packages the share predict used), a tune file stamped with a
+    centre blend (this kernel ranks by plain kNN) or with another ``k`` than ``--k``.
     """
     if (opts.threshold is None) == (opts.threshold_json is None):
         raise ConfigError(
@@ -130,6 +130,11 @@ def resolve_threshold(opts: BuildOptions) -> float:
             "(the share predict used) or pass --threshold"
         )
     stamp = tuned.get("scoring") if isinstance(tuned, dict) else None
+    if isinstance(stamp, dict) and stamp.get("k") is not None and int(stamp["k"]) != opts.k:
+        raise ConfigError(
+            f"{opts.threshold_json} was tuned ranking k={stamp['k']} neighbours but this build ranks "
+            f"--k {opts.k}: pass --k {stamp['k']} (a threshold is tuned for one scoring)"
+        )
     if isinstance(stamp, dict) and stamp.get("kind") == "blend" and float(stamp.get("knn_ratio", 1.0)) < 1:
         raise ConfigError(
             f"{opts.threshold_json} was tuned on a centre blend (knn_ratio {stamp.get('knn_ratio')}) but "
