@@ -196,6 +196,39 @@ def test_worker_sigkilled_mid_task_is_retried(cluster, model, pictures, referenc
 
 
 @pytest.mark.slow
+def test_a_chunk_held_by_a_killed_worker_goes_round_again(cluster, model, pictures, reference, tmp_path,
+                                                          monkeypatch, caplog):
+    """Deterministic: a worker takes a chunk from the queue and its process is SIGKILLed before the
+    chunk is written. Ray restarts it and runs its call again; the lost chunk goes into a second
+    round; the output is the single-process one, every chunk written once."""
+    import logging
+
+    from whalesub.embedding import distributed
+
+    marker = tmp_path / "died"
+
+    class DiesHoldingAChunk(distributed.EmbedWorker):  # pickled by value to the workers
+        def embed(self, job, names, boxes, chunks):
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL)  # the first call of all only
+            except FileExistsError:
+                return super().embed(job, names, boxes, chunks)
+            os.close(fd)
+            chunks.get_nowait()  # taken from the queue, never written
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    monkeypatch.setattr(distributed, "EmbedWorker", DiesHoldingAChunk)
+    runner = RayRunner(cluster.address)
+    with caplog.at_level(logging.WARNING, logger="whalesub.embedding.distributed"):
+        out = run_embed([model], tmp_path / "lost.npz", _opts(), images=pictures, runner=runner)
+    assert marker.exists()
+    assert "1 chunk(s) held by a worker process that died go round again" in caplog.text
+    _assert_same(out, reference)
+    written = sorted(c for r in runner.results for c in r["written"])
+    assert written == list(range(N_IMAGES // 4))  # the lost chunk once, in the second round
+
+
+@pytest.mark.slow
 def test_driver_sigkilled_then_same_command_resumes(cluster, model, pictures, reference, tmp_path):
     out = tmp_path / "d.npz"
     args = ["embed", "--model", model, "--images", pictures, "--out", out, "--device", "cpu",
