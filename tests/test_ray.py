@@ -229,6 +229,37 @@ def test_a_chunk_held_by_a_killed_worker_goes_round_again(cluster, model, pictur
 
 
 @pytest.mark.slow
+def test_a_worker_that_never_answers_is_ended_once_every_chunk_is_done(cluster, model, pictures, reference,
+                                                                       tmp_path, monkeypatch, caplog):
+    """A worker whose call never returns (as one Ray restarted after a node loss and cannot place)
+    does not keep the command waiting: once every chunk is on disk it is ended after the grace."""
+    import logging
+
+    from whalesub.embedding import distributed
+
+    marker = tmp_path / "stuck"
+
+    class NeverAnswers(distributed.EmbedWorker):  # pickled by value to the workers
+        def embed(self, job, names, boxes, chunks):
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))  # the first call of all only
+            except FileExistsError:
+                return super().embed(job, names, boxes, chunks)
+            time.sleep(120)  # answers in the end: without the grace the test ends, but fails below
+            return super().embed(job, names, boxes, chunks)
+
+    monkeypatch.setattr(distributed, "EmbedWorker", NeverAnswers)
+    runner = RayRunner(cluster.address)
+    runner.straggler_grace_s = 1.0
+    with caplog.at_level(logging.WARNING, logger="whalesub.embedding.distributed"):
+        out = run_embed([model], tmp_path / "s.npz", _opts(), images=pictures, runner=runner)
+    assert marker.exists() and "did not answer within 1 s" in caplog.text
+    _assert_same(out, reference)
+    assert len(runner.results) == 1  # only the worker that answered
+    _assert_cpus_free_again()
+
+
+@pytest.mark.slow
 def test_driver_sigkilled_then_same_command_resumes(cluster, model, pictures, reference, tmp_path):
     out = tmp_path / "d.npz"
     args = ["embed", "--model", model, "--images", pictures, "--out", out, "--device", "cpu",

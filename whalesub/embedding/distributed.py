@@ -337,6 +337,10 @@ class RayRunner:
     """The ``runner`` of :func:`whalesub.embedding.embed.embed_images` for ``--ray ADDRESS``."""
 
     driver_device = "cpu"  # the driver opens the models only for their fingerprints and the resume key
+    #: Seconds a worker's call may stay unanswered once every chunk is on disk before the worker is
+    #: ended: a worker Ray restarted after its node was lost may never be placed again (no capacity
+    #: left), and its call would otherwise keep the command waiting for nothing.
+    straggler_grace_s = 60.0
 
     def __init__(self, address: str, resources: dict | None = None, cpus_per_worker: int | None = None):
         """``resources``: extra Ray resources every worker needs (custom node labels, e.g.
@@ -426,12 +430,20 @@ class RayRunner:
 
         def run_round(left: list[int]) -> list[dict]:  # every worker drains the queue
             queue.put_nowait_batch(left)
-            calls, got = [w.embed.remote(job_ref, names_ref, boxes_ref, queue) for w in workers], []
+            calls = {w.embed.remote(job_ref, names_ref, boxes_ref, queue): w for w in workers}
+            got, all_done_at = [], None
             while calls:
-                ready, calls = ray.wait(calls, num_returns=1, timeout=0.5)
-                got.extend(self._result(ray, ref) for ref in ready)
+                ready, _ = ray.wait(list(calls), num_returns=1, timeout=0.5)
+                for ref in ready:
+                    calls.pop(ref)
+                    got.append(self._result(ray, ref))
                 on_disk = plan.parts.count - sum(not plan.parts.path(c).is_file() for c in todo)
                 bar.update(on_disk - bar.n)
+                if calls and on_disk == plan.parts.count:  # nothing left to do: wait a grace, not forever
+                    all_done_at = all_done_at or time.monotonic()
+                    if time.monotonic() - all_done_at > self.straggler_grace_s:
+                        self._end_stragglers(ray, list(calls.values()))
+                        calls.clear()
             return got
 
         try:
@@ -459,6 +471,16 @@ class RayRunner:
         while len(self._workers) < n:
             self._workers.append(actor.remote())
         return self._workers[:n]
+
+    def _end_stragglers(self, ray, stuck: list) -> None:
+        """End workers whose calls did not return although every chunk is on disk (see
+        :attr:`straggler_grace_s`); later calls of this runner start fresh ones in their place."""
+        log.warning("Ray: every chunk is on disk but %d worker(s) did not answer within %.0f s (a worker "
+                    "restarted after its node was lost, waiting for a place?): ending them", len(stuck),
+                    self.straggler_grace_s)
+        for w in stuck:
+            ray.kill(w, no_restart=True)
+        self._workers = [w for w in self._workers if all(w is not s for s in stuck)]
 
     def _release(self, ray) -> None:
         """End the workers (their calls in flight end with them) and the queue."""
