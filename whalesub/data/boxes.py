@@ -39,7 +39,7 @@ import pandas as pd
 from whalesub.core.atomic import atomic_path
 from whalesub.core.errors import ConfigError, DataError, first_few
 from whalesub.data.contract import describe_lines, is_missing, read_boxes, read_table
-from whalesub.data.image import _clip_box, upright_size
+from whalesub.data.image import croppable, upright_size
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +65,6 @@ def parse_numbers(cell: str) -> list[float]:
             raise ValueError(token)
         numbers.append(value)
     return numbers
-
-
-def croppable(box, w: float, h: float) -> bool:
-    """Whether ``load_image`` can crop ``box`` from an upright ``w`` x ``h`` image (inf: size unknown).
-
-    The cropper's own rule (:func:`whalesub.data.image._clip_box`) at margin 0, the narrowest crop
-    ``embed`` makes: a box it accepts at margin 0 it accepts at every margin.
-    """
-    try:
-        _clip_box(box, 0.0, w, h, Path("box"))
-    except DataError:
-        return False
-    return True
 
 
 def is_empty(cell: str) -> bool:
@@ -242,7 +229,7 @@ def convert_boxes(src: str | os.PathLike, out: str | os.PathLike, box_type: str,
         clipped = lines[idx[outside]].tolist()
         xyxy[known] = np.clip(xyxy[known], lo[known], hi[known])
     # degenerate: a box whalesub's cropper refuses (the very rule load_image applies to the written box)
-    flat = np.array([not croppable(b, w, h) for b, (w, h) in zip(xyxy, wh, strict=True)], dtype=bool)
+    flat = ~croppable(xyxy, wh[:, 0], wh[:, 1])
     degenerate = lines[idx[flat]].tolist()
     if flat.any() and flat.all() and not normalised:
         problems.append(f"all {int(flat.sum())} box(es) are empty or under 1 px on a side (after clipping to "

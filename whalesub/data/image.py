@@ -178,6 +178,23 @@ def _decode(im: Image.Image, path: Path, target, box: Box | None, margin: float)
     return _to_rgb_array(im)
 
 
+#: The smallest crop, in pixels a side, after clipping to the image: a narrower box is refused.
+MIN_CROP_PX = 1
+
+
+def croppable(xyxy: np.ndarray, w: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """[N] bool: which boxes ``xyxy`` [N, 4] (pixels) :func:`load_image` can crop from upright images
+    of ``w`` x ``h`` [N] (inf: size unknown) at margin 0, the narrowest crop it makes (a box it
+    accepts at margin 0 it accepts at every margin). The rule of :func:`_clip_box`, for whole tables."""
+    xyxy = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)
+    x1, y1, x2, y2 = xyxy.T
+    ok = np.isfinite(xyxy).all(1) & (x2 > x1) & (y2 > y1)
+    with np.errstate(invalid="ignore"):
+        side_x = np.minimum(w, x2) - np.maximum(0.0, x1)
+        side_y = np.minimum(h, y2) - np.maximum(0.0, y1)
+    return ok & (side_x >= MIN_CROP_PX) & (side_y >= MIN_CROP_PX)
+
+
 def _clip_box(box: Box, margin: float, w: int, h: int, path: Path) -> tuple[float, float, float, float]:
     try:
         x1, y1, x2, y2 = (float(v) for v in box)
@@ -187,7 +204,7 @@ def _clip_box(box: Box, margin: float, w: int, h: int, path: Path) -> tuple[floa
         raise DataError(f"{path}: bad box {(x1, y1, x2, y2)}; need finite x1 < x2 and y1 < y2 in pixels")
     mx, my = margin * (x2 - x1), margin * (y2 - y1)
     x1, y1, x2, y2 = max(0.0, x1 - mx), max(0.0, y1 - my), min(float(w), x2 + mx), min(float(h), y2 + my)
-    if x2 - x1 < 1 or y2 - y1 < 1:
+    if x2 - x1 < MIN_CROP_PX or y2 - y1 < MIN_CROP_PX:
         raise DataError(f"{path}: box {tuple(box)} lies outside the {w}x{h} image (after EXIF rotation); "
                         "boxes are in pixels of the upright full-resolution image")
     return x1, y1, x2, y2
